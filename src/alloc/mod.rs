@@ -1,0 +1,83 @@
+//! Which GPU goes to which domain: the pure planner (`plan`) and the host-wide lock (`lock`)
+//! that makes decide-and-attach atomic across gpupass processes. Holds no state of its own:
+//! who holds a GPU is read from libvirt every time.
+
+pub mod lock;
+pub mod plan;
+
+use crate::model::{PciAddress, PciId};
+
+/// Why an allocation request cannot be met.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum AllocError {
+    /// The host has no IOMMU groups.
+    #[error("the IOMMU is off on this host: no GPU can be passed through (run `gpupass show ADDR` for the fix)")]
+    IommuOff,
+    /// No GPU at that address.
+    #[error("no GPU at {address} on this host (see `gpupass list`)")]
+    UnknownGpu {
+        /// The address asked for.
+        address: PciAddress,
+    },
+    /// The GPU cannot be passed through.
+    #[error("GPU {gpu} cannot be passed through: {reason}")]
+    NotPassable {
+        /// The GPU.
+        gpu: PciAddress,
+        /// Its blockers, joined.
+        reason: String,
+    },
+    /// Another domain holds the GPU, or a GPU in its IOMMU group.
+    #[error("GPU {gpu} is in use by domain '{domain}'{via}")]
+    InUse {
+        /// The GPU asked for.
+        gpu: PciAddress,
+        /// The domain that holds it.
+        domain: String,
+        /// How, when through an IOMMU group peer.
+        via: String,
+    },
+    /// The GPU is already in this domain (every function, in every definition asked for).
+    #[error("GPU {gpu} is already attached to domain '{domain}' ({impact})")]
+    AlreadyAttached {
+        /// The GPU.
+        gpu: PciAddress,
+        /// The domain.
+        domain: String,
+        /// Which definitions.
+        impact: &'static str,
+    },
+    /// The GPU is not in the domain.
+    #[error("GPU {gpu} is not attached to domain '{domain}' ({impact})")]
+    NotAttached {
+        /// The GPU.
+        gpu: PciAddress,
+        /// The domain.
+        domain: String,
+        /// Which definitions were looked at.
+        impact: &'static str,
+    },
+    /// Not enough free, passable GPUs.
+    #[error("no free GPU: {wanted} wanted{model}, {free} free and passable ({detail})")]
+    NoFreeGpu {
+        /// How many were asked for.
+        wanted: usize,
+        /// How many were free.
+        free: usize,
+        /// ` of model VVVV:DDDD` or empty.
+        model: String,
+        /// Where the others are.
+        detail: String,
+    },
+}
+
+impl AllocError {
+    pub(crate) fn no_free(wanted: usize, free: usize, model: Option<PciId>, detail: String) -> Self {
+        AllocError::NoFreeGpu {
+            wanted,
+            free,
+            model: model.map(|m| format!(" of model {m}")).unwrap_or_default(),
+            detail,
+        }
+    }
+}

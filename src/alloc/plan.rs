@@ -1,0 +1,537 @@
+//! Decides which GPUs an attach takes and which a detach gives back (pure: no IO). Holdings
+//! come from libvirt's own XML, passed in; the caller holds the host lock.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::alloc::AllocError;
+use crate::host::discover::{Gpu, Inventory};
+use crate::host::readiness::{verdict, Verdict};
+use crate::model::{NumaNode, PciAddress, PciId};
+
+/// A domain that references a PCI function.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Holder {
+    /// The domain's name.
+    pub domain: String,
+    /// True when a running domain's live XML holds it (not only a defined configuration).
+    pub running: bool,
+}
+
+/// Who references which PCI function, from every running domain's live XML and every defined
+/// domain's persistent XML.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Holdings {
+    by_address: BTreeMap<PciAddress, BTreeSet<Holder>>,
+}
+
+impl Holdings {
+    /// Records that `domain` references `addr`.
+    pub fn add(&mut self, addr: PciAddress, domain: &str, running: bool) {
+        self.by_address.entry(addr).or_default().insert(Holder {
+            domain: domain.to_owned(),
+            running,
+        });
+    }
+
+    /// Domains referencing any of `functions`, running ones first, each once.
+    pub fn holders(&self, functions: &[PciAddress]) -> Vec<Holder> {
+        let mut seen: BTreeMap<String, bool> = BTreeMap::new();
+        for f in functions {
+            for h in self.by_address.get(f).into_iter().flatten() {
+                *seen.entry(h.domain.clone()).or_default() |= h.running;
+            }
+        }
+        let mut out: Vec<Holder> = seen
+            .into_iter()
+            .map(|(domain, running)| Holder { domain, running })
+            .collect();
+        out.sort_by(|a, b| b.running.cmp(&a.running).then(a.domain.cmp(&b.domain)));
+        out
+    }
+
+    /// The domain shown as a GPU's user: the running holder, else the first that defines it.
+    pub fn used_by(&self, gpu: &Gpu) -> Option<String> {
+        self.holders(&gpu.functions).into_iter().next().map(|h| h.domain)
+    }
+}
+
+/// What an attach asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttachRequest {
+    /// These GPUs (any function address names its GPU).
+    Gpus(Vec<PciAddress>),
+    /// Any `count` free GPUs, optionally of one model.
+    Count {
+        /// How many.
+        count: usize,
+        /// Only this vendor:device.
+        model: Option<PciId>,
+    },
+}
+
+/// What an attach will take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachPlan {
+    /// The GPUs (display-function addresses), in the order they will be attached.
+    pub gpus: Vec<PciAddress>,
+    /// Things the operator should know (boot VGA chosen explicitly…).
+    pub warnings: Vec<String>,
+}
+
+/// Another domain holding the GPU, or a GPU sharing its IOMMU group (VFIO gives a whole
+/// group to one VM).
+fn held_elsewhere(
+    inv: &Inventory,
+    holdings: &Holdings,
+    gpu: &Gpu,
+    v: &Verdict,
+    domain: &str,
+) -> Option<AllocError> {
+    if let Some(h) = holdings
+        .holders(&gpu.functions)
+        .into_iter()
+        .find(|h| h.domain != domain)
+    {
+        return Some(AllocError::InUse {
+            gpu: gpu.address,
+            domain: h.domain,
+            via: String::new(),
+        });
+    }
+    for peer in &v.group_peers {
+        let Some(p) = inv.gpu(*peer) else { continue };
+        if let Some(h) = holdings
+            .holders(&p.functions)
+            .into_iter()
+            .find(|h| h.domain != domain)
+        {
+            return Some(AllocError::InUse {
+                gpu: gpu.address,
+                domain: h.domain,
+                via: format!(
+                    " through GPU {peer} in the same IOMMU group (a group goes to one domain)"
+                ),
+            });
+        }
+    }
+    None
+}
+
+/// Picks the GPUs for an attach to `domain`, preferring GPUs on `prefer` NUMA nodes.
+pub fn plan_attach(
+    inv: &Inventory,
+    holdings: &Holdings,
+    domain: &str,
+    request: &AttachRequest,
+    prefer: &BTreeSet<NumaNode>,
+) -> Result<AttachPlan, AllocError> {
+    if !inv.iommu.enabled() {
+        return Err(AllocError::IommuOff);
+    }
+    let mut warnings = Vec::new();
+    match request {
+        AttachRequest::Gpus(addrs) => {
+            let mut gpus: Vec<PciAddress> = Vec::new();
+            for a in addrs {
+                let gpu = inv
+                    .gpu(*a)
+                    .ok_or(AllocError::UnknownGpu { address: *a })?;
+                if gpus.contains(&gpu.address) {
+                    continue;
+                }
+                let v = verdict(inv, gpu);
+                if !v.viable {
+                    return Err(AllocError::NotPassable {
+                        gpu: gpu.address,
+                        reason: v
+                            .blockers
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join("; "),
+                    });
+                }
+                if let Some(e) = held_elsewhere(inv, holdings, gpu, &v, domain) {
+                    return Err(e);
+                }
+                if v.boot_vga {
+                    warnings.push(format!(
+                        "{} is the host's boot VGA (its console); the host loses that display",
+                        gpu.address
+                    ));
+                }
+                gpus.push(gpu.address);
+            }
+            Ok(AttachPlan { gpus, warnings })
+        }
+        AttachRequest::Count { count, model } => {
+            let mut free: Vec<(bool, PciAddress)> = Vec::new();
+            let (mut held, mut blocked, mut boot, mut other_model) = (0, 0, 0, 0);
+            for gpu in &inv.gpus {
+                let Some(dev) = inv.device(gpu.address) else {
+                    continue;
+                };
+                if model.is_some_and(|m| m != dev.id) {
+                    other_model += 1;
+                    continue;
+                }
+                let v = verdict(inv, gpu);
+                if v.boot_vga {
+                    boot += 1;
+                } else if !v.viable {
+                    blocked += 1;
+                } else if !holdings.holders(&gpu.functions).is_empty()
+                    || held_elsewhere(inv, holdings, gpu, &v, domain).is_some()
+                {
+                    held += 1;
+                } else {
+                    let on_preferred = dev.numa_node.is_some_and(|n| prefer.contains(&n));
+                    free.push((!on_preferred, gpu.address));
+                }
+            }
+            if free.len() < *count {
+                let mut parts = vec![format!("{held} in use"), format!("{blocked} not passable")];
+                if boot > 0 {
+                    parts.push(format!("{boot} boot VGA"));
+                }
+                if model.is_some() {
+                    parts.push(format!("{other_model} of other models"));
+                }
+                return Err(AllocError::no_free(
+                    *count,
+                    free.len(),
+                    *model,
+                    parts.join(", "),
+                ));
+            }
+            // Preferred NUMA node first, then the lowest address.
+            free.sort();
+            Ok(AttachPlan {
+                gpus: free.into_iter().take(*count).map(|(_, a)| a).collect(),
+                warnings,
+            })
+        }
+    }
+}
+
+/// What a detach asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DetachRequest {
+    /// These GPUs.
+    Gpus(Vec<PciAddress>),
+    /// Every GPU of this host that the domain has.
+    All,
+}
+
+/// One unit a detach removes: a GPU with the functions the domain has of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DetachUnit {
+    /// The GPU (or, for a hostdev whose device is not on this host, that address).
+    pub gpu: PciAddress,
+    /// The functions to remove.
+    pub functions: Vec<PciAddress>,
+}
+
+/// Picks what a detach removes from a domain whose hostdevs (in the definitions the detach
+/// affects) are `present`.
+pub fn plan_detach(
+    inv: &Inventory,
+    present: &BTreeSet<PciAddress>,
+    domain: &str,
+    impact: &'static str,
+    request: &DetachRequest,
+) -> Result<Vec<DetachUnit>, AllocError> {
+    let unit_of = |gpu: &Gpu| DetachUnit {
+        gpu: gpu.address,
+        functions: gpu
+            .functions
+            .iter()
+            .filter(|f| present.contains(f))
+            .copied()
+            .collect(),
+    };
+    match request {
+        DetachRequest::Gpus(addrs) => {
+            let mut units: Vec<DetachUnit> = Vec::new();
+            for a in addrs {
+                let unit = match inv.gpu(*a) {
+                    Some(gpu) => unit_of(gpu),
+                    // A hostdev left over from another host (migration): remove it by address.
+                    None if present.contains(a) => DetachUnit {
+                        gpu: *a,
+                        functions: vec![*a],
+                    },
+                    None => return Err(AllocError::UnknownGpu { address: *a }),
+                };
+                if unit.functions.is_empty() {
+                    return Err(AllocError::NotAttached {
+                        gpu: unit.gpu,
+                        domain: domain.to_owned(),
+                        impact,
+                    });
+                }
+                if !units.iter().any(|u| u.gpu == unit.gpu) {
+                    units.push(unit);
+                }
+            }
+            Ok(units)
+        }
+        DetachRequest::All => Ok(inv
+            .gpus
+            .iter()
+            .map(unit_of)
+            .filter(|u| !u.functions.is_empty())
+            .collect()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::discover::{IommuState, PciDevice};
+    use crate::model::{IommuGroupId, PciClass};
+
+    /// GPUs `(addr, model, numa, group, boot_vga)`, each with an audio function .1.
+    fn host(gpus: &[(&str, &str, Option<u32>, u32, bool)], nic_in_group: Option<u32>) -> Inventory {
+        let mut devices = BTreeMap::new();
+        let mut groups: BTreeMap<IommuGroupId, Vec<PciAddress>> = BTreeMap::new();
+        for (addr, model, numa, group, boot) in gpus {
+            let a: PciAddress = addr.parse().unwrap();
+            let audio = PciAddress::new(a.domain, a.bus, a.slot, 1).unwrap();
+            for (f, class) in [(a, 0x030200), (audio, 0x040300)] {
+                devices.insert(
+                    f,
+                    PciDevice {
+                        address: f,
+                        id: model.parse().unwrap(),
+                        subsystem: None,
+                        class: PciClass(class),
+                        driver: Some("vfio-pci".into()),
+                        iommu_group: Some(IommuGroupId(*group)),
+                        numa_node: numa.map(NumaNode),
+                        boot_vga: *boot && f == a,
+                        reset_method: None,
+                        parent: None,
+                    },
+                );
+                groups.entry(IommuGroupId(*group)).or_default().push(f);
+            }
+        }
+        if let Some(g) = nic_in_group {
+            let nic: PciAddress = "0000:77:00.0".parse().unwrap();
+            devices.insert(
+                nic,
+                PciDevice {
+                    address: nic,
+                    id: "8086:10fb".parse().unwrap(),
+                    subsystem: None,
+                    class: PciClass(0x020000),
+                    driver: Some("ixgbe".into()),
+                    iommu_group: Some(IommuGroupId(g)),
+                    numa_node: None,
+                    boot_vga: false,
+                    reset_method: None,
+                    parent: None,
+                },
+            );
+            groups.entry(IommuGroupId(g)).or_default().push(nic);
+        }
+        let iommu = IommuState {
+            groups: groups.len(),
+            ..Default::default()
+        };
+        Inventory::build(devices, groups, iommu, Vec::new())
+    }
+
+    fn a(s: &str) -> PciAddress {
+        s.parse().unwrap()
+    }
+
+    fn eight() -> Inventory {
+        host(
+            &[
+                ("0000:18:00.0", "10de:2330", Some(0), 1, false),
+                ("0000:2a:00.0", "10de:2330", Some(0), 2, false),
+                ("0000:9a:00.0", "10de:2330", Some(1), 3, false),
+                ("0000:ab:00.0", "10de:2330", Some(1), 4, false),
+                ("0000:03:00.0", "1a03:2000", Some(0), 5, true),
+            ],
+            None,
+        )
+    }
+
+    #[test]
+    fn count_prefers_the_pinned_numa_node_then_lowest_address() {
+        let inv = eight();
+        let req = AttachRequest::Count {
+            count: 2,
+            model: None,
+        };
+        let none = plan_attach(&inv, &Holdings::default(), "vm", &req, &BTreeSet::new()).unwrap();
+        assert_eq!(none.gpus, [a("0000:18:00.0"), a("0000:2a:00.0")]);
+        let node1 = BTreeSet::from([NumaNode(1)]);
+        let p = plan_attach(&inv, &Holdings::default(), "vm", &req, &node1).unwrap();
+        assert_eq!(p.gpus, [a("0000:9a:00.0"), a("0000:ab:00.0")]);
+        let three = AttachRequest::Count {
+            count: 3,
+            model: None,
+        };
+        let p = plan_attach(&inv, &Holdings::default(), "vm", &three, &node1).unwrap();
+        assert_eq!(p.gpus, [a("0000:9a:00.0"), a("0000:ab:00.0"), a("0000:18:00.0")]);
+    }
+
+    #[test]
+    fn count_skips_held_gpus_and_never_the_boot_vga() {
+        let inv = eight();
+        let mut h = Holdings::default();
+        h.add(a("0000:18:00.1"), "other", false);
+        h.add(a("0000:2a:00.0"), "vm", true);
+        let req = AttachRequest::Count {
+            count: 2,
+            model: None,
+        };
+        let p = plan_attach(&inv, &h, "vm", &req, &BTreeSet::new()).unwrap();
+        assert_eq!(p.gpus, [a("0000:9a:00.0"), a("0000:ab:00.0")]);
+        let err = plan_attach(
+            &inv,
+            &h,
+            "vm",
+            &AttachRequest::Count {
+                count: 3,
+                model: None,
+            },
+            &BTreeSet::new(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "no free GPU: 3 wanted, 2 free and passable (2 in use, 0 not passable, 1 boot VGA)"
+        );
+    }
+
+    #[test]
+    fn count_filters_by_model() {
+        let inv = eight();
+        let req = AttachRequest::Count {
+            count: 1,
+            model: Some("10de:1e07".parse().unwrap()),
+        };
+        let err = plan_attach(&inv, &Holdings::default(), "vm", &req, &BTreeSet::new()).unwrap_err();
+        assert!(err.to_string().contains("of model 10de:1e07"), "{err}");
+        assert!(err.to_string().contains("5 of other models"), "{err}");
+    }
+
+    #[test]
+    fn explicit_gpu_held_elsewhere_names_the_domain() {
+        let inv = eight();
+        let mut h = Holdings::default();
+        h.add(a("0000:9a:00.1"), "defined-only", false);
+        h.add(a("0000:9a:00.0"), "running-one", true);
+        let err = plan_attach(
+            &inv,
+            &h,
+            "vm",
+            &AttachRequest::Gpus(vec![a("0000:9a:00.1")]),
+            &BTreeSet::new(),
+        )
+        .unwrap_err();
+        assert_eq!(err.to_string(), "GPU 0000:9a:00.0 is in use by domain 'running-one'");
+        // The same domain holding it is not a conflict (the executor reports "already attached").
+        plan_attach(
+            &inv,
+            &h,
+            "running-one",
+            &AttachRequest::Gpus(vec![a("0000:18:00.0")]),
+            &BTreeSet::new(),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn explicit_boot_vga_is_allowed_with_a_warning_and_unknown_is_refused() {
+        let inv = eight();
+        let p = plan_attach(
+            &inv,
+            &Holdings::default(),
+            "vm",
+            &AttachRequest::Gpus(vec![a("0000:03:00.0")]),
+            &BTreeSet::new(),
+        )
+        .unwrap();
+        assert_eq!(p.warnings.len(), 1);
+        let err = plan_attach(
+            &inv,
+            &Holdings::default(),
+            "vm",
+            &AttachRequest::Gpus(vec![a("0000:55:00.0")]),
+            &BTreeSet::new(),
+        )
+        .unwrap_err();
+        assert_eq!(err, AllocError::UnknownGpu { address: a("0000:55:00.0") });
+    }
+
+    #[test]
+    fn group_peers_go_to_one_domain_and_host_devices_block() {
+        // Two GPUs in one group (no ACS): taking one when the other is elsewhere is refused.
+        let inv = host(
+            &[
+                ("0000:04:00.0", "10de:1eb8", None, 12, false),
+                ("0000:05:00.0", "10de:1eb8", None, 12, false),
+            ],
+            None,
+        );
+        let mut h = Holdings::default();
+        h.add(a("0000:05:00.0"), "vm-b", false);
+        let err = plan_attach(
+            &inv,
+            &h,
+            "vm-a",
+            &AttachRequest::Gpus(vec![a("0000:04:00.0")]),
+            &BTreeSet::new(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("through GPU 0000:05:00.0"), "{err}");
+        let blocked = host(&[("0000:04:00.0", "10de:1eb8", None, 12, false)], Some(12));
+        let err = plan_attach(
+            &blocked,
+            &Holdings::default(),
+            "vm-a",
+            &AttachRequest::Gpus(vec![a("0000:04:00.0")]),
+            &BTreeSet::new(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("ixgbe"), "{err}");
+    }
+
+    #[test]
+    fn detach_finds_present_functions() {
+        let inv = eight();
+        let present = BTreeSet::from([a("0000:9a:00.0"), a("0000:9a:00.1"), a("0000:ee:00.0")]);
+        let units =
+            plan_detach(&inv, &present, "vm", "config", &DetachRequest::All).unwrap();
+        assert_eq!(units.len(), 1);
+        assert_eq!(units[0].functions, [a("0000:9a:00.0"), a("0000:9a:00.1")]);
+        let err = plan_detach(
+            &inv,
+            &present,
+            "vm",
+            "config",
+            &DetachRequest::Gpus(vec![a("0000:18:00.0")]),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "GPU 0000:18:00.0 is not attached to domain 'vm' (config)"
+        );
+        // A stale hostdev whose device is not on this host is removable by address.
+        let stale = plan_detach(
+            &inv,
+            &present,
+            "vm",
+            "config",
+            &DetachRequest::Gpus(vec![a("0000:ee:00.0")]),
+        )
+        .unwrap();
+        assert_eq!(stale[0].functions, [a("0000:ee:00.0")]);
+    }
+}

@@ -1,0 +1,667 @@
+//! Attaches and detaches whole GPUs through a [`Hypervisor`]: reads who holds what from libvirt,
+//! plans (pure, in `alloc::plan`), changes every function of each GPU, re-reads the domain XML to
+//! confirm, and undoes what this call did when any step fails. Callers hold the host lock.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::alloc::lock::HostLock;
+use crate::alloc::plan::{
+    plan_attach, plan_detach, AttachRequest, DetachRequest, DetachUnit, Holdings,
+};
+use crate::alloc::AllocError;
+use crate::cpuset;
+use crate::host::discover::Inventory;
+use crate::libvirt::{DomainInfo, Hypervisor, Impact, LibvirtError, XmlView};
+use crate::model::{NumaNode, PciAddress};
+use crate::xml::compose::HostdevTemplate;
+use crate::xml::domain::{self, DomainFacts};
+use crate::xml::XmlError;
+
+/// Errors from attaching or detaching.
+#[derive(Debug, thiserror::Error)]
+pub enum AssignError {
+    /// The request cannot be met.
+    #[error(transparent)]
+    Alloc(#[from] AllocError),
+    /// libvirt failed or refused.
+    #[error(transparent)]
+    Libvirt(#[from] LibvirtError),
+    /// libvirt returned XML gpupass cannot read.
+    #[error("domain '{domain}': {source}")]
+    Xml {
+        /// The domain.
+        domain: String,
+        /// The parse error.
+        #[source]
+        source: XmlError,
+    },
+    /// `--live` or `--config` does not fit the domain.
+    #[error("{0}")]
+    Impact(String),
+    /// libvirt said yes but the domain XML does not show the change.
+    #[error("domain '{domain}' does not show the change after libvirt accepted it: {detail}")]
+    NotApplied {
+        /// The domain.
+        domain: String,
+        /// What is missing or still there.
+        detail: String,
+    },
+    /// The operation failed and undoing it failed too: the domain may hold part of a GPU.
+    #[error("{cause}; ROLLBACK INCOMPLETE, check the domain by hand: {leftover}")]
+    RollbackIncomplete {
+        /// The first failure.
+        cause: Box<AssignError>,
+        /// What could not be undone.
+        leftover: String,
+    },
+}
+
+impl AssignError {
+    /// The failure that started it all (for exit codes).
+    pub fn root(&self) -> &AssignError {
+        match self {
+            AssignError::RollbackIncomplete { cause, .. } => cause.root(),
+            other => other,
+        }
+    }
+}
+
+/// What attach/detach did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AssignReport {
+    /// `attach` or `detach`.
+    pub action: &'static str,
+    /// The domain.
+    pub domain: String,
+    /// Changed the running domain.
+    pub live: bool,
+    /// Changed the persistent definition.
+    pub config: bool,
+    /// Each GPU with the functions that moved.
+    pub gpus: Vec<GpuChange>,
+    /// Things the operator should know.
+    pub warnings: Vec<String>,
+}
+
+/// One GPU in a report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GpuChange {
+    /// The GPU.
+    pub gpu: PciAddress,
+    /// Its functions that were attached or detached.
+    pub functions: Vec<PciAddress>,
+}
+
+/// How attach/detach run.
+#[derive(Debug, Clone)]
+pub struct AssignOptions {
+    /// The hostdev template.
+    pub template: HostdevTemplate,
+    /// `--live` / `--config`; `None` = like `virsh attach-device --persistent`: live when the
+    /// domain runs, plus config when it is persistent.
+    pub impact: Option<Impact>,
+    /// How long to wait for a guest to release a device on a live detach.
+    pub detach_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Step {
+    addr: PciAddress,
+    impact: Impact,
+}
+
+fn resolve_impact(info: &DomainInfo, asked: Option<Impact>) -> Result<Impact, AssignError> {
+    match asked {
+        Some(i) if i.is_empty() => Err(AssignError::Impact("nothing to change".into())),
+        Some(i) => {
+            if i.config && !info.persistent {
+                return Err(AssignError::Impact(format!(
+                    "--config: domain '{}' is transient (not defined); use --live",
+                    info.name
+                )));
+            }
+            // --live on a stopped domain is left to libvirt, whose message says so.
+            Ok(i)
+        }
+        None => Ok(Impact {
+            live: info.active,
+            config: info.persistent,
+        }),
+    }
+}
+
+fn parse_xml(domain: &str, xml: &str) -> Result<DomainFacts, AssignError> {
+    domain::parse(xml).map_err(|source| AssignError::Xml {
+        domain: domain.to_owned(),
+        source,
+    })
+}
+
+/// Reads which domain references which PCI function: every running domain's live XML and every
+/// defined domain's persistent XML. libvirt is the only record, so it cannot go stale.
+pub fn read_holdings(hv: &dyn Hypervisor) -> Result<Holdings, AssignError> {
+    let mut holdings = Holdings::default();
+    for d in hv.domains()? {
+        let mut views = Vec::new();
+        if d.active {
+            views.push((XmlView::Live, true));
+        }
+        if d.persistent {
+            views.push((XmlView::Config, false));
+        }
+        for (view, running) in views {
+            let xml = match hv.domain_xml(&d.name, view) {
+                Ok(x) => x,
+                // Undefined while we looked: it holds nothing any more.
+                Err(LibvirtError::UnknownDomain { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            for a in parse_xml(&d.name, &xml)?.pci_hostdevs {
+                holdings.add(a, &d.name, running);
+            }
+        }
+    }
+    Ok(holdings)
+}
+
+/// NUMA nodes a domain is pinned to: `<numatune><memory nodeset>`, else the nodes of its vCPU
+/// cpuset / vcpupin CPUs. Empty = no preference.
+pub fn preferred_nodes(inv: &Inventory, facts: &DomainFacts) -> BTreeSet<NumaNode> {
+    if let Some(nodes) = facts.numa_nodeset.as_deref().and_then(|s| cpuset::parse(s).ok()) {
+        return nodes.into_iter().map(NumaNode).collect();
+    }
+    let mut cpus = BTreeSet::new();
+    for set in facts.vcpu_cpuset.iter().chain(&facts.vcpupin_cpusets) {
+        if let Ok(c) = cpuset::parse(set) {
+            cpus.extend(c);
+        }
+    }
+    inv.nodes_of_cpus(&cpus)
+}
+
+/// Hostdev addresses in the live and config definitions that `impact` touches.
+fn present(
+    hv: &dyn Hypervisor,
+    name: &str,
+    impact: Impact,
+) -> Result<(BTreeSet<PciAddress>, BTreeSet<PciAddress>), AssignError> {
+    let read = |view| -> Result<BTreeSet<PciAddress>, AssignError> {
+        let xml = hv.domain_xml(name, view)?;
+        Ok(parse_xml(name, &xml)?.pci_hostdevs.into_iter().collect())
+    };
+    let live = if impact.live { read(XmlView::Live)? } else { BTreeSet::new() };
+    let config = if impact.config { read(XmlView::Config)? } else { BTreeSet::new() };
+    Ok((live, config))
+}
+
+/// Undoes changes: detaches (`attach_back` false) or re-attaches what `items` name. Returns what
+/// could not be undone.
+fn undo(
+    hv: &dyn Hypervisor,
+    name: &str,
+    template: &HostdevTemplate,
+    items: &[Step],
+    attach_back: bool,
+) -> Vec<String> {
+    let mut failed = Vec::new();
+    for s in items.iter().rev().filter(|s| !s.impact.is_empty()) {
+        let xml = template.render(s.addr);
+        let r = if attach_back {
+            hv.attach_device(name, &xml, s.impact)
+        } else {
+            hv.detach_device(name, &xml, s.impact)
+        };
+        if let Err(e) = r {
+            failed.push(format!("{} ({}): {e}", s.addr, s.impact.describe()));
+        }
+    }
+    failed
+}
+
+fn with_undo(cause: AssignError, failed: Vec<String>) -> AssignError {
+    if failed.is_empty() {
+        cause
+    } else {
+        AssignError::RollbackIncomplete {
+            cause: Box::new(cause),
+            leftover: failed.join("; "),
+        }
+    }
+}
+
+fn changes(inv: &Inventory, steps: &[Step]) -> Vec<GpuChange> {
+    let mut out: Vec<GpuChange> = Vec::new();
+    for s in steps {
+        let gpu = inv.gpu(s.addr).map_or(s.addr, |g| g.address);
+        match out.iter_mut().find(|c| c.gpu == gpu) {
+            Some(c) => c.functions.push(s.addr),
+            None => out.push(GpuChange {
+                gpu,
+                functions: vec![s.addr],
+            }),
+        }
+    }
+    out
+}
+
+/// Attaches whole GPUs to a domain.
+pub fn attach(
+    hv: &dyn Hypervisor,
+    inv: &Inventory,
+    _lock: &HostLock,
+    name: &str,
+    request: &AttachRequest,
+    opts: &AssignOptions,
+) -> Result<AssignReport, AssignError> {
+    attach_unlocked(hv, inv, name, request, opts)
+}
+
+fn attach_unlocked(
+    hv: &dyn Hypervisor,
+    inv: &Inventory,
+    name: &str,
+    request: &AttachRequest,
+    opts: &AssignOptions,
+) -> Result<AssignReport, AssignError> {
+    let info = hv.domain(name)?;
+    let impact = resolve_impact(&info, opts.impact)?;
+    let holdings = read_holdings(hv)?;
+    let own_view = if info.persistent { XmlView::Config } else { XmlView::Live };
+    let facts = parse_xml(name, &hv.domain_xml(name, own_view)?)?;
+    let plan = plan_attach(inv, &holdings, name, request, &preferred_nodes(inv, &facts))?;
+    let (live, config) = present(hv, name, impact)?;
+
+    let mut steps = Vec::new();
+    for gpu_addr in &plan.gpus {
+        let gpu = inv
+            .gpu(*gpu_addr)
+            .ok_or(AllocError::UnknownGpu { address: *gpu_addr })?;
+        let before = steps.len();
+        for f in &gpu.functions {
+            let need = Impact {
+                live: impact.live && !live.contains(f),
+                config: impact.config && !config.contains(f),
+            };
+            if !need.is_empty() {
+                steps.push(Step { addr: *f, impact: need });
+            }
+        }
+        if steps.len() == before {
+            return Err(AllocError::AlreadyAttached {
+                gpu: gpu.address,
+                domain: name.to_owned(),
+                impact: impact.describe(),
+            }
+            .into());
+        }
+    }
+
+    let mut done: Vec<Step> = Vec::new();
+    for s in &steps {
+        if let Err(e) = hv.attach_device(name, &opts.template.render(s.addr), s.impact) {
+            let failed = undo(hv, name, &opts.template, &done, false);
+            return Err(with_undo(e.into(), failed));
+        }
+        tracing::info!(domain = name, bdf = %s.addr, impact = s.impact.describe(), "attached");
+        done.push(*s);
+    }
+
+    // libvirt can accept a change it did not make; the domain XML is the proof.
+    let (live_after, config_after) = present(hv, name, impact)?;
+    let applied = |s: &Step| Impact {
+        live: s.impact.live && live_after.contains(&s.addr),
+        config: s.impact.config && config_after.contains(&s.addr),
+    };
+    let missing: Vec<String> = steps
+        .iter()
+        .filter(|s| applied(s) != s.impact)
+        .map(|s| format!("{} not in the {} definition", s.addr, s.impact.describe()))
+        .collect();
+    if !missing.is_empty() {
+        let appeared: Vec<Step> = steps
+            .iter()
+            .map(|s| Step {
+                addr: s.addr,
+                impact: applied(s),
+            })
+            .collect();
+        let failed = undo(hv, name, &opts.template, &appeared, false);
+        return Err(with_undo(
+            AssignError::NotApplied {
+                domain: name.to_owned(),
+                detail: missing.join(", "),
+            },
+            failed,
+        ));
+    }
+    Ok(AssignReport {
+        action: "attach",
+        domain: name.to_owned(),
+        live: impact.live,
+        config: impact.config,
+        gpus: changes(inv, &steps),
+        warnings: plan.warnings,
+    })
+}
+
+/// Detaches whole GPUs from a domain.
+pub fn detach(
+    hv: &dyn Hypervisor,
+    inv: &Inventory,
+    _lock: &HostLock,
+    name: &str,
+    request: &DetachRequest,
+    opts: &AssignOptions,
+) -> Result<AssignReport, AssignError> {
+    detach_unlocked(hv, inv, name, request, opts)
+}
+
+fn detach_unlocked(
+    hv: &dyn Hypervisor,
+    inv: &Inventory,
+    name: &str,
+    request: &DetachRequest,
+    opts: &AssignOptions,
+) -> Result<AssignReport, AssignError> {
+    let info = hv.domain(name)?;
+    let impact = resolve_impact(&info, opts.impact)?;
+    let (live, config) = present(hv, name, impact)?;
+    let union: BTreeSet<PciAddress> = live.union(&config).copied().collect();
+    let units: Vec<DetachUnit> = plan_detach(inv, &union, name, impact.describe(), request)?;
+
+    let mut steps = Vec::new();
+    for u in &units {
+        for f in &u.functions {
+            steps.push(Step {
+                addr: *f,
+                impact: Impact {
+                    live: impact.live && live.contains(f),
+                    config: impact.config && config.contains(f),
+                },
+            });
+        }
+    }
+
+    let mut done: Vec<Step> = Vec::new();
+    for s in &steps {
+        if let Err(e) = hv.detach_device(name, &opts.template.render(s.addr), s.impact) {
+            let failed = undo(hv, name, &opts.template, &done, true);
+            return Err(with_undo(e.into(), failed));
+        }
+        done.push(*s);
+    }
+
+    // A live detach completes when the guest answers the unplug request: poll the XML.
+    let deadline = Instant::now() + opts.detach_timeout;
+    let (still, remaining) = loop {
+        let (live_after, config_after) = present(hv, name, impact)?;
+        let remaining = |s: &Step| Impact {
+            live: s.impact.live && live_after.contains(&s.addr),
+            config: s.impact.config && config_after.contains(&s.addr),
+        };
+        let still: Vec<String> = steps
+            .iter()
+            .filter(|s| !remaining(s).is_empty())
+            .map(|s| format!("{} still in the {} definition", s.addr, remaining(s).describe()))
+            .collect();
+        if still.is_empty() || Instant::now() >= deadline {
+            let rem: Vec<Step> = steps
+                .iter()
+                .map(|s| Step {
+                    addr: s.addr,
+                    impact: remaining(s),
+                })
+                .collect();
+            break (still, rem);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    if !still.is_empty() {
+        // Put back what did go, so no GPU is left half in the domain.
+        let gone: Vec<Step> = steps
+            .iter()
+            .zip(&remaining)
+            .map(|(s, r)| Step {
+                addr: s.addr,
+                impact: Impact {
+                    live: s.impact.live && !r.impact.live,
+                    config: s.impact.config && !r.impact.config,
+                },
+            })
+            .collect();
+        let failed = undo(hv, name, &opts.template, &gone, true);
+        return Err(with_undo(
+            AssignError::NotApplied {
+                domain: name.to_owned(),
+                detail: format!(
+                    "{} after {:?} (a live detach needs a guest OS that answers the unplug request)",
+                    still.join(", "),
+                    opts.detach_timeout
+                ),
+            },
+            failed,
+        ));
+    }
+    for s in &steps {
+        tracing::info!(domain = name, bdf = %s.addr, impact = s.impact.describe(), "detached");
+    }
+    Ok(AssignReport {
+        action: "detach",
+        domain: name.to_owned(),
+        live: impact.live,
+        config: impact.config,
+        gpus: changes(inv, &steps),
+        warnings: Vec::new(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::host::discover::{IommuState, PciDevice};
+    use crate::libvirt::fake::{FakeDomain, FakeHypervisor};
+    use crate::model::{IommuGroupId, PciClass};
+
+    fn a(s: &str) -> PciAddress {
+        s.parse().unwrap()
+    }
+
+    /// Two GPUs with audio, on NUMA nodes 0 and 1 (CPUs 0-3 and 4-7).
+    fn inv() -> Inventory {
+        let mut devices = BTreeMap::new();
+        let mut groups: BTreeMap<IommuGroupId, Vec<PciAddress>> = BTreeMap::new();
+        for (i, (gpu, node)) in [("0000:18:00.0", 0), ("0000:9a:00.0", 1)].iter().enumerate() {
+            let g = a(gpu);
+            for (f, class) in [(g, 0x030200), (PciAddress::new(0, g.bus, 0, 1).unwrap(), 0x040300)] {
+                devices.insert(
+                    f,
+                    PciDevice {
+                        address: f,
+                        id: "10de:2330".parse().unwrap(),
+                        subsystem: None,
+                        class: PciClass(class),
+                        driver: None,
+                        iommu_group: Some(IommuGroupId(i as u32)),
+                        numa_node: Some(NumaNode(*node)),
+                        boot_vga: false,
+                        reset_method: None,
+                        parent: None,
+                    },
+                );
+                groups.entry(IommuGroupId(i as u32)).or_default().push(f);
+            }
+        }
+        let numa = vec![
+            (NumaNode(0), BTreeSet::from([0, 1, 2, 3])),
+            (NumaNode(1), BTreeSet::from([4, 5, 6, 7])),
+        ];
+        Inventory::build(
+            devices,
+            groups,
+            IommuState {
+                groups: 2,
+                ..Default::default()
+            },
+            numa,
+        )
+    }
+
+    fn opts(impact: Option<Impact>) -> AssignOptions {
+        AssignOptions {
+            template: HostdevTemplate::builtin(),
+            impact,
+            detach_timeout: Duration::from_millis(300),
+        }
+    }
+
+    fn defined() -> FakeDomain {
+        FakeDomain {
+            persistent: true,
+            ..Default::default()
+        }
+    }
+
+    fn running() -> FakeDomain {
+        FakeDomain {
+            persistent: true,
+            active: true,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn attaches_every_function_and_prefers_the_pinned_node() {
+        let hv = FakeHypervisor::default().with(
+            "vm",
+            FakeDomain {
+                extra: "<vcpu cpuset='4-5'>2</vcpu>".into(),
+                ..defined()
+            },
+        );
+        let req = AttachRequest::Count { count: 1, model: None };
+        let r = attach_unlocked(&hv, &inv(), "vm", &req, &opts(None)).unwrap();
+        assert_eq!(r.gpus[0].gpu, a("0000:9a:00.0"));
+        assert_eq!(
+            *hv.calls.borrow(),
+            ["attach vm 0000:9a:00.0 config", "attach vm 0000:9a:00.1 config"]
+        );
+        assert!(r.config && !r.live);
+    }
+
+    #[test]
+    fn default_impact_is_live_plus_config_on_a_running_persistent_domain() {
+        let hv = FakeHypervisor::default().with("vm", running());
+        let req = AttachRequest::Gpus(vec![a("0000:18:00.0")]);
+        let r = attach_unlocked(&hv, &inv(), "vm", &req, &opts(None)).unwrap();
+        assert!(r.live && r.config);
+        let d = hv.domains.borrow()["vm"].clone();
+        assert_eq!(d.live.len(), 2);
+        assert_eq!(d.config.len(), 2);
+    }
+
+    #[test]
+    fn a_failure_on_the_second_function_rolls_back_the_first() {
+        let hv = FakeHypervisor::default().with("vm", running());
+        *hv.fail_attach.borrow_mut() = Some(a("0000:18:00.1"));
+        let req = AttachRequest::Gpus(vec![a("0000:18:00.0")]);
+        let err = attach_unlocked(&hv, &inv(), "vm", &req, &opts(None)).unwrap_err();
+        assert!(err.to_string().contains("VFIO PCI passthrough"), "{err}");
+        let d = hv.domains.borrow()["vm"].clone();
+        assert!(d.live.is_empty() && d.config.is_empty(), "{d:?}");
+        assert_eq!(
+            hv.calls.borrow().last().unwrap(),
+            "detach vm 0000:18:00.0 live+config"
+        );
+    }
+
+    #[test]
+    fn a_silent_success_is_caught_by_rereading_the_xml() {
+        let hv = FakeHypervisor::default().with("vm", defined());
+        *hv.silent_attach.borrow_mut() = true;
+        let req = AttachRequest::Gpus(vec![a("0000:18:00.0")]);
+        let err = attach_unlocked(&hv, &inv(), "vm", &req, &opts(None)).unwrap_err();
+        assert!(matches!(err, AssignError::NotApplied { .. }), "{err}");
+        assert!(err.to_string().contains("0000:18:00.1 not in the config definition"));
+    }
+
+    #[test]
+    fn already_attached_and_held_elsewhere_are_refused_before_any_change() {
+        let mut held = defined();
+        held.config = BTreeSet::from([a("0000:18:00.0"), a("0000:18:00.1")]);
+        let hv = FakeHypervisor::default().with("vm", held).with("other", defined());
+        let req = AttachRequest::Gpus(vec![a("0000:18:00.0")]);
+        let err = attach_unlocked(&hv, &inv(), "vm", &req, &opts(None)).unwrap_err();
+        assert!(matches!(err, AssignError::Alloc(AllocError::AlreadyAttached { .. })));
+        let err = attach_unlocked(&hv, &inv(), "other", &req, &opts(None)).unwrap_err();
+        assert_eq!(err.to_string(), "GPU 0000:18:00.0 is in use by domain 'vm'");
+        assert!(hv.calls.borrow().is_empty());
+    }
+
+    #[test]
+    fn a_half_attached_gpu_is_completed() {
+        let mut half = defined();
+        half.config = BTreeSet::from([a("0000:18:00.0")]);
+        let hv = FakeHypervisor::default().with("vm", half);
+        let req = AttachRequest::Gpus(vec![a("0000:18:00.0")]);
+        attach_unlocked(&hv, &inv(), "vm", &req, &opts(None)).unwrap();
+        assert_eq!(*hv.calls.borrow(), ["attach vm 0000:18:00.1 config"]);
+    }
+
+    #[test]
+    fn detach_removes_every_function_and_reports_not_attached() {
+        let mut held = defined();
+        held.config = BTreeSet::from([a("0000:18:00.0"), a("0000:18:00.1")]);
+        let hv = FakeHypervisor::default().with("vm", held);
+        let r = detach_unlocked(&hv, &inv(), "vm", &DetachRequest::All, &opts(None)).unwrap();
+        assert_eq!(r.gpus[0].functions.len(), 2);
+        assert!(hv.domains.borrow()["vm"].config.is_empty());
+        let err = detach_unlocked(
+            &hv,
+            &inv(),
+            "vm",
+            &DetachRequest::Gpus(vec![a("0000:18:00.0")]),
+            &opts(None),
+        )
+        .unwrap_err();
+        assert!(matches!(err, AssignError::Alloc(AllocError::NotAttached { .. })));
+    }
+
+    #[test]
+    fn a_live_detach_the_guest_ignores_is_reported_and_config_is_restored() {
+        let mut held = running();
+        held.live = BTreeSet::from([a("0000:18:00.0"), a("0000:18:00.1")]);
+        held.config = held.live.clone();
+        let hv = FakeHypervisor::default().with("vm", held);
+        *hv.sticky_live.borrow_mut() = true;
+        let err = detach_unlocked(&hv, &inv(), "vm", &DetachRequest::All, &opts(None)).unwrap_err();
+        assert!(err.to_string().contains("still in the live definition"), "{err}");
+        let d = hv.domains.borrow()["vm"].clone();
+        assert_eq!(d.config.len(), 2, "config put back: {d:?}");
+        assert_eq!(d.live.len(), 2);
+    }
+
+    #[test]
+    fn config_on_a_transient_domain_is_refused_and_unknown_domains_named() {
+        let hv = FakeHypervisor::default().with(
+            "t",
+            FakeDomain {
+                active: true,
+                ..Default::default()
+            },
+        );
+        let req = AttachRequest::Gpus(vec![a("0000:18:00.0")]);
+        let only_config = Some(Impact {
+            live: false,
+            config: true,
+        });
+        let err = attach_unlocked(&hv, &inv(), "t", &req, &opts(only_config)).unwrap_err();
+        assert!(err.to_string().contains("transient"), "{err}");
+        let err = attach_unlocked(&hv, &inv(), "nope", &req, &opts(None)).unwrap_err();
+        assert_eq!(err.to_string(), "domain 'nope' not found");
+    }
+}

@@ -1,0 +1,357 @@
+//! Builds the host's inventory: every PCI function, the IOMMU groups, and the GPUs with all their
+//! functions. `discover` does the reading; `Inventory::build` decides what a whole GPU is (pure).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Serialize;
+
+use crate::host::sysfs::{Sysfs, SysfsError};
+use crate::model::{IommuGroupId, NumaNode, PciAddress, PciClass, PciId};
+
+/// One PCI function as sysfs shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PciDevice {
+    /// Its address.
+    pub address: PciAddress,
+    /// Vendor and device ID.
+    pub id: PciId,
+    /// Subsystem vendor and device ID (the board), when the kernel shows them.
+    pub subsystem: Option<PciId>,
+    /// Class code.
+    pub class: PciClass,
+    /// Bound driver, `None` when unbound.
+    pub driver: Option<String>,
+    /// IOMMU group, `None` when the IOMMU is off.
+    pub iommu_group: Option<IommuGroupId>,
+    /// NUMA node, `None` when unknown (`-1`).
+    pub numa_node: Option<NumaNode>,
+    /// `boot_vga` = 1: the firmware's console display.
+    pub boot_vga: bool,
+    /// `reset_method` as the kernel lists it (`flr bus`); `None` when the file is absent,
+    /// `Some("")` when the device has no reset method.
+    pub reset_method: Option<String>,
+    /// The bridge above it; `None` on a root bus.
+    pub parent: Option<PciAddress>,
+}
+
+/// How the IOMMU looks on this host.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct IommuState {
+    /// Number of IOMMU groups (0 = IOMMU off for VFIO's purposes).
+    pub groups: usize,
+    /// IOMMU units under `sys/class/iommu`.
+    pub units: Vec<String>,
+    /// IOMMU words on the kernel command line (`intel_iommu=on`, `iommu=pt`, …).
+    pub cmdline: Vec<String>,
+}
+
+impl IommuState {
+    /// VFIO can work only when the kernel has put devices into IOMMU groups.
+    pub fn enabled(&self) -> bool {
+        self.groups > 0
+    }
+
+    /// Picks the IOMMU-related words out of a kernel command line.
+    pub fn cmdline_words(cmdline: &str) -> Vec<String> {
+        cmdline
+            .split_whitespace()
+            .filter(|w| {
+                let key = w.split('=').next().unwrap_or_default();
+                matches!(key, "intel_iommu" | "amd_iommu" | "iommu" | "iommu.passthrough")
+                    || key.starts_with("vfio")
+                    || key.starts_with("pci_stub")
+            })
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+/// A whole GPU: its display function and every function that belongs to the same card.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gpu {
+    /// The display function (class 0x03xxxx) that names the GPU.
+    pub address: PciAddress,
+    /// All its functions, the display function included, sorted: every non-bridge function in
+    /// its domain:bus:slot, plus same-vendor functions behind the card's own PCIe switch
+    /// (Intel Arc puts its HDMI audio on another bus).
+    pub functions: Vec<PciAddress>,
+}
+
+/// Everything gpupass knows about the host's PCI devices.
+#[derive(Debug, Clone, Default)]
+pub struct Inventory {
+    /// Every PCI function, by address.
+    pub devices: BTreeMap<PciAddress, PciDevice>,
+    /// IOMMU group members.
+    pub groups: BTreeMap<IommuGroupId, Vec<PciAddress>>,
+    /// The GPUs, by display-function address.
+    pub gpus: Vec<Gpu>,
+    /// IOMMU state.
+    pub iommu: IommuState,
+    /// CPUs of each NUMA node.
+    pub numa_cpus: Vec<(NumaNode, BTreeSet<u32>)>,
+}
+
+/// Reads the host root and builds the inventory.
+pub fn discover(sysfs: &Sysfs) -> Result<Inventory, SysfsError> {
+    let mut devices = BTreeMap::new();
+    for address in sysfs.pci_devices()? {
+        let (Some(vendor), Some(device), Some(class)) = (
+            sysfs.hex_attr(address, "vendor")?,
+            sysfs.hex_attr(address, "device")?,
+            sysfs.hex_attr(address, "class")?,
+        ) else {
+            tracing::warn!(bdf = %address, "skipping PCI function without vendor/device/class");
+            continue;
+        };
+        let subsystem = match (
+            sysfs.hex_attr(address, "subsystem_vendor")?,
+            sysfs.hex_attr(address, "subsystem_device")?,
+        ) {
+            (Some(v), Some(d)) => Some(PciId {
+                vendor: v as u16,
+                device: d as u16,
+            }),
+            _ => None,
+        };
+        devices.insert(
+            address,
+            PciDevice {
+                address,
+                id: PciId {
+                    vendor: vendor as u16,
+                    device: device as u16,
+                },
+                subsystem,
+                class: PciClass(class),
+                driver: sysfs.driver(address)?,
+                iommu_group: sysfs.iommu_group(address)?,
+                numa_node: sysfs.numa_node(address)?,
+                boot_vga: sysfs.attr(address, "boot_vga")?.as_deref() == Some("1"),
+                reset_method: sysfs.attr(address, "reset_method")?,
+                parent: sysfs.parent(address)?,
+            },
+        );
+    }
+    let groups: BTreeMap<_, _> = sysfs.iommu_groups()?.into_iter().collect();
+    let iommu = IommuState {
+        groups: groups.len(),
+        units: sysfs.iommu_units()?,
+        cmdline: IommuState::cmdline_words(&sysfs.cmdline()?),
+    };
+    Ok(Inventory::build(devices, groups, iommu, sysfs.numa_cpus()?))
+}
+
+impl Inventory {
+    /// Assembles an inventory and works out the GPUs (pure).
+    pub fn build(
+        devices: BTreeMap<PciAddress, PciDevice>,
+        groups: BTreeMap<IommuGroupId, Vec<PciAddress>>,
+        iommu: IommuState,
+        numa_cpus: Vec<(NumaNode, BTreeSet<u32>)>,
+    ) -> Self {
+        let gpus = find_gpus(&devices);
+        Self {
+            devices,
+            groups,
+            gpus,
+            iommu,
+            numa_cpus,
+        }
+    }
+
+    /// The GPU with this display address, or the GPU one of whose functions this is.
+    pub fn gpu(&self, addr: PciAddress) -> Option<&Gpu> {
+        self.gpus
+            .iter()
+            .find(|g| g.address == addr)
+            .or_else(|| self.gpus.iter().find(|g| g.functions.contains(&addr)))
+    }
+
+    /// A device by address.
+    pub fn device(&self, addr: PciAddress) -> Option<&PciDevice> {
+        self.devices.get(&addr)
+    }
+
+    /// NUMA nodes whose CPUs intersect `cpus`.
+    pub fn nodes_of_cpus(&self, cpus: &BTreeSet<u32>) -> BTreeSet<NumaNode> {
+        self.numa_cpus
+            .iter()
+            .filter(|(_, node_cpus)| !node_cpus.is_disjoint(cpus))
+            .map(|(n, _)| *n)
+            .collect()
+    }
+}
+
+fn ancestors(devices: &BTreeMap<PciAddress, PciDevice>, addr: PciAddress) -> Vec<PciAddress> {
+    let mut out = Vec::new();
+    let mut cur = devices.get(&addr).and_then(|d| d.parent);
+    while let Some(p) = cur {
+        // A malformed tree must not loop forever.
+        if out.contains(&p) || out.len() > 64 {
+            break;
+        }
+        out.push(p);
+        cur = devices.get(&p).and_then(|d| d.parent);
+    }
+    out
+}
+
+/// The card's own PCIe switch above a GPU: the highest bridge of the GPU's vendor in an unbroken
+/// chain above it, never a root port (a bridge on a root bus belongs to the platform).
+fn card_root(devices: &BTreeMap<PciAddress, PciDevice>, gpu: &PciDevice) -> Option<PciAddress> {
+    let mut root = None;
+    for a in ancestors(devices, gpu.address) {
+        let Some(d) = devices.get(&a) else { break };
+        if d.id.vendor != gpu.id.vendor || !d.class.is_pci_bridge() || d.parent.is_none() {
+            break;
+        }
+        root = Some(a);
+    }
+    root
+}
+
+fn find_gpus(devices: &BTreeMap<PciAddress, PciDevice>) -> Vec<Gpu> {
+    let displays: Vec<&PciDevice> = devices.values().filter(|d| d.class.is_display()).collect();
+    let mut gpus = Vec::new();
+    for d in &displays {
+        // A second display function in the same slot (old dual-head cards) is part of the first.
+        if displays
+            .iter()
+            .any(|o| o.address.same_slot(&d.address) && o.address < d.address)
+        {
+            continue;
+        }
+        let mut functions: BTreeSet<PciAddress> = devices
+            .values()
+            .filter(|o| o.address.same_slot(&d.address) && !o.class.is_pci_bridge())
+            .map(|o| o.address)
+            .collect();
+        if let Some(root) = card_root(devices, d) {
+            let below: Vec<&PciDevice> = devices
+                .values()
+                .filter(|o| ancestors(devices, o.address).contains(&root))
+                .collect();
+            let display_slots: BTreeSet<(u32, u8, u8)> = below
+                .iter()
+                .filter(|o| o.class.is_display())
+                .map(|o| (o.address.domain, o.address.bus, o.address.slot))
+                .collect();
+            // Only a switch that carries exactly one GPU is that GPU's own (an NF200-style
+            // bridge above two cards is not).
+            if display_slots.len() == 1 {
+                functions.extend(
+                    below
+                        .iter()
+                        .filter(|o| o.id.vendor == d.id.vendor && !o.class.is_pci_bridge())
+                        .map(|o| o.address),
+                );
+            }
+        }
+        gpus.push(Gpu {
+            address: d.address,
+            functions: functions.into_iter().collect(),
+        });
+    }
+    gpus
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dev(addr: &str, id: &str, class: u32, parent: Option<&str>) -> PciDevice {
+        PciDevice {
+            address: addr.parse().unwrap(),
+            id: id.parse().unwrap(),
+            subsystem: None,
+            class: PciClass(class),
+            driver: None,
+            iommu_group: None,
+            numa_node: None,
+            boot_vga: false,
+            reset_method: None,
+            parent: parent.map(|p| p.parse().unwrap()),
+        }
+    }
+
+    fn inv(devs: Vec<PciDevice>) -> Inventory {
+        Inventory::build(
+            devs.into_iter().map(|d| (d.address, d)).collect(),
+            BTreeMap::new(),
+            IommuState::default(),
+            Vec::new(),
+        )
+    }
+
+    fn fns(g: &Gpu) -> Vec<String> {
+        g.functions.iter().map(|a| a.to_string()).collect()
+    }
+
+    #[test]
+    fn whole_gpu_is_every_function_of_the_slot() {
+        let i = inv(vec![
+            dev("0000:00:01.0", "8086:1901", 0x060400, None),
+            dev("0000:01:00.0", "10de:1e07", 0x030000, Some("0000:00:01.0")),
+            dev("0000:01:00.1", "10de:10f7", 0x040300, Some("0000:00:01.0")),
+            dev("0000:01:00.2", "10de:1ad6", 0x0c0330, Some("0000:00:01.0")),
+            dev("0000:01:00.3", "10de:1ad7", 0x0c8000, Some("0000:00:01.0")),
+        ]);
+        assert_eq!(i.gpus.len(), 1);
+        assert_eq!(
+            fns(&i.gpus[0]),
+            ["0000:01:00.0", "0000:01:00.1", "0000:01:00.2", "0000:01:00.3"]
+        );
+        let audio = "0000:01:00.1".parse().unwrap();
+        assert_eq!(i.gpu(audio).unwrap().address.to_string(), "0000:01:00.0");
+    }
+
+    #[test]
+    fn arc_audio_on_another_bus_belongs_to_the_card() {
+        let i = inv(vec![
+            dev("0001:00:01.0", "8086:a70d", 0x060400, None),
+            dev("0001:03:00.0", "8086:4fa1", 0x060400, Some("0001:00:01.0")),
+            dev("0001:04:01.0", "8086:4fa4", 0x060400, Some("0001:03:00.0")),
+            dev("0001:04:04.0", "8086:4fa4", 0x060400, Some("0001:03:00.0")),
+            dev("0001:05:00.0", "8086:56a0", 0x030000, Some("0001:04:01.0")),
+            dev("0001:06:00.0", "8086:4f90", 0x040300, Some("0001:04:04.0")),
+        ]);
+        assert_eq!(fns(&i.gpus[0]), ["0001:05:00.0", "0001:06:00.0"]);
+    }
+
+    #[test]
+    fn a_shared_bridge_does_not_merge_two_cards() {
+        // Two NVIDIA cards behind an NVIDIA bridge (NF200 style): each keeps only its slot.
+        let i = inv(vec![
+            dev("0000:00:03.0", "8086:0e08", 0x060400, None),
+            dev("0000:02:00.0", "10de:05b1", 0x060400, Some("0000:00:03.0")),
+            dev("0000:03:00.0", "10de:05b1", 0x060400, Some("0000:02:00.0")),
+            dev("0000:03:02.0", "10de:05b1", 0x060400, Some("0000:02:00.0")),
+            dev("0000:04:00.0", "10de:11b4", 0x030000, Some("0000:03:00.0")),
+            dev("0000:04:00.1", "10de:0e0a", 0x040300, Some("0000:03:00.0")),
+            dev("0000:05:00.0", "10de:11b4", 0x030000, Some("0000:03:02.0")),
+            dev("0000:05:00.1", "10de:0e0a", 0x040300, Some("0000:03:02.0")),
+        ]);
+        assert_eq!(i.gpus.len(), 2);
+        assert_eq!(fns(&i.gpus[0]), ["0000:04:00.0", "0000:04:00.1"]);
+        assert_eq!(fns(&i.gpus[1]), ["0000:05:00.0", "0000:05:00.1"]);
+    }
+
+    #[test]
+    fn parent_cycles_do_not_hang() {
+        let i = inv(vec![
+            dev("0000:01:00.0", "10de:05b1", 0x060400, Some("0000:02:00.0")),
+            dev("0000:02:00.0", "10de:05b1", 0x060400, Some("0000:01:00.0")),
+            dev("0000:03:00.0", "10de:1e07", 0x030000, Some("0000:02:00.0")),
+        ]);
+        assert_eq!(i.gpus.len(), 1);
+    }
+
+    #[test]
+    fn finds_iommu_words() {
+        let words = IommuState::cmdline_words(
+            "BOOT_IMAGE=/vmlinuz root=/dev/sda1 intel_iommu=on iommu=pt vfio-pci.ids=10de:11b4 quiet",
+        );
+        assert_eq!(words, ["intel_iommu=on", "iommu=pt", "vfio-pci.ids=10de:11b4"]);
+    }
+}

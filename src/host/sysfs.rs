@@ -1,0 +1,248 @@
+//! Reads the kernel's PCI, IOMMU and NUMA state under a host root (`/` on a real host, a fixture
+//! directory in tests). Owns every path gpupass builds under that root; writes nothing.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io;
+use std::path::{Component, Path, PathBuf};
+
+use crate::model::{IommuGroupId, NumaNode, PciAddress};
+
+/// Errors from reading the host root.
+#[derive(Debug, thiserror::Error)]
+pub enum SysfsError {
+    /// A file or directory could not be read.
+    #[error("failed to read {path}")]
+    Read {
+        /// The full path, root included.
+        path: PathBuf,
+        /// The IO error.
+        #[source]
+        source: io::Error,
+    },
+    /// The host root is not a directory with a `sys/bus/pci/devices` inside.
+    #[error("host root {root} has no sys/bus/pci/devices (is --host-root right?)")]
+    NotAHostRoot {
+        /// The root that was given.
+        root: PathBuf,
+    },
+}
+
+/// The host as the kernel shows it, under a root prefix.
+#[derive(Debug, Clone)]
+pub struct Sysfs {
+    root: PathBuf,
+}
+
+impl Sysfs {
+    /// A host root at `root`; `/` for the real host.
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    /// The root this reads from.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.root.join(rel)
+    }
+
+    fn device_dir(&self, addr: PciAddress) -> PathBuf {
+        // `addr` prints as hex digits, ':' and '.', so this stays inside devices/.
+        self.path("sys/bus/pci/devices").join(addr.to_string())
+    }
+
+    /// Every PCI function the kernel lists, sorted. Names that are not PCI addresses are skipped.
+    pub fn pci_devices(&self) -> Result<Vec<PciAddress>, SysfsError> {
+        let dir = self.path("sys/bus/pci/devices");
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(SysfsError::NotAHostRoot {
+                    root: self.root.clone(),
+                })
+            }
+            Err(source) => return Err(SysfsError::Read { path: dir, source }),
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|source| SysfsError::Read {
+                path: dir.clone(),
+                source,
+            })?;
+            if let Some(addr) = entry.file_name().to_str().and_then(|n| n.parse().ok()) {
+                out.push(addr);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// A device attribute with surrounding whitespace trimmed; `None` when the file is absent
+    /// (older kernels lack `reset_method`, non-VGA devices lack `boot_vga`).
+    pub fn attr(&self, addr: PciAddress, name: &str) -> Result<Option<String>, SysfsError> {
+        read_optional(&self.device_dir(addr).join(name))
+    }
+
+    /// A hex attribute such as `vendor` (`0x10de`) or `class` (`0x030200`).
+    pub fn hex_attr(&self, addr: PciAddress, name: &str) -> Result<Option<u32>, SysfsError> {
+        Ok(self.attr(addr, name)?.and_then(|v| {
+            let digits = v.strip_prefix("0x").unwrap_or(&v);
+            u32::from_str_radix(digits, 16).ok()
+        }))
+    }
+
+    /// The bound driver's name (last component of the `driver` link), or `None` when unbound.
+    pub fn driver(&self, addr: PciAddress) -> Result<Option<String>, SysfsError> {
+        Ok(self
+            .link_target(&self.device_dir(addr).join("driver"))?
+            .and_then(|t| last_name(&t)))
+    }
+
+    /// The IOMMU group (last component of the `iommu_group` link), or `None` without an IOMMU.
+    pub fn iommu_group(&self, addr: PciAddress) -> Result<Option<IommuGroupId>, SysfsError> {
+        Ok(self
+            .link_target(&self.device_dir(addr).join("iommu_group"))?
+            .and_then(|t| last_name(&t))
+            .and_then(|n| n.parse().ok())
+            .map(IommuGroupId))
+    }
+
+    /// The NUMA node; sysfs `-1` (unknown) and a missing file are `None`.
+    pub fn numa_node(&self, addr: PciAddress) -> Result<Option<NumaNode>, SysfsError> {
+        Ok(self
+            .attr(addr, "numa_node")?
+            .and_then(|v| v.parse::<i64>().ok())
+            .and_then(|n| u32::try_from(n).ok())
+            .map(NumaNode))
+    }
+
+    /// The upstream PCI device (the bridge above), from the device's place under
+    /// `sys/devices/pciDDDD:BB/…`; `None` for a device on a root bus.
+    pub fn parent(&self, addr: PciAddress) -> Result<Option<PciAddress>, SysfsError> {
+        let Some(target) = self.link_target(&self.device_dir(addr))? else {
+            return Ok(None);
+        };
+        let names: Vec<&str> = target
+            .components()
+            .filter_map(|c| match c {
+                Component::Normal(n) => n.to_str(),
+                _ => None,
+            })
+            .collect();
+        Ok(names
+            .len()
+            .checked_sub(2)
+            .and_then(|i| names[i].parse().ok()))
+    }
+
+    /// Members of every IOMMU group: `sys/kernel/iommu_groups/<N>/devices/<bdf>`.
+    /// Empty when the IOMMU is off.
+    pub fn iommu_groups(&self) -> Result<Vec<(IommuGroupId, Vec<PciAddress>)>, SysfsError> {
+        let dir = self.path("sys/kernel/iommu_groups");
+        let mut out = Vec::new();
+        for name in list_dir(&dir)? {
+            let Ok(id) = name.parse::<u32>() else {
+                continue;
+            };
+            let mut members: Vec<PciAddress> = list_dir(&dir.join(&name).join("devices"))?
+                .iter()
+                .filter_map(|m| m.parse().ok())
+                .collect();
+            members.sort();
+            out.push((IommuGroupId(id), members));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Names under `sys/class/iommu` (`dmar0`, `ivhd0`…): the IOMMU units the kernel drives.
+    pub fn iommu_units(&self) -> Result<Vec<String>, SysfsError> {
+        let mut units = list_dir(&self.path("sys/class/iommu"))?;
+        units.sort();
+        Ok(units)
+    }
+
+    /// The kernel command line (`proc/cmdline`), empty when absent.
+    pub fn cmdline(&self) -> Result<String, SysfsError> {
+        Ok(read_optional(&self.path("proc/cmdline"))?.unwrap_or_default())
+    }
+
+    /// Whether a kernel module is loaded (`sys/module/<name>` exists).
+    pub fn module_loaded(&self, name: &str) -> bool {
+        // Module names are our own constants, never user input.
+        self.path("sys/module").join(name).is_dir()
+    }
+
+    /// CPUs of each NUMA node (`sys/devices/system/node/node<N>/cpulist`).
+    pub fn numa_cpus(&self) -> Result<Vec<(NumaNode, BTreeSet<u32>)>, SysfsError> {
+        let dir = self.path("sys/devices/system/node");
+        let mut out = Vec::new();
+        for name in list_dir(&dir)? {
+            let Some(n) = name.strip_prefix("node").and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            let list = read_optional(&dir.join(&name).join("cpulist"))?.unwrap_or_default();
+            // A malformed cpulist only costs the NUMA preference, never the command.
+            let cpus = crate::cpuset::parse(&list).unwrap_or_default();
+            out.push((NumaNode(n), cpus));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn link_target(&self, path: &Path) -> Result<Option<PathBuf>, SysfsError> {
+        match fs::read_link(path) {
+            Ok(t) => Ok(Some(t)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            // Not a link (EINVAL): treat as absent rather than guess.
+            Err(e) if e.kind() == io::ErrorKind::InvalidInput => Ok(None),
+            Err(source) => Err(SysfsError::Read {
+                path: path.to_path_buf(),
+                source,
+            }),
+        }
+    }
+}
+
+fn last_name(p: &Path) -> Option<String> {
+    p.file_name().and_then(|n| n.to_str()).map(str::to_owned)
+}
+
+fn read_optional(path: &Path) -> Result<Option<String>, SysfsError> {
+    match fs::read_to_string(path) {
+        Ok(s) => Ok(Some(s.trim().to_owned())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(SysfsError::Read {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Entry names of a directory; empty when it does not exist.
+fn list_dir(dir: &Path) -> Result<Vec<String>, SysfsError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(SysfsError::Read {
+                path: dir.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let mut names = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|source| SysfsError::Read {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        if let Some(n) = entry.file_name().to_str() {
+            names.push(n.to_owned());
+        }
+    }
+    Ok(names)
+}

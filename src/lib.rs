@@ -1,0 +1,25 @@
+//! gpupass gives virtual machines whole GPUs on KVM/libvirt hosts: it discovers every GPU and all
+//! its functions from sysfs (through a host root), judges whether each can be passed through,
+//! composes `<hostdev>` XML, and attaches/detaches whole GPUs through libvirt under a host lock.
+//!
+//! ```
+//! use gpupass::model::PciAddress;
+//! use gpupass::xml::compose::HostdevTemplate;
+//!
+//! let addr: PciAddress = "0000:61:00.1".parse().unwrap();
+//! let xml = HostdevTemplate::builtin().render(addr);
+//! assert!(xml.contains("bus='0x61' slot='0x00' function='0x1'"));
+//! assert!("../etc/passwd".parse::<PciAddress>().is_err());
+//! ```
+#![warn(missing_docs)]
+
+pub mod alloc;
+pub mod assign;
+pub mod config;
+pub mod cpuset;
+pub mod host;
+pub mod libvirt;
+pub mod model;
+pub mod observability;
+pub mod report;
+pub mod xml;

@@ -1,0 +1,173 @@
+//! The real hypervisor: libvirt through the `virt` crate. The only file that imports `virt`.
+
+use virt::connect::Connect;
+use virt::domain::Domain;
+use virt::error::ErrorNumber;
+use virt::sys;
+
+use crate::libvirt::{DomainInfo, Hypervisor, Impact, LibvirtError, XmlView};
+
+/// A libvirt connection.
+pub struct VirtHypervisor {
+    conn: Connect,
+    uri: String,
+}
+
+impl std::fmt::Debug for VirtHypervisor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VirtHypervisor").field("uri", &self.uri).finish()
+    }
+}
+
+fn message(e: &virt::error::Error) -> String {
+    // libvirt messages can span lines (QEMU's stderr); keep one line.
+    e.message().split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn impact_flags(impact: Impact) -> u32 {
+    let mut flags = sys::VIR_DOMAIN_AFFECT_CURRENT;
+    if impact.live {
+        flags |= sys::VIR_DOMAIN_AFFECT_LIVE;
+    }
+    if impact.config {
+        flags |= sys::VIR_DOMAIN_AFFECT_CONFIG;
+    }
+    flags
+}
+
+impl VirtHypervisor {
+    /// Connects to `uri` (e.g. `qemu:///system`).
+    pub fn open(uri: &str) -> Result<Self, LibvirtError> {
+        // Without this, libvirt prints every error to stderr itself, on top of ours.
+        virt::error::clear_error_callback();
+        let conn = Connect::open(Some(uri)).map_err(|e| LibvirtError::Connect {
+            uri: uri.to_owned(),
+            message: message(&e),
+        })?;
+        Ok(Self {
+            conn,
+            uri: uri.to_owned(),
+        })
+    }
+
+    fn lookup(&self, name: &str) -> Result<Domain, LibvirtError> {
+        self.conn.lookup_domain_by_name(name).map_err(|e| {
+            if e.code().is(ErrorNumber::NoDomain) {
+                LibvirtError::UnknownDomain {
+                    name: name.to_owned(),
+                }
+            } else {
+                LibvirtError::Call {
+                    action: format!("look up domain '{name}'"),
+                    message: message(&e),
+                }
+            }
+        })
+    }
+
+    fn info(name: String, dom: &Domain) -> Result<DomainInfo, LibvirtError> {
+        let call = |what: &str, e: virt::error::Error| LibvirtError::Call {
+            action: format!("{what} of '{name}'"),
+            message: message(&e),
+        };
+        let active = dom.is_active().map_err(|e| call("state", e))?;
+        let persistent = dom.is_persistent().map_err(|e| call("persistence", e))?;
+        Ok(DomainInfo {
+            name,
+            active,
+            persistent,
+        })
+    }
+
+    fn change(
+        &self,
+        verb: &str,
+        name: &str,
+        xml: &str,
+        impact: Impact,
+        attach: bool,
+    ) -> Result<(), LibvirtError> {
+        let dom = self.lookup(name)?;
+        let flags = impact_flags(impact);
+        // attach_device_flags/detach_device_flags pass libvirt's error up; Domain::attach_device
+        // in virt 0.5 drops it and returns Ok.
+        let result = if attach {
+            dom.attach_device_flags(xml, flags)
+        } else {
+            dom.detach_device_flags(xml, flags)
+        };
+        result.map_err(|e| {
+            if e.code().is(ErrorNumber::NoDomain) {
+                LibvirtError::UnknownDomain {
+                    name: name.to_owned(),
+                }
+            } else {
+                LibvirtError::Refused {
+                    action: format!("{verb} a device ({})", impact.describe()),
+                    domain: name.to_owned(),
+                    message: message(&e),
+                }
+            }
+        })
+    }
+}
+
+impl Hypervisor for VirtHypervisor {
+    fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    fn domains(&self) -> Result<Vec<DomainInfo>, LibvirtError> {
+        let doms = self
+            .conn
+            .list_all_domains(0)
+            .map_err(|e| LibvirtError::Call {
+                action: "list domains".into(),
+                message: message(&e),
+            })?;
+        let mut out = Vec::with_capacity(doms.len());
+        for d in &doms {
+            // A domain undefined between the listing and this call is simply gone.
+            let Ok(name) = d.name() else { continue };
+            match Self::info(name, d) {
+                Ok(info) => out.push(info),
+                Err(e) => tracing::debug!(error = %e, "skipping a domain that vanished"),
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    fn domain(&self, name: &str) -> Result<DomainInfo, LibvirtError> {
+        let dom = self.lookup(name)?;
+        Self::info(name.to_owned(), &dom)
+    }
+
+    fn domain_xml(&self, name: &str, view: XmlView) -> Result<String, LibvirtError> {
+        let dom = self.lookup(name)?;
+        let flags = match view {
+            XmlView::Live => 0,
+            XmlView::Config => sys::VIR_DOMAIN_XML_INACTIVE,
+        };
+        dom.xml_desc(flags).map_err(|e| {
+            if e.code().is(ErrorNumber::NoDomain) {
+                LibvirtError::UnknownDomain {
+                    name: name.to_owned(),
+                }
+            } else {
+                LibvirtError::Call {
+                    action: format!("read the XML of '{name}'"),
+                    message: message(&e),
+                }
+            }
+        })
+    }
+
+    fn attach_device(&self, name: &str, xml: &str, impact: Impact) -> Result<(), LibvirtError> {
+        self.change("attach", name, xml, impact, true)
+    }
+
+    fn detach_device(&self, name: &str, xml: &str, impact: Impact) -> Result<(), LibvirtError> {
+        self.change("detach", name, xml, impact, false)
+    }
+}

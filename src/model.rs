@@ -1,0 +1,358 @@
+//! Plain data shared by every module: PCI addresses, IDs and classes, GPUs and their functions.
+//! Owns parsing and printing of these values; never touches the host or libvirt.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Serialize, Serializer};
+
+/// Errors from parsing user-supplied identifiers.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ModelError {
+    /// A PCI address did not have the `DDDD:BB:SS.F` shape or was out of range.
+    #[error("invalid PCI address '{input}': {reason} (expected DDDD:BB:SS.F, e.g. 0000:61:00.0)")]
+    InvalidPciAddress {
+        /// What the user gave (shortened when long).
+        input: String,
+        /// Which part is wrong.
+        reason: &'static str,
+    },
+    /// A vendor:device pair did not have the `VVVV:DDDD` shape.
+    #[error("invalid PCI ID '{input}': expected VVVV:DDDD in hex, e.g. 10de:2330")]
+    InvalidPciId {
+        /// What the user gave (shortened when long).
+        input: String,
+    },
+}
+
+/// Keeps error messages one readable line even for hostile input.
+fn shown(input: &str) -> String {
+    let mut s: String = input.chars().take(64).collect();
+    if input.chars().count() > 64 {
+        s.push('…');
+    }
+    s.escape_debug().to_string()
+}
+
+/// A PCI function address: `domain:bus:slot.function`, shown as `0000:61:00.0`.
+///
+/// Parsing accepts only hex digits and the two separators, so a value that parsed can be
+/// joined to a sysfs path without reaching anything but `devices/<address>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PciAddress {
+    /// PCI segment (domain). Usually 0; VMD and multi-segment hosts use others (up to 0xffffffff).
+    pub domain: u32,
+    /// Bus number.
+    pub bus: u8,
+    /// Device (slot) number, 0..=31.
+    pub slot: u8,
+    /// Function number, 0..=7.
+    pub function: u8,
+}
+
+impl PciAddress {
+    /// Builds an address, checking the slot and function ranges.
+    pub fn new(domain: u32, bus: u8, slot: u8, function: u8) -> Option<Self> {
+        (slot <= 0x1f && function <= 7).then_some(Self {
+            domain,
+            bus,
+            slot,
+            function,
+        })
+    }
+
+    /// True when `other` is in the same domain:bus:slot (another function of the same device).
+    pub fn same_slot(&self, other: &PciAddress) -> bool {
+        self.domain == other.domain && self.bus == other.bus && self.slot == other.slot
+    }
+}
+
+impl fmt::Display for PciAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:04x}:{:02x}:{:02x}.{:x}",
+            self.domain, self.bus, self.slot, self.function
+        )
+    }
+}
+
+fn hex_field(s: &str, max_digits: usize) -> Option<u32> {
+    if s.is_empty() || s.len() > max_digits || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u32::from_str_radix(s, 16).ok()
+}
+
+impl FromStr for PciAddress {
+    type Err = ModelError;
+
+    /// Parses `DDDD:BB:SS.F` (domain of 4 to 8 hex digits) or the short `BB:SS.F` that
+    /// `lspci` prints, which means domain 0000.
+    fn from_str(input: &str) -> Result<Self, Self::Err> {
+        let bad = |reason| ModelError::InvalidPciAddress {
+            input: shown(input),
+            reason,
+        };
+        let (head, function) = input
+            .rsplit_once('.')
+            .ok_or_else(|| bad("missing '.function'"))?;
+        let parts: Vec<&str> = head.split(':').collect();
+        let (domain, bus, slot) = match parts.as_slice() {
+            [d, b, s] => {
+                if d.len() < 4 {
+                    return Err(bad("domain must have 4 to 8 hex digits"));
+                }
+                (
+                    hex_field(d, 8).ok_or_else(|| bad("domain must have 4 to 8 hex digits"))?,
+                    *b,
+                    *s,
+                )
+            }
+            [b, s] => (0, *b, *s),
+            _ => return Err(bad("expected domain:bus:slot.function")),
+        };
+        let bus = hex_field(bus, 2).ok_or_else(|| bad("bus must be 1 or 2 hex digits"))?;
+        let slot = hex_field(slot, 2).ok_or_else(|| bad("slot must be 1 or 2 hex digits"))?;
+        let function = hex_field(function, 1).ok_or_else(|| bad("function must be 0-7"))?;
+        if slot > 0x1f {
+            return Err(bad("slot must be 00-1f"));
+        }
+        if function > 7 {
+            return Err(bad("function must be 0-7"));
+        }
+        // The range checks above make these conversions lossless.
+        Ok(Self {
+            domain,
+            bus: bus as u8,
+            slot: slot as u8,
+            function: function as u8,
+        })
+    }
+}
+
+impl Serialize for PciAddress {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// A vendor:device ID pair, shown as `10de:2330`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PciId {
+    /// Vendor ID, e.g. 0x10de.
+    pub vendor: u16,
+    /// Device ID, e.g. 0x2330.
+    pub device: u16,
+}
+
+impl fmt::Display for PciId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:04x}:{:04x}", self.vendor, self.device)
+    }
+}
+
+impl FromStr for PciId {
+    type Err = ModelError;
+
+    fn from_str(input: &str) -> Result<Self, Self::Err> {
+        let bad = || ModelError::InvalidPciId {
+            input: shown(input),
+        };
+        let (v, d) = input.split_once(':').ok_or_else(bad)?;
+        let vendor = hex_field(v, 4).ok_or_else(bad)?;
+        let device = hex_field(d, 4).ok_or_else(bad)?;
+        Ok(Self {
+            vendor: vendor as u16,
+            device: device as u16,
+        })
+    }
+}
+
+impl Serialize for PciId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// A 24-bit PCI class code (base class, subclass, programming interface), shown as `030200`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PciClass(pub u32);
+
+impl PciClass {
+    /// Base class byte (0x03 = display controller).
+    pub fn base(self) -> u8 {
+        (self.0 >> 16) as u8
+    }
+
+    /// Subclass byte.
+    pub fn sub(self) -> u8 {
+        (self.0 >> 8) as u8
+    }
+
+    /// A display controller: VGA (0x0300), XGA (0x0301), 3D (0x0302) or other (0x0380).
+    pub fn is_display(self) -> bool {
+        self.base() == 0x03
+    }
+
+    /// A PCI-to-PCI bridge (0x0604, or semi-transparent 0x0609): the kernel lets it stay on
+    /// `pcieport` while the rest of its IOMMU group is assigned.
+    pub fn is_pci_bridge(self) -> bool {
+        self.base() == 0x06 && matches!(self.sub(), 0x04 | 0x09)
+    }
+
+    /// Human name from the PCI ID database, e.g. "3D controller".
+    pub fn name(self) -> Option<&'static str> {
+        pci_ids::Subclass::from_cid_sid(self.base(), self.sub()).map(|s| s.name())
+    }
+}
+
+impl fmt::Display for PciClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:06x}", self.0 & 0x00ff_ffff)
+    }
+}
+
+impl Serialize for PciClass {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// An IOMMU group number, as in `/sys/kernel/iommu_groups/<N>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct IommuGroupId(pub u32);
+
+impl fmt::Display for IommuGroupId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// A NUMA node number; `numa_node` = -1 in sysfs (unknown) is represented as `None`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct NumaNode(pub u32);
+
+impl fmt::Display for NumaNode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Vendor and device names from the PCI ID database (the `pci-ids` crate).
+pub fn vendor_name(vendor: u16) -> Option<&'static str> {
+    use pci_ids::FromId;
+    pci_ids::Vendor::from_id(vendor).map(|v| v.name())
+}
+
+/// Device name from the PCI ID database.
+pub fn device_name(id: PciId) -> Option<&'static str> {
+    pci_ids::Device::from_vid_pid(id.vendor, id.device).map(|d| d.name())
+}
+
+/// Subsystem (board) name from the PCI ID database.
+pub fn subsystem_name(id: PciId, subsystem: PciId) -> Option<&'static str> {
+    pci_ids::Device::from_vid_pid(id.vendor, id.device).and_then(|d| {
+        d.subsystems()
+            .find(|s| s.subvendor() == subsystem.vendor && s.subdevice() == subsystem.device)
+            .map(|s| s.name())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_prints_addresses() {
+        let a: PciAddress = "0000:61:00.0".parse().unwrap();
+        assert_eq!((a.domain, a.bus, a.slot, a.function), (0, 0x61, 0, 0));
+        assert_eq!(a.to_string(), "0000:61:00.0");
+        let b: PciAddress = "10000:e1:1f.7".parse().unwrap();
+        assert_eq!(b.to_string(), "10000:e1:1f.7");
+        let c: PciAddress = "3b:00.1".parse().unwrap();
+        assert_eq!(c.to_string(), "0000:3b:00.1");
+        let d: PciAddress = "0000:0A:00.0".parse().unwrap();
+        assert_eq!(d.to_string(), "0000:0a:00.0");
+    }
+
+    #[test]
+    fn rejects_bad_addresses_without_echoing_paths() {
+        for bad in [
+            "",
+            "0000:61:00",
+            "0000:61:20.0",
+            "0000:61:00.8",
+            "0000:61:00.00",
+            "000:61:00.0",
+            "123456789:00:00.0",
+            "0000:161:00.0",
+            "../../etc/passwd",
+            "0000:61:00.0/../../x",
+            "0000:+1:00.0",
+            "0000: 61:00.0",
+            "0000:61:00.0\n",
+            "a:b:c:d.0",
+        ] {
+            let err = bad.parse::<PciAddress>().unwrap_err();
+            assert!(
+                matches!(err, ModelError::InvalidPciAddress { .. }),
+                "{bad:?} -> {err:?}"
+            );
+            assert!(!err.to_string().contains('\n'), "one line for {bad:?}");
+        }
+    }
+
+    #[test]
+    fn long_input_is_shortened_in_errors() {
+        let long = "9".repeat(10_000);
+        let err = long.parse::<PciAddress>().unwrap_err().to_string();
+        assert!(err.len() < 200, "{err}");
+    }
+
+    #[test]
+    fn orders_addresses_numerically() {
+        let mut v: Vec<PciAddress> = ["0000:db:00.0", "0000:18:00.0", "0001:00:00.0", "0000:18:00.1"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        v.sort();
+        let shown: Vec<String> = v.iter().map(|a| a.to_string()).collect();
+        assert_eq!(
+            shown,
+            ["0000:18:00.0", "0000:18:00.1", "0000:db:00.0", "0001:00:00.0"]
+        );
+    }
+
+    #[test]
+    fn parses_ids_and_classes() {
+        let id: PciId = "10DE:2330".parse().unwrap();
+        assert_eq!(id.to_string(), "10de:2330");
+        assert!("10de".parse::<PciId>().is_err());
+        assert!("10de:23301".parse::<PciId>().is_err());
+        assert!("xyz:0001".parse::<PciId>().is_err());
+        let c = PciClass(0x030200);
+        assert!(c.is_display() && !c.is_pci_bridge());
+        assert_eq!(c.to_string(), "030200");
+        assert!(PciClass(0x060400).is_pci_bridge());
+        assert!(!PciClass(0x060100).is_pci_bridge(), "an ISA bridge is a host device");
+    }
+
+    #[test]
+    fn names_come_from_the_pci_id_database() {
+        assert_eq!(vendor_name(0x10de), Some("NVIDIA Corporation"));
+        let h100 = PciId {
+            vendor: 0x10de,
+            device: 0x2330,
+        };
+        assert!(device_name(h100).unwrap().contains("H100"));
+        assert_eq!(PciClass(0x030200).name(), Some("3D controller"));
+        let unknown = PciId {
+            vendor: 0x10de,
+            device: 0xfff0,
+        };
+        assert_eq!(device_name(unknown), None);
+    }
+}

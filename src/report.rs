@@ -1,0 +1,397 @@
+//! The shapes `gpupass list` and `show` print (JSON and table), built from the inventory, the
+//! verdicts and libvirt's holdings. Pure: no IO.
+
+use serde::Serialize;
+
+use crate::alloc::plan::{Holder, Holdings};
+use crate::host::discover::{Gpu, Inventory, IommuState, PciDevice};
+use crate::host::readiness::{verdict, Blocker};
+use crate::model::{
+    device_name, subsystem_name, vendor_name, IommuGroupId, NumaNode, PciAddress, PciClass,
+};
+
+/// One function of a GPU.
+#[derive(Debug, Clone, Serialize)]
+pub struct FunctionReport {
+    /// Address.
+    pub address: PciAddress,
+    /// Vendor ID (`10de`).
+    pub vendor_id: String,
+    /// Device ID (`2330`).
+    pub device_id: String,
+    /// Device name from the PCI ID database.
+    pub device_name: Option<&'static str>,
+    /// Class code (`040300`).
+    pub class: PciClass,
+    /// Class name (`Audio device`).
+    pub class_name: Option<&'static str>,
+    /// Driver, `null` when unbound.
+    pub driver: Option<String>,
+    /// IOMMU group.
+    pub iommu_group: Option<IommuGroupId>,
+}
+
+/// One member of a GPU's IOMMU group(s).
+#[derive(Debug, Clone, Serialize)]
+pub struct GroupMemberReport {
+    /// Address.
+    pub address: PciAddress,
+    /// Class code.
+    pub class: PciClass,
+    /// Driver.
+    pub driver: Option<String>,
+    /// One of the GPU's own functions.
+    pub own: bool,
+}
+
+/// A domain that references a GPU.
+#[derive(Debug, Clone, Serialize)]
+pub struct Reference {
+    /// Domain name.
+    pub domain: String,
+    /// Held by the running domain (not only its defined configuration).
+    pub running: bool,
+}
+
+/// Everything about one GPU, as `list --json` and `show --json` print it.
+#[derive(Debug, Clone, Serialize)]
+pub struct GpuReport {
+    /// Display-function address.
+    pub address: PciAddress,
+    /// Vendor ID.
+    pub vendor_id: String,
+    /// Device ID.
+    pub device_id: String,
+    /// Vendor name.
+    pub vendor_name: Option<&'static str>,
+    /// Device name.
+    pub device_name: Option<&'static str>,
+    /// Subsystem vendor ID (the board maker).
+    pub subsystem_vendor_id: Option<String>,
+    /// Subsystem device ID.
+    pub subsystem_device_id: Option<String>,
+    /// Subsystem name.
+    pub subsystem_name: Option<&'static str>,
+    /// Class code.
+    pub class: PciClass,
+    /// Class name.
+    pub class_name: Option<&'static str>,
+    /// All functions, the display function first.
+    pub functions: Vec<FunctionReport>,
+    /// The display function's IOMMU group.
+    pub iommu_group: Option<IommuGroupId>,
+    /// Every device in the GPU's IOMMU group(s).
+    pub iommu_group_members: Vec<GroupMemberReport>,
+    /// The display function's driver.
+    pub driver: Option<String>,
+    /// NUMA node, `null` when unknown.
+    pub numa_node: Option<NumaNode>,
+    /// The host's boot (console) VGA.
+    pub boot_vga: bool,
+    /// `reset_method` (`flr bus`); `""` = no reset method; `null` = the kernel does not say.
+    pub reset_method: Option<String>,
+    /// Passable.
+    pub viable: bool,
+    /// What blocks passthrough.
+    pub blockers: Vec<Blocker>,
+    /// Other GPUs in the same IOMMU group.
+    pub group_peers: Vec<PciAddress>,
+    /// The domain that holds it: the running one, else the first that defines it; `null` when
+    /// free or when libvirt could not be asked.
+    pub used_by: Option<String>,
+    /// Every domain that references it; `null` when libvirt could not be asked.
+    pub references: Option<Vec<Reference>>,
+}
+
+fn hex4(v: u16) -> String {
+    format!("{v:04x}")
+}
+
+fn function(d: &PciDevice) -> FunctionReport {
+    FunctionReport {
+        address: d.address,
+        vendor_id: hex4(d.id.vendor),
+        device_id: hex4(d.id.device),
+        device_name: device_name(d.id),
+        class: d.class,
+        class_name: d.class.name(),
+        driver: d.driver.clone(),
+        iommu_group: d.iommu_group,
+    }
+}
+
+/// Builds the report of one GPU; `holdings` is `None` when libvirt could not be asked.
+pub fn gpu_report(inv: &Inventory, gpu: &Gpu, holdings: Option<&Holdings>) -> GpuReport {
+    let v = verdict(inv, gpu);
+    let primary = inv.device(gpu.address);
+    let mut functions: Vec<FunctionReport> = gpu
+        .functions
+        .iter()
+        .filter_map(|f| inv.device(*f))
+        .map(function)
+        .collect();
+    functions.sort_by_key(|f| f.address != gpu.address);
+    let iommu_group_members = v
+        .iommu_groups
+        .iter()
+        .flat_map(|g| inv.groups.get(g).into_iter().flatten())
+        .filter_map(|m| inv.device(*m))
+        .map(|d| GroupMemberReport {
+            address: d.address,
+            class: d.class,
+            driver: d.driver.clone(),
+            own: gpu.functions.contains(&d.address),
+        })
+        .collect();
+    let holders: Option<Vec<Holder>> = holdings.map(|h| h.holders(&gpu.functions));
+    GpuReport {
+        address: gpu.address,
+        vendor_id: primary.map(|d| hex4(d.id.vendor)).unwrap_or_default(),
+        device_id: primary.map(|d| hex4(d.id.device)).unwrap_or_default(),
+        vendor_name: primary.and_then(|d| vendor_name(d.id.vendor)),
+        device_name: primary.and_then(|d| device_name(d.id)),
+        subsystem_vendor_id: primary.and_then(|d| d.subsystem).map(|s| hex4(s.vendor)),
+        subsystem_device_id: primary.and_then(|d| d.subsystem).map(|s| hex4(s.device)),
+        subsystem_name: primary.and_then(|d| d.subsystem.and_then(|s| subsystem_name(d.id, s))),
+        class: primary.map_or(PciClass(0), |d| d.class),
+        class_name: primary.and_then(|d| d.class.name()),
+        functions,
+        iommu_group: primary.and_then(|d| d.iommu_group),
+        iommu_group_members,
+        driver: primary.and_then(|d| d.driver.clone()),
+        numa_node: primary.and_then(|d| d.numa_node),
+        boot_vga: v.boot_vga,
+        reset_method: primary.and_then(|d| d.reset_method.clone()),
+        viable: v.viable,
+        blockers: v.blockers,
+        group_peers: v.group_peers,
+        used_by: holders.as_ref().and_then(|h| h.first().map(|h| h.domain.clone())),
+        references: holders.map(|hs| {
+            hs.into_iter()
+                .map(|h| Reference {
+                    domain: h.domain,
+                    running: h.running,
+                })
+                .collect()
+        }),
+    }
+}
+
+/// IOMMU state as `list --json` prints it.
+#[derive(Debug, Clone, Serialize)]
+pub struct IommuReport {
+    /// IOMMU groups exist.
+    pub enabled: bool,
+    /// Group count.
+    pub groups: usize,
+    /// IOMMU units.
+    pub units: Vec<String>,
+    /// IOMMU words on the kernel command line.
+    pub cmdline: Vec<String>,
+}
+
+impl From<&IommuState> for IommuReport {
+    fn from(s: &IommuState) -> Self {
+        Self {
+            enabled: s.enabled(),
+            groups: s.groups,
+            units: s.units.clone(),
+            cmdline: s.cmdline.clone(),
+        }
+    }
+}
+
+/// `list --json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ListReport {
+    /// The GPUs.
+    pub gpus: Vec<GpuReport>,
+    /// The IOMMU.
+    pub iommu: IommuReport,
+    /// libvirt as seen by this run.
+    pub libvirt: LibvirtReport,
+}
+
+/// Whether holdings came from libvirt.
+#[derive(Debug, Clone, Serialize)]
+pub struct LibvirtReport {
+    /// The URI.
+    pub uri: String,
+    /// True when `used_by` is known.
+    pub connected: bool,
+    /// Why not, when not.
+    pub error: Option<String>,
+}
+
+/// A short state word for the table.
+pub fn state_word(r: &GpuReport) -> &'static str {
+    match (r.viable, r.boot_vga) {
+        (_, true) => "boot-vga",
+        (true, false) => "passable",
+        (false, false) => "blocked",
+    }
+}
+
+fn cut(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_owned()
+    } else {
+        let mut t: String = s.chars().take(n - 1).collect();
+        t.push('…');
+        t
+    }
+}
+
+/// The `list` table, with one note line per blocked GPU.
+pub fn table(list: &ListReport) -> String {
+    let mut out = String::new();
+    if !list.iommu.enabled {
+        out.push_str("IOMMU: off (no IOMMU groups) - no GPU can be passed through; enable VT-d/AMD-Vi and intel_iommu=on or amd_iommu=on\n");
+    }
+    let rows: Vec<[String; 8]> = list
+        .gpus
+        .iter()
+        .map(|g| {
+            let model = format!(
+                "{}:{} {}",
+                g.vendor_id,
+                g.device_id,
+                g.device_name.unwrap_or("")
+            );
+            let used = match (&g.used_by, list.libvirt.connected) {
+                (Some(d), _) => d.clone(),
+                (None, true) => "-".into(),
+                (None, false) => "?".into(),
+            };
+            [
+                g.address.to_string(),
+                cut(model.trim(), 40),
+                g.functions.len().to_string(),
+                g.iommu_group.map_or("-".into(), |x| x.to_string()),
+                g.numa_node.map_or("-".into(), |x| x.to_string()),
+                g.driver.clone().unwrap_or_else(|| "-".into()),
+                state_word(g).into(),
+                used,
+            ]
+        })
+        .collect();
+    let header = ["ADDRESS", "MODEL", "FUNCS", "GROUP", "NUMA", "DRIVER", "STATE", "USED BY"];
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut l = String::new();
+        for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                l.push_str(c);
+            } else {
+                l.push_str(c);
+                l.push_str(&" ".repeat(w - c.chars().count() + 2));
+            }
+        }
+        l.push('\n');
+        l
+    };
+    out.push_str(&line(header.to_vec()));
+    for r in &rows {
+        out.push_str(&line(r.iter().map(String::as_str).collect()));
+    }
+    if list.gpus.is_empty() {
+        out.push_str("(no GPUs: no PCI function of class 03xxxx)\n");
+    }
+    for g in &list.gpus {
+        for b in &g.blockers {
+            if *b != Blocker::IommuOff {
+                out.push_str(&format!("{}: blocked: {b}\n", g.address));
+            }
+        }
+    }
+    out
+}
+
+/// The `show` text for one GPU.
+pub fn details(g: &GpuReport, connected: bool) -> String {
+    let mut o = String::new();
+    let opt = |v: Option<&str>| v.unwrap_or("-").to_owned();
+    o.push_str(&format!("GPU {}\n", g.address));
+    o.push_str(&format!(
+        "  model:        {}:{} {} / {}\n",
+        g.vendor_id,
+        g.device_id,
+        opt(g.vendor_name),
+        opt(g.device_name)
+    ));
+    if let (Some(v), Some(d)) = (&g.subsystem_vendor_id, &g.subsystem_device_id) {
+        o.push_str(&format!("  subsystem:    {v}:{d} {}\n", opt(g.subsystem_name)));
+    }
+    o.push_str(&format!("  class:        {} {}\n", g.class, opt(g.class_name)));
+    o.push_str(&format!("  driver:       {}\n", opt(g.driver.as_deref())));
+    o.push_str(&format!(
+        "  numa node:    {}\n",
+        g.numa_node.map_or("unknown".into(), |n| n.to_string())
+    ));
+    o.push_str(&format!(
+        "  reset method: {}\n",
+        match g.reset_method.as_deref() {
+            None => "not reported by the kernel",
+            Some("") => "none (the GPU may not reset between VMs)",
+            Some(m) => m,
+        }
+    ));
+    o.push_str(&format!("  boot vga:     {}\n", if g.boot_vga { "yes (the host console; never chosen by --count)" } else { "no" }));
+    o.push_str(&format!(
+        "  passable:     {}\n",
+        if g.viable { "yes" } else { "no" }
+    ));
+    for b in &g.blockers {
+        o.push_str(&format!("    blocked: {b}\n"));
+    }
+    o.push_str(&format!(
+        "  used by:      {}\n",
+        match (&g.references, connected) {
+            (Some(r), _) if !r.is_empty() => r
+                .iter()
+                .map(|r| format!("{}{}", r.domain, if r.running { " (running)" } else { " (defined)" }))
+                .collect::<Vec<_>>()
+                .join(", "),
+            (_, true) => "-".into(),
+            (_, false) => "unknown (libvirt not reachable)".into(),
+        }
+    ));
+    o.push_str("  functions:\n");
+    for f in &g.functions {
+        o.push_str(&format!(
+            "    {}  {}:{}  {} {:<24} driver={} group={}\n",
+            f.address,
+            f.vendor_id,
+            f.device_id,
+            f.class,
+            cut(f.class_name.unwrap_or("-"), 24),
+            f.driver.as_deref().unwrap_or("-"),
+            f.iommu_group.map_or("-".into(), |x| x.to_string())
+        ));
+    }
+    if !g.iommu_group_members.is_empty() {
+        o.push_str("  iommu group members:\n");
+        for m in &g.iommu_group_members {
+            o.push_str(&format!(
+                "    {}  {}  driver={}{}\n",
+                m.address,
+                m.class,
+                m.driver.as_deref().unwrap_or("-"),
+                if m.own { "  (this GPU)" } else { "" }
+            ));
+        }
+    }
+    if !g.group_peers.is_empty() {
+        let peers: Vec<String> = g.group_peers.iter().map(|p| p.to_string()).collect();
+        o.push_str(&format!(
+            "  shares its IOMMU group with GPU(s) {}: they can only go to the same domain\n",
+            peers.join(", ")
+        ));
+    }
+    o
+}

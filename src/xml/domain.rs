@@ -1,0 +1,229 @@
+//! Reads what gpupass needs from a libvirt domain XML: its name and UUID, the PCI hostdevs it
+//! references, and where it is pinned (numatune, vcpu cpuset). Read-only; never rewrites XML.
+
+use quick_xml::events::{BytesStart, Event};
+use quick_xml::Reader;
+
+use crate::model::PciAddress;
+use crate::xml::XmlError;
+
+/// The facts of one domain XML.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DomainFacts {
+    /// `<name>`.
+    pub name: String,
+    /// `<uuid>`.
+    pub uuid: Option<String>,
+    /// Source addresses of `<hostdev mode='subsystem' type='pci'>` in `<devices>`, in order.
+    pub pci_hostdevs: Vec<PciAddress>,
+    /// `<numatune><memory nodeset=…>`.
+    pub numa_nodeset: Option<String>,
+    /// `<vcpu cpuset=…>`.
+    pub vcpu_cpuset: Option<String>,
+    /// `<cputune><vcpupin cpuset=…>` values.
+    pub vcpupin_cpusets: Vec<String>,
+}
+
+/// Parses a libvirt number the way libvirt does (`strtoul` base 0): `0x..` hex, leading `0`
+/// octal, otherwise decimal.
+fn c_uint(s: &str) -> Option<u32> {
+    let s = s.trim();
+    if let Some(hex) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        u32::from_str_radix(hex, 16).ok()
+    } else if s.len() > 1 && s.starts_with('0') {
+        u32::from_str_radix(&s[1..], 8).ok()
+    } else {
+        s.parse().ok()
+    }
+}
+
+fn attr(e: &BytesStart<'_>, name: &[u8]) -> Result<Option<String>, XmlError> {
+    for a in e.attributes() {
+        let a = a.map_err(|err| XmlError::MalformedDomain {
+            reason: err.to_string(),
+        })?;
+        if a.key.as_ref() == name {
+            let v = a.unescape_value().map_err(|err| XmlError::MalformedDomain {
+                reason: err.to_string(),
+            })?;
+            return Ok(Some(v.into_owned()));
+        }
+    }
+    Ok(None)
+}
+
+fn pci_address(e: &BytesStart<'_>) -> Result<Option<PciAddress>, XmlError> {
+    let part = |n: &[u8]| -> Result<Option<u32>, XmlError> {
+        Ok(attr(e, n)?.as_deref().and_then(c_uint))
+    };
+    let (Some(bus), Some(slot), Some(function)) = (part(b"bus")?, part(b"slot")?, part(b"function")?)
+    else {
+        return Ok(None);
+    };
+    let domain = part(b"domain")?.unwrap_or(0);
+    Ok(u8::try_from(bus)
+        .ok()
+        .zip(u8::try_from(slot).ok())
+        .zip(u8::try_from(function).ok())
+        .and_then(|((b, s), f)| PciAddress::new(domain, b, s, f)))
+}
+
+/// The PCI source address of a single `<hostdev>` fragment (as composed from a template).
+pub fn hostdev_source(fragment: &str) -> Result<Option<PciAddress>, XmlError> {
+    let wrapped = format!("<domain><devices>{fragment}</devices></domain>");
+    Ok(parse(&wrapped)?.pci_hostdevs.first().copied())
+}
+
+/// The element path below the `<domain>`'s parent: libvirt's status XML (`/run/libvirt/qemu/*.xml`)
+/// wraps the domain in `<domstatus>`, read the same way as a plain domain.
+fn relative(path: &[Vec<u8>]) -> Vec<&[u8]> {
+    let skip = usize::from(path.first().is_some_and(|p| p == b"domstatus"));
+    path[skip..].iter().map(Vec::as_slice).collect()
+}
+
+/// Reads the facts of a domain XML.
+pub fn parse(xml: &str) -> Result<DomainFacts, XmlError> {
+    let mut reader = Reader::from_str(xml);
+    let mut facts = DomainFacts::default();
+    let mut path: Vec<Vec<u8>> = Vec::new();
+    // Inside a PCI subsystem hostdev directly under <devices>.
+    let mut in_pci_hostdev = false;
+    loop {
+        let event = reader.read_event().map_err(|e| XmlError::MalformedDomain {
+            reason: e.to_string(),
+        })?;
+        match event {
+            Event::Start(ref e) | Event::Empty(ref e) => {
+                let is_empty = matches!(event, Event::Empty(_));
+                let name = e.name().as_ref().to_vec();
+                if path.is_empty() && name != b"domain" && name != b"domstatus" {
+                    return Err(XmlError::MalformedDomain {
+                        reason: format!(
+                            "root element is <{}>, not <domain>",
+                            String::from_utf8_lossy(&name)
+                        ),
+                    });
+                }
+                let parent = relative(&path);
+                match (parent.as_slice(), name.as_slice()) {
+                    ([b"domain", b"devices"], b"hostdev") => {
+                        let mode = attr(e, b"mode")?;
+                        let ty = attr(e, b"type")?;
+                        in_pci_hostdev = !is_empty
+                            && mode.as_deref().unwrap_or("subsystem") == "subsystem"
+                            && ty.as_deref() == Some("pci");
+                    }
+                    ([b"domain", b"devices", b"hostdev", b"source"], b"address") if in_pci_hostdev => {
+                        if let Some(a) = pci_address(e)? {
+                            facts.pci_hostdevs.push(a);
+                        }
+                    }
+                    ([b"domain", b"numatune"], b"memory") => {
+                        facts.numa_nodeset = attr(e, b"nodeset")?;
+                    }
+                    ([b"domain"], b"vcpu") => {
+                        facts.vcpu_cpuset = attr(e, b"cpuset")?;
+                    }
+                    ([b"domain", b"cputune"], b"vcpupin") => {
+                        if let Some(c) = attr(e, b"cpuset")? {
+                            facts.vcpupin_cpusets.push(c);
+                        }
+                    }
+                    _ => {}
+                }
+                if !is_empty {
+                    path.push(name);
+                }
+            }
+            Event::End(e) => {
+                if e.name().as_ref() == b"hostdev" && relative(&path).len() == 3 {
+                    in_pci_hostdev = false;
+                }
+                path.pop();
+            }
+            Event::Text(t) => {
+                let here = relative(&path);
+                let text = || -> Result<String, XmlError> {
+                    Ok(t.unescape()
+                        .map_err(|e| XmlError::MalformedDomain {
+                            reason: e.to_string(),
+                        })?
+                        .trim()
+                        .to_owned())
+                };
+                match here.as_slice() {
+                    [b"domain", b"name"] => facts.name = text()?,
+                    [b"domain", b"uuid"] => facts.uuid = Some(text()?),
+                    _ => {}
+                }
+            }
+            Event::Eof if path.is_empty() => break,
+            Event::Eof => {
+                return Err(XmlError::MalformedDomain {
+                    reason: "unexpected end of document (an element is not closed)".into(),
+                })
+            }
+            _ => {}
+        }
+    }
+    Ok(facts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const XML: &str = r#"<domain type='kvm' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+  <name>vm&amp;1</name>
+  <uuid>c7a5fdbd-edaf-9455-926a-d65c16db1809</uuid>
+  <vcpu placement='static' cpuset='56-59'>4</vcpu>
+  <numatune><memory mode='strict' nodeset='1'/></numatune>
+  <cputune><vcpupin vcpu='0' cpuset='56'/></cputune>
+  <devices>
+    <hostdev mode='subsystem' type='pci' managed='yes'>
+      <driver name='vfio'/>
+      <source><address domain='0x0000' bus='0x9a' slot='0x00' function='0x0'/></source>
+      <address type='pci' domain='0x0000' bus='0x06' slot='0x00' function='0x0'/>
+    </hostdev>
+    <hostdev mode='subsystem' type='pci'>
+      <source><address domain='1' bus='10' slot='0x1f' function='7'/></source>
+    </hostdev>
+    <hostdev mode='subsystem' type='usb'>
+      <source><address bus='1' device='2'/></source>
+    </hostdev>
+    <interface type='hostdev'>
+      <source><address type='pci' domain='0x0000' bus='0x3b' slot='0x00' function='0x2'/></source>
+    </interface>
+  </devices>
+</domain>"#;
+
+    #[test]
+    fn reads_hostdevs_and_pinning() {
+        let f = parse(XML).unwrap();
+        assert_eq!(f.name, "vm&1");
+        assert_eq!(f.uuid.as_deref(), Some("c7a5fdbd-edaf-9455-926a-d65c16db1809"));
+        let addrs: Vec<String> = f.pci_hostdevs.iter().map(|a| a.to_string()).collect();
+        assert_eq!(addrs, ["0000:9a:00.0", "0001:0a:1f.7"]);
+        assert_eq!(f.numa_nodeset.as_deref(), Some("1"));
+        assert_eq!(f.vcpu_cpuset.as_deref(), Some("56-59"));
+        assert_eq!(f.vcpupin_cpusets, ["56"]);
+    }
+
+    #[test]
+    fn reads_status_xml_and_rejects_other_roots() {
+        let status = format!("<domstatus state='running' pid='1'>{XML}</domstatus>");
+        assert_eq!(parse(&status).unwrap().pci_hostdevs.len(), 2);
+        assert!(parse("<network><name>x</name></network>").is_err());
+        assert!(parse("<domain><devices></domain>").is_err());
+        assert!(parse("<domain><devices>").is_err());
+    }
+
+    #[test]
+    fn numbers_parse_like_libvirt() {
+        assert_eq!(c_uint("0x1f"), Some(31));
+        assert_eq!(c_uint("010"), Some(8));
+        assert_eq!(c_uint("10"), Some(10));
+        assert_eq!(c_uint("0"), Some(0));
+        assert_eq!(c_uint("zz"), None);
+    }
+}

@@ -1,0 +1,36 @@
+//! libvirt XML: composing `<hostdev>` blocks from templates and reading the facts gpupass needs
+//! (hostdev sources, NUMA pinning, name) out of domain XML. Pure text in, values out; no IO
+//! except loading a template directory the config names.
+
+pub mod compose;
+pub mod domain;
+
+use std::path::PathBuf;
+
+/// Errors from composing or reading XML.
+#[derive(Debug, thiserror::Error)]
+pub enum XmlError {
+    /// A template file could not be read.
+    #[error("failed to read template {path}")]
+    ReadTemplate {
+        /// The template path.
+        path: PathBuf,
+        /// The IO error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A template is not one well-formed `<hostdev>` element or uses an unknown placeholder.
+    #[error("invalid hostdev template {origin}: {reason}")]
+    InvalidTemplate {
+        /// Where the template came from.
+        origin: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Domain XML could not be parsed.
+    #[error("malformed domain XML: {reason}")]
+    MalformedDomain {
+        /// The parser's message.
+        reason: String,
+    },
+}
