@@ -76,9 +76,9 @@ pub struct AssignReport {
     pub action: &'static str,
     /// The domain.
     pub domain: String,
-    /// Changed the running domain.
+    /// This call changed the running domain.
     pub live: bool,
-    /// Changed the persistent definition.
+    /// This call changed the persistent definition.
     pub config: bool,
     /// Each GPU with the functions that moved.
     pub gpus: Vec<GpuChange>,
@@ -170,7 +170,11 @@ pub fn read_holdings(hv: &dyn Hypervisor) -> Result<Holdings, AssignError> {
 /// NUMA nodes a domain is pinned to: `<numatune><memory nodeset>`, else the nodes of its vCPU
 /// cpuset / vcpupin CPUs. Empty = no preference.
 pub fn preferred_nodes(inv: &Inventory, facts: &DomainFacts) -> BTreeSet<NumaNode> {
-    if let Some(nodes) = facts.numa_nodeset.as_deref().and_then(|s| cpuset::parse(s).ok()) {
+    if let Some(nodes) = facts
+        .numa_nodeset
+        .as_deref()
+        .and_then(|s| cpuset::parse(s).ok())
+    {
         return nodes.into_iter().map(NumaNode).collect();
     }
     let mut cpus = BTreeSet::new();
@@ -192,8 +196,16 @@ fn present(
         let xml = hv.domain_xml(name, view)?;
         Ok(parse_xml(name, &xml)?.pci_hostdevs.into_iter().collect())
     };
-    let live = if impact.live { read(XmlView::Live)? } else { BTreeSet::new() };
-    let config = if impact.config { read(XmlView::Config)? } else { BTreeSet::new() };
+    let live = if impact.live {
+        read(XmlView::Live)?
+    } else {
+        BTreeSet::new()
+    };
+    let config = if impact.config {
+        read(XmlView::Config)?
+    } else {
+        BTreeSet::new()
+    };
     Ok((live, config))
 }
 
@@ -269,7 +281,11 @@ fn attach_unlocked(
     let info = hv.domain(name)?;
     let impact = resolve_impact(&info, opts.impact)?;
     let holdings = read_holdings(hv)?;
-    let own_view = if info.persistent { XmlView::Config } else { XmlView::Live };
+    let own_view = if info.persistent {
+        XmlView::Config
+    } else {
+        XmlView::Live
+    };
     let facts = parse_xml(name, &hv.domain_xml(name, own_view)?)?;
     let plan = plan_attach(inv, &holdings, name, request, &preferred_nodes(inv, &facts))?;
     let (live, config) = present(hv, name, impact)?;
@@ -286,7 +302,10 @@ fn attach_unlocked(
                 config: impact.config && !config.contains(f),
             };
             if !need.is_empty() {
-                steps.push(Step { addr: *f, impact: need });
+                steps.push(Step {
+                    addr: *f,
+                    impact: need,
+                });
             }
         }
         if steps.len() == before {
@@ -340,8 +359,8 @@ fn attach_unlocked(
     Ok(AssignReport {
         action: "attach",
         domain: name.to_owned(),
-        live: impact.live,
-        config: impact.config,
+        live: steps.iter().any(|s| s.impact.live),
+        config: steps.iter().any(|s| s.impact.config),
         gpus: changes(inv, &steps),
         warnings: plan.warnings,
     })
@@ -405,7 +424,13 @@ fn detach_unlocked(
         let still: Vec<String> = steps
             .iter()
             .filter(|s| !remaining(s).is_empty())
-            .map(|s| format!("{} still in the {} definition", s.addr, remaining(s).describe()))
+            .map(|s| {
+                format!(
+                    "{} still in the {} definition",
+                    s.addr,
+                    remaining(s).describe()
+                )
+            })
             .collect();
         if still.is_empty() || Instant::now() >= deadline {
             let rem: Vec<Step> = steps
@@ -451,8 +476,8 @@ fn detach_unlocked(
     Ok(AssignReport {
         action: "detach",
         domain: name.to_owned(),
-        live: impact.live,
-        config: impact.config,
+        live: steps.iter().any(|s| s.impact.live),
+        config: steps.iter().any(|s| s.impact.config),
         gpus: changes(inv, &steps),
         warnings: Vec::new(),
     })
@@ -475,9 +500,15 @@ mod tests {
     fn inv() -> Inventory {
         let mut devices = BTreeMap::new();
         let mut groups: BTreeMap<IommuGroupId, Vec<PciAddress>> = BTreeMap::new();
-        for (i, (gpu, node)) in [("0000:18:00.0", 0), ("0000:9a:00.0", 1)].iter().enumerate() {
+        for (i, (gpu, node)) in [("0000:18:00.0", 0), ("0000:9a:00.0", 1)]
+            .iter()
+            .enumerate()
+        {
             let g = a(gpu);
-            for (f, class) in [(g, 0x030200), (PciAddress::new(0, g.bus, 0, 1).unwrap(), 0x040300)] {
+            for (f, class) in [
+                (g, 0x030200),
+                (PciAddress::new(0, g.bus, 0, 1).unwrap(), 0x040300),
+            ] {
                 devices.insert(
                     f,
                     PciDevice {
@@ -543,12 +574,18 @@ mod tests {
                 ..defined()
             },
         );
-        let req = AttachRequest::Count { count: 1, model: None };
+        let req = AttachRequest::Count {
+            count: 1,
+            model: None,
+        };
         let r = attach_unlocked(&hv, &inv(), "vm", &req, &opts(None)).unwrap();
         assert_eq!(r.gpus[0].gpu, a("0000:9a:00.0"));
         assert_eq!(
             *hv.calls.borrow(),
-            ["attach vm 0000:9a:00.0 config", "attach vm 0000:9a:00.1 config"]
+            [
+                "attach vm 0000:9a:00.0 config",
+                "attach vm 0000:9a:00.1 config"
+            ]
         );
         assert!(r.config && !r.live);
     }
@@ -586,17 +623,24 @@ mod tests {
         let req = AttachRequest::Gpus(vec![a("0000:18:00.0")]);
         let err = attach_unlocked(&hv, &inv(), "vm", &req, &opts(None)).unwrap_err();
         assert!(matches!(err, AssignError::NotApplied { .. }), "{err}");
-        assert!(err.to_string().contains("0000:18:00.1 not in the config definition"));
+        assert!(err
+            .to_string()
+            .contains("0000:18:00.1 not in the config definition"));
     }
 
     #[test]
     fn already_attached_and_held_elsewhere_are_refused_before_any_change() {
         let mut held = defined();
         held.config = BTreeSet::from([a("0000:18:00.0"), a("0000:18:00.1")]);
-        let hv = FakeHypervisor::default().with("vm", held).with("other", defined());
+        let hv = FakeHypervisor::default()
+            .with("vm", held)
+            .with("other", defined());
         let req = AttachRequest::Gpus(vec![a("0000:18:00.0")]);
         let err = attach_unlocked(&hv, &inv(), "vm", &req, &opts(None)).unwrap_err();
-        assert!(matches!(err, AssignError::Alloc(AllocError::AlreadyAttached { .. })));
+        assert!(matches!(
+            err,
+            AssignError::Alloc(AllocError::AlreadyAttached { .. })
+        ));
         let err = attach_unlocked(&hv, &inv(), "other", &req, &opts(None)).unwrap_err();
         assert_eq!(err.to_string(), "GPU 0000:18:00.0 is in use by domain 'vm'");
         assert!(hv.calls.borrow().is_empty());
@@ -628,7 +672,10 @@ mod tests {
             &opts(None),
         )
         .unwrap_err();
-        assert!(matches!(err, AssignError::Alloc(AllocError::NotAttached { .. })));
+        assert!(matches!(
+            err,
+            AssignError::Alloc(AllocError::NotAttached { .. })
+        ));
     }
 
     #[test]
@@ -639,7 +686,10 @@ mod tests {
         let hv = FakeHypervisor::default().with("vm", held);
         *hv.sticky_live.borrow_mut() = true;
         let err = detach_unlocked(&hv, &inv(), "vm", &DetachRequest::All, &opts(None)).unwrap_err();
-        assert!(err.to_string().contains("still in the live definition"), "{err}");
+        assert!(
+            err.to_string().contains("still in the live definition"),
+            "{err}"
+        );
         let d = hv.domains.borrow()["vm"].clone();
         assert_eq!(d.config.len(), 2, "config put back: {d:?}");
         assert_eq!(d.live.len(), 2);

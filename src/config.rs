@@ -71,7 +71,10 @@ mod tests {
         let good = dir.path().join("good.toml");
         fs::write(&good, "templates_dir = \"/etc/gpupass/templates\"\n").unwrap();
         let c = GpupassConfig::load(Some(&good)).unwrap();
-        assert_eq!(c.templates_dir.unwrap(), PathBuf::from("/etc/gpupass/templates"));
+        assert_eq!(
+            c.templates_dir.unwrap(),
+            PathBuf::from("/etc/gpupass/templates")
+        );
         let bad = dir.path().join("bad.toml");
         fs::write(&bad, "template_dir = \"x\"\n").unwrap();
         let err = GpupassConfig::load(Some(&bad)).unwrap_err().to_string();

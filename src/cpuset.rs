@@ -23,7 +23,12 @@ const MAX_ID: u32 = 1 << 16;
 pub fn parse(list: &str) -> Result<BTreeSet<u32>, CpusetError> {
     let mut set = BTreeSet::new();
     let mut excluded = BTreeSet::new();
-    for part in list.trim().split(',').map(str::trim).filter(|p| !p.is_empty()) {
+    for part in list
+        .trim()
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    {
         let bad = || CpusetError::Invalid {
             list: list.chars().take(64).collect(),
             part: part.chars().take(32).collect(),
@@ -62,7 +67,10 @@ mod tests {
     #[test]
     fn parses_kernel_and_libvirt_forms() {
         assert_eq!(parse("0-3,8").unwrap(), BTreeSet::from([0, 1, 2, 3, 8]));
-        assert_eq!(parse("0-7,^3,^5-6").unwrap(), BTreeSet::from([0, 1, 2, 4, 7]));
+        assert_eq!(
+            parse("0-7,^3,^5-6").unwrap(),
+            BTreeSet::from([0, 1, 2, 4, 7])
+        );
         assert_eq!(parse("1").unwrap(), BTreeSet::from([1]));
         assert!(parse("").unwrap().is_empty());
         assert!(parse("\n").unwrap().is_empty());

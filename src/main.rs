@@ -1,1 +1,359 @@
-fn main() {}
+//! The `gpupass` binary: parses arguments (clap), dispatches to `cli/`, and maps every failure
+//! to one line on stderr and a documented exit code.
+
+mod cli;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{ArgGroup, Parser, Subcommand};
+
+use gpupass::alloc::lock::LockError;
+use gpupass::alloc::plan::{AttachRequest, DetachRequest};
+use gpupass::alloc::AllocError;
+use gpupass::assign::AssignError;
+use gpupass::config::ConfigError;
+use gpupass::host::sysfs::SysfsError;
+use gpupass::libvirt::LibvirtError;
+use gpupass::model::{ModelError, PciAddress, PciId};
+use gpupass::xml::XmlError;
+
+use crate::cli::assign::AssignFlags;
+use crate::cli::Global;
+
+const EXIT_CODES: &str = "\
+Exit codes:
+   0  success
+   1  internal error, or the host root could not be read
+   2  bad usage or input: malformed PCI address or ID, bad flag, invalid config or template
+   3  unknown GPU, or the GPU is not attached to that domain
+   4  unknown domain
+   5  GPU in use by another domain, or already attached to this one
+   6  not enough free, passable GPUs (--count)
+   7  GPU cannot be passed through (IOMMU off, IOMMU group shared with a host device)
+   8  libvirt unreachable
+   9  libvirt refused the change (its message is shown)
+  10  libvirt accepted the change but the domain XML does not show it (rolled back)
+  11  a failure whose rollback also failed: check the domain by hand
+  12  timed out waiting for the host lock (another gpupass is attaching or detaching)";
+
+/// Give virtual machines whole GPUs on KVM/libvirt hosts.
+///
+/// gpupass finds every GPU of the host with all its functions (audio, USB, UCSI), judges whether
+/// each can be passed through with VFIO, prints the libvirt <hostdev> XML for it, and attaches or
+/// detaches whole GPUs to libvirt domains without ever giving one GPU to two domains.
+#[derive(Debug, Parser)]
+#[command(name = "gpupass", version, after_long_help = EXIT_CODES)]
+struct Cli {
+    /// Read host state (sysfs, procfs) under DIR instead of /.
+    #[arg(
+        long,
+        env = "GPUPASS_HOST_ROOT",
+        default_value = "/",
+        global = true,
+        value_name = "DIR"
+    )]
+    host_root: PathBuf,
+
+    /// libvirt connection URI.
+    #[arg(
+        short = 'c',
+        long = "connect",
+        env = "LIBVIRT_DEFAULT_URI",
+        default_value = "qemu:///system",
+        global = true,
+        value_name = "URI"
+    )]
+    connect: String,
+
+    /// Directory for the host lock.
+    #[arg(
+        long,
+        env = "GPUPASS_RUN_DIR",
+        default_value = "/run/gpupass",
+        global = true,
+        value_name = "DIR"
+    )]
+    run_dir: PathBuf,
+
+    /// gpupass config file [default: /etc/gpupass/gpupass.toml when it exists].
+    #[arg(long, env = "GPUPASS_CONFIG", global = true, value_name = "FILE")]
+    config_file: Option<PathBuf>,
+
+    /// More log output on stderr (-v info, -vv debug); GPUPASS_LOG takes an env-filter.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// List the host's GPUs: functions, IOMMU group, NUMA node, driver, verdict, user.
+    ///
+    /// Works without libvirt (USED BY shows '?', JSON used_by is null, and a warning says why).
+    #[command(
+        after_help = "Examples:\n  gpupass list\n  gpupass list --json | jq '.gpus[] | select(.viable and .used_by == null) | .address'"
+    )]
+    List {
+        /// Print JSON: {"gpus":[…],"iommu":{…},"libvirt":{…}}.
+        #[arg(long)]
+        json: bool,
+        /// Do not ask libvirt who uses each GPU.
+        #[arg(long)]
+        no_libvirt: bool,
+    },
+    /// Show one GPU in full: every function, its IOMMU group members, blockers, user.
+    #[command(after_help = "Example:\n  gpupass show 0000:18:00.0 --json")]
+    Show {
+        /// The GPU, or any of its functions (DDDD:BB:SS.F).
+        #[arg(value_name = "ADDR")]
+        address: PciAddress,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Do not ask libvirt who uses the GPU.
+        #[arg(long)]
+        no_libvirt: bool,
+    },
+    /// Print the <hostdev> blocks for every function of each GPU (for virsh attach-device or
+    /// virsh edit).
+    #[command(after_help = "Example:\n  gpupass xml 0000:01:00.0 > gpu.xml")]
+    Xml {
+        /// GPUs (any function's address names its GPU).
+        #[arg(value_name = "ADDR", required = true)]
+        addresses: Vec<PciAddress>,
+    },
+    /// Attach whole GPUs to a domain (running: live; defined: config; both when both).
+    #[command(
+        group(ArgGroup::new("what").required(true).args(["gpus", "count"])),
+        after_help = "Examples:\n  gpupass attach vm1 --gpu 0000:18:00.0\n  gpupass attach vm1 --count 2 --model 10de:2330 --config"
+    )]
+    Attach {
+        /// The libvirt domain name.
+        domain: String,
+        /// These GPUs (repeatable).
+        #[arg(long = "gpu", value_name = "ADDR", num_args = 1..)]
+        gpus: Vec<PciAddress>,
+        /// Any N free, passable GPUs (never the host's boot VGA), nearest the domain's NUMA
+        /// pinning first.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+        count: Option<u16>,
+        /// Only GPUs of this vendor:device (with --count).
+        #[arg(long, value_name = "VVVV:DDDD", requires = "count")]
+        model: Option<PciId>,
+        #[command(flatten)]
+        common: CommonFlags,
+    },
+    /// Detach whole GPUs from a domain.
+    #[command(
+        group(ArgGroup::new("what").required(true).args(["gpus", "all"])),
+        after_help = "Examples:\n  gpupass detach vm1 --gpu 0000:18:00.0\n  gpupass detach vm1 --all --config"
+    )]
+    Detach {
+        /// The libvirt domain name.
+        domain: String,
+        /// These GPUs (repeatable).
+        #[arg(long = "gpu", value_name = "ADDR", num_args = 1..)]
+        gpus: Vec<PciAddress>,
+        /// Every GPU of this host that the domain has.
+        #[arg(long)]
+        all: bool,
+        /// Seconds to wait for the guest to release a device on a live detach.
+        #[arg(long, value_name = "SECONDS", default_value_t = 15)]
+        timeout: u64,
+        #[command(flatten)]
+        common: CommonFlags,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct CommonFlags {
+    /// Change the running domain only (with --config: both).
+    #[arg(long)]
+    live: bool,
+    /// Change the persistent definition only (with --live: both).
+    #[arg(long)]
+    config: bool,
+    /// Print what was done as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Seconds to wait for the host lock.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    lock_timeout: u64,
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let g = Global {
+        host_root: cli.host_root,
+        uri: cli.connect,
+        run_dir: cli.run_dir,
+        config: cli.config_file,
+    };
+    let flags = |c: &CommonFlags, detach_timeout: u64| AssignFlags {
+        live: c.live,
+        config: c.config,
+        json: c.json,
+        lock_timeout: Duration::from_secs(c.lock_timeout),
+        detach_timeout: Duration::from_secs(detach_timeout),
+    };
+    match cli.command {
+        Command::List { json, no_libvirt } => cli::list::list(&g, json, no_libvirt),
+        Command::Show {
+            address,
+            json,
+            no_libvirt,
+        } => cli::list::show(&g, address, json, no_libvirt),
+        Command::Xml { addresses } => cli::xml::xml(&g, &addresses),
+        Command::Attach {
+            domain,
+            gpus,
+            count,
+            model,
+            common,
+        } => {
+            let request = match count {
+                Some(n) => AttachRequest::Count {
+                    count: usize::from(n),
+                    model,
+                },
+                None => AttachRequest::Gpus(gpus),
+            };
+            cli::assign::attach(&g, &domain, &request, &flags(&common, 0))
+        }
+        Command::Detach {
+            domain,
+            gpus,
+            all,
+            timeout,
+            common,
+        } => {
+            let request = if all {
+                DetachRequest::All
+            } else {
+                DetachRequest::Gpus(gpus)
+            };
+            cli::assign::detach(&g, &domain, &request, &flags(&common, timeout))
+        }
+    }
+}
+
+fn alloc_code(e: &AllocError) -> u8 {
+    match e {
+        AllocError::UnknownGpu { .. } | AllocError::NotAttached { .. } => 3,
+        AllocError::InUse { .. } | AllocError::AlreadyAttached { .. } => 5,
+        AllocError::NoFreeGpu { .. } => 6,
+        AllocError::IommuOff | AllocError::NotPassable { .. } => 7,
+    }
+}
+
+fn libvirt_code(e: &LibvirtError) -> u8 {
+    match e {
+        LibvirtError::Connect { .. } => 8,
+        LibvirtError::UnknownDomain { .. } => 4,
+        LibvirtError::Refused { .. } => 9,
+        LibvirtError::Call { .. } => 1,
+    }
+}
+
+/// The documented exit code for an error (see EXIT_CODES).
+fn exit_code(err: &anyhow::Error) -> u8 {
+    for cause in err.chain() {
+        if let Some(e) = cause.downcast_ref::<AssignError>() {
+            if matches!(e, AssignError::RollbackIncomplete { .. }) {
+                return 11;
+            }
+            return match e.root() {
+                AssignError::Alloc(a) => alloc_code(a),
+                AssignError::Libvirt(l) => libvirt_code(l),
+                AssignError::Impact(_) => 2,
+                AssignError::NotApplied { .. } => 10,
+                AssignError::Xml { .. } | AssignError::RollbackIncomplete { .. } => 1,
+            };
+        }
+        if let Some(e) = cause.downcast_ref::<AllocError>() {
+            return alloc_code(e);
+        }
+        if let Some(e) = cause.downcast_ref::<LibvirtError>() {
+            return libvirt_code(e);
+        }
+        if let Some(e) = cause.downcast_ref::<LockError>() {
+            return if matches!(e, LockError::Timeout { .. }) {
+                12
+            } else {
+                1
+            };
+        }
+        if cause.downcast_ref::<ModelError>().is_some()
+            || cause.downcast_ref::<ConfigError>().is_some()
+            || cause.downcast_ref::<XmlError>().is_some()
+        {
+            return 2;
+        }
+        if cause.downcast_ref::<SysfsError>().is_some() {
+            return 1;
+        }
+    }
+    1
+}
+
+/// One line: no newline from libvirt or the chain ever splits it.
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                e.exit();
+            }
+            // clap's first paragraph names the problem; the usage and hint after it would make
+            // the message several lines.
+            let rendered = e.render().to_string();
+            let first: Vec<&str> = rendered
+                .trim_start()
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .collect();
+            let text = one_line(&first.join(" "));
+            let text = text.strip_prefix("error: ").unwrap_or(&text);
+            eprintln!("gpupass: error: {text} (see gpupass --help)");
+            return ExitCode::from(2);
+        }
+    };
+    gpupass::observability::init(cli.verbose);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gpupass: error: {}", one_line(&format!("{e:#}")));
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn errors_are_one_line() {
+        assert_eq!(one_line("a\n  b\tc "), "a b c");
+    }
+}

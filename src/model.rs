@@ -314,15 +314,25 @@ mod tests {
 
     #[test]
     fn orders_addresses_numerically() {
-        let mut v: Vec<PciAddress> = ["0000:db:00.0", "0000:18:00.0", "0001:00:00.0", "0000:18:00.1"]
-            .iter()
-            .map(|s| s.parse().unwrap())
-            .collect();
+        let mut v: Vec<PciAddress> = [
+            "0000:db:00.0",
+            "0000:18:00.0",
+            "0001:00:00.0",
+            "0000:18:00.1",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
         v.sort();
         let shown: Vec<String> = v.iter().map(|a| a.to_string()).collect();
         assert_eq!(
             shown,
-            ["0000:18:00.0", "0000:18:00.1", "0000:db:00.0", "0001:00:00.0"]
+            [
+                "0000:18:00.0",
+                "0000:18:00.1",
+                "0000:db:00.0",
+                "0001:00:00.0"
+            ]
         );
     }
 
@@ -337,7 +347,10 @@ mod tests {
         assert!(c.is_display() && !c.is_pci_bridge());
         assert_eq!(c.to_string(), "030200");
         assert!(PciClass(0x060400).is_pci_bridge());
-        assert!(!PciClass(0x060100).is_pci_bridge(), "an ISA bridge is a host device");
+        assert!(
+            !PciClass(0x060100).is_pci_bridge(),
+            "an ISA bridge is a host device"
+        );
     }
 
     #[test]

@@ -165,7 +165,9 @@ pub fn gpu_report(inv: &Inventory, gpu: &Gpu, holdings: Option<&Holdings>) -> Gp
         viable: v.viable,
         blockers: v.blockers,
         group_peers: v.group_peers,
-        used_by: holders.as_ref().and_then(|h| h.first().map(|h| h.domain.clone())),
+        used_by: holders
+            .as_ref()
+            .and_then(|h| h.first().map(|h| h.domain.clone())),
         references: holders.map(|hs| {
             hs.into_iter()
                 .map(|h| Reference {
@@ -226,9 +228,9 @@ pub struct LibvirtReport {
 /// A short state word for the table.
 pub fn state_word(r: &GpuReport) -> &'static str {
     match (r.viable, r.boot_vga) {
-        (_, true) => "boot-vga",
+        (false, _) => "blocked",
+        (true, true) => "boot-vga",
         (true, false) => "passable",
-        (false, false) => "blocked",
     }
 }
 
@@ -275,7 +277,9 @@ pub fn table(list: &ListReport) -> String {
             ]
         })
         .collect();
-    let header = ["ADDRESS", "MODEL", "FUNCS", "GROUP", "NUMA", "DRIVER", "STATE", "USED BY"];
+    let header = [
+        "ADDRESS", "MODEL", "FUNCS", "GROUP", "NUMA", "DRIVER", "STATE", "USED BY",
+    ];
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in &rows {
         for (w, c) in widths.iter_mut().zip(r) {
@@ -325,9 +329,16 @@ pub fn details(g: &GpuReport, connected: bool) -> String {
         opt(g.device_name)
     ));
     if let (Some(v), Some(d)) = (&g.subsystem_vendor_id, &g.subsystem_device_id) {
-        o.push_str(&format!("  subsystem:    {v}:{d} {}\n", opt(g.subsystem_name)));
+        o.push_str(&format!(
+            "  subsystem:    {v}:{d} {}\n",
+            opt(g.subsystem_name)
+        ));
     }
-    o.push_str(&format!("  class:        {} {}\n", g.class, opt(g.class_name)));
+    o.push_str(&format!(
+        "  class:        {} {}\n",
+        g.class,
+        opt(g.class_name)
+    ));
     o.push_str(&format!("  driver:       {}\n", opt(g.driver.as_deref())));
     o.push_str(&format!(
         "  numa node:    {}\n",
@@ -341,7 +352,14 @@ pub fn details(g: &GpuReport, connected: bool) -> String {
             Some(m) => m,
         }
     ));
-    o.push_str(&format!("  boot vga:     {}\n", if g.boot_vga { "yes (the host console; never chosen by --count)" } else { "no" }));
+    o.push_str(&format!(
+        "  boot vga:     {}\n",
+        if g.boot_vga {
+            "yes (the host console; never chosen by --count)"
+        } else {
+            "no"
+        }
+    ));
     o.push_str(&format!(
         "  passable:     {}\n",
         if g.viable { "yes" } else { "no" }
@@ -354,7 +372,15 @@ pub fn details(g: &GpuReport, connected: bool) -> String {
         match (&g.references, connected) {
             (Some(r), _) if !r.is_empty() => r
                 .iter()
-                .map(|r| format!("{}{}", r.domain, if r.running { " (running)" } else { " (defined)" }))
+                .map(|r| format!(
+                    "{}{}",
+                    r.domain,
+                    if r.running {
+                        " (running)"
+                    } else {
+                        " (defined)"
+                    }
+                ))
                 .collect::<Vec<_>>()
                 .join(", "),
             (_, true) => "-".into(),

@@ -72,7 +72,12 @@ pub enum AllocError {
 }
 
 impl AllocError {
-    pub(crate) fn no_free(wanted: usize, free: usize, model: Option<PciId>, detail: String) -> Self {
+    pub(crate) fn no_free(
+        wanted: usize,
+        free: usize,
+        model: Option<PciId>,
+        detail: String,
+    ) -> Self {
         AllocError::NoFreeGpu {
             wanted,
             free,

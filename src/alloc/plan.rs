@@ -51,7 +51,10 @@ impl Holdings {
 
     /// The domain shown as a GPU's user: the running holder, else the first that defines it.
     pub fn used_by(&self, gpu: &Gpu) -> Option<String> {
-        self.holders(&gpu.functions).into_iter().next().map(|h| h.domain)
+        self.holders(&gpu.functions)
+            .into_iter()
+            .next()
+            .map(|h| h.domain)
     }
 }
 
@@ -133,9 +136,7 @@ pub fn plan_attach(
         AttachRequest::Gpus(addrs) => {
             let mut gpus: Vec<PciAddress> = Vec::new();
             for a in addrs {
-                let gpu = inv
-                    .gpu(*a)
-                    .ok_or(AllocError::UnknownGpu { address: *a })?;
+                let gpu = inv.gpu(*a).ok_or(AllocError::UnknownGpu { address: *a })?;
                 if gpus.contains(&gpu.address) {
                     continue;
                 }
@@ -377,7 +378,10 @@ mod tests {
             model: None,
         };
         let p = plan_attach(&inv, &Holdings::default(), "vm", &three, &node1).unwrap();
-        assert_eq!(p.gpus, [a("0000:9a:00.0"), a("0000:ab:00.0"), a("0000:18:00.0")]);
+        assert_eq!(
+            p.gpus,
+            [a("0000:9a:00.0"), a("0000:ab:00.0"), a("0000:18:00.0")]
+        );
     }
 
     #[test]
@@ -416,7 +420,8 @@ mod tests {
             count: 1,
             model: Some("10de:1e07".parse().unwrap()),
         };
-        let err = plan_attach(&inv, &Holdings::default(), "vm", &req, &BTreeSet::new()).unwrap_err();
+        let err =
+            plan_attach(&inv, &Holdings::default(), "vm", &req, &BTreeSet::new()).unwrap_err();
         assert!(err.to_string().contains("of model 10de:1e07"), "{err}");
         assert!(err.to_string().contains("5 of other models"), "{err}");
     }
@@ -435,7 +440,10 @@ mod tests {
             &BTreeSet::new(),
         )
         .unwrap_err();
-        assert_eq!(err.to_string(), "GPU 0000:9a:00.0 is in use by domain 'running-one'");
+        assert_eq!(
+            err.to_string(),
+            "GPU 0000:9a:00.0 is in use by domain 'running-one'"
+        );
         // The same domain holding it is not a conflict (the executor reports "already attached").
         plan_attach(
             &inv,
@@ -467,7 +475,12 @@ mod tests {
             &BTreeSet::new(),
         )
         .unwrap_err();
-        assert_eq!(err, AllocError::UnknownGpu { address: a("0000:55:00.0") });
+        assert_eq!(
+            err,
+            AllocError::UnknownGpu {
+                address: a("0000:55:00.0")
+            }
+        );
     }
 
     #[test]
@@ -490,7 +503,10 @@ mod tests {
             &BTreeSet::new(),
         )
         .unwrap_err();
-        assert!(err.to_string().contains("through GPU 0000:05:00.0"), "{err}");
+        assert!(
+            err.to_string().contains("through GPU 0000:05:00.0"),
+            "{err}"
+        );
         let blocked = host(&[("0000:04:00.0", "10de:1eb8", None, 12, false)], Some(12));
         let err = plan_attach(
             &blocked,
@@ -507,8 +523,7 @@ mod tests {
     fn detach_finds_present_functions() {
         let inv = eight();
         let present = BTreeSet::from([a("0000:9a:00.0"), a("0000:9a:00.1"), a("0000:ee:00.0")]);
-        let units =
-            plan_detach(&inv, &present, "vm", "config", &DetachRequest::All).unwrap();
+        let units = plan_detach(&inv, &present, "vm", "config", &DetachRequest::All).unwrap();
         assert_eq!(units.len(), 1);
         assert_eq!(units[0].functions, [a("0000:9a:00.0"), a("0000:9a:00.1")]);
         let err = plan_detach(

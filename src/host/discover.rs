@@ -57,8 +57,10 @@ impl IommuState {
             .split_whitespace()
             .filter(|w| {
                 let key = w.split('=').next().unwrap_or_default();
-                matches!(key, "intel_iommu" | "amd_iommu" | "iommu" | "iommu.passthrough")
-                    || key.starts_with("vfio")
+                matches!(
+                    key,
+                    "intel_iommu" | "amd_iommu" | "iommu" | "iommu.passthrough"
+                ) || key.starts_with("vfio")
                     || key.starts_with("pci_stub")
             })
             .map(str::to_owned)
@@ -300,7 +302,12 @@ mod tests {
         assert_eq!(i.gpus.len(), 1);
         assert_eq!(
             fns(&i.gpus[0]),
-            ["0000:01:00.0", "0000:01:00.1", "0000:01:00.2", "0000:01:00.3"]
+            [
+                "0000:01:00.0",
+                "0000:01:00.1",
+                "0000:01:00.2",
+                "0000:01:00.3"
+            ]
         );
         let audio = "0000:01:00.1".parse().unwrap();
         assert_eq!(i.gpu(audio).unwrap().address.to_string(), "0000:01:00.0");
@@ -352,6 +359,9 @@ mod tests {
         let words = IommuState::cmdline_words(
             "BOOT_IMAGE=/vmlinuz root=/dev/sda1 intel_iommu=on iommu=pt vfio-pci.ids=10de:11b4 quiet",
         );
-        assert_eq!(words, ["intel_iommu=on", "iommu=pt", "vfio-pci.ids=10de:11b4"]);
+        assert_eq!(
+            words,
+            ["intel_iommu=on", "iommu=pt", "vfio-pci.ids=10de:11b4"]
+        );
     }
 }

@@ -181,7 +181,10 @@ impl Sysfs {
         let dir = self.path("sys/devices/system/node");
         let mut out = Vec::new();
         for name in list_dir(&dir)? {
-            let Some(n) = name.strip_prefix("node").and_then(|n| n.parse::<u32>().ok()) else {
+            let Some(n) = name
+                .strip_prefix("node")
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
                 continue;
             };
             let list = read_optional(&dir.join(&name).join("cpulist"))?.unwrap_or_default();

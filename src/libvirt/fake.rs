@@ -127,9 +127,11 @@ impl Hypervisor for FakeHypervisor {
             return Ok(());
         }
         let mut doms = self.domains.borrow_mut();
-        let d = doms.get_mut(name).ok_or_else(|| LibvirtError::UnknownDomain {
-            name: name.to_owned(),
-        })?;
+        let d = doms
+            .get_mut(name)
+            .ok_or_else(|| LibvirtError::UnknownDomain {
+                name: name.to_owned(),
+            })?;
         if impact.live && !d.active {
             return Err(LibvirtError::Refused {
                 action: "attach a device".into(),
@@ -137,8 +139,7 @@ impl Hypervisor for FakeHypervisor {
                 message: "Requested operation is not valid: domain is not running".into(),
             });
         }
-        if (impact.live && d.live.contains(&addr)) || (impact.config && d.config.contains(&addr))
-        {
+        if (impact.live && d.live.contains(&addr)) || (impact.config && d.config.contains(&addr)) {
             return Err(LibvirtError::Refused {
                 action: "attach a device".into(),
                 domain: name.into(),
@@ -160,9 +161,11 @@ impl Hypervisor for FakeHypervisor {
             .borrow_mut()
             .push(format!("detach {name} {addr} {}", impact.describe()));
         let mut doms = self.domains.borrow_mut();
-        let d = doms.get_mut(name).ok_or_else(|| LibvirtError::UnknownDomain {
-            name: name.to_owned(),
-        })?;
+        let d = doms
+            .get_mut(name)
+            .ok_or_else(|| LibvirtError::UnknownDomain {
+                name: name.to_owned(),
+            })?;
         if (impact.live && !d.live.contains(&addr)) || (impact.config && !d.config.contains(&addr))
         {
             return Err(LibvirtError::Refused {

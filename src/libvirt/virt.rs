@@ -15,7 +15,9 @@ pub struct VirtHypervisor {
 
 impl std::fmt::Debug for VirtHypervisor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VirtHypervisor").field("uri", &self.uri).finish()
+        f.debug_struct("VirtHypervisor")
+            .field("uri", &self.uri)
+            .finish()
     }
 }
 

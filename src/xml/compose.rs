@@ -179,7 +179,11 @@ mod tests {
         .unwrap();
         let t = HostdevTemplate::from_dir(dir.path()).unwrap();
         let out = t.render("0000:3b:00.1".parse().unwrap());
-        assert!(out.contains("managed='no'") && out.contains("function='0x1'") && out.contains("<rom bar='off'/>"));
+        assert!(
+            out.contains("managed='no'")
+                && out.contains("function='0x1'")
+                && out.contains("<rom bar='off'/>")
+        );
         let missing = HostdevTemplate::from_dir(&dir.path().join("nope")).unwrap_err();
         assert!(missing.to_string().contains("nope/hostdev-pci.xml"));
     }

@@ -43,9 +43,11 @@ fn attr(e: &BytesStart<'_>, name: &[u8]) -> Result<Option<String>, XmlError> {
             reason: err.to_string(),
         })?;
         if a.key.as_ref() == name {
-            let v = a.unescape_value().map_err(|err| XmlError::MalformedDomain {
-                reason: err.to_string(),
-            })?;
+            let v = a
+                .unescape_value()
+                .map_err(|err| XmlError::MalformedDomain {
+                    reason: err.to_string(),
+                })?;
             return Ok(Some(v.into_owned()));
         }
     }
@@ -53,10 +55,10 @@ fn attr(e: &BytesStart<'_>, name: &[u8]) -> Result<Option<String>, XmlError> {
 }
 
 fn pci_address(e: &BytesStart<'_>) -> Result<Option<PciAddress>, XmlError> {
-    let part = |n: &[u8]| -> Result<Option<u32>, XmlError> {
-        Ok(attr(e, n)?.as_deref().and_then(c_uint))
-    };
-    let (Some(bus), Some(slot), Some(function)) = (part(b"bus")?, part(b"slot")?, part(b"function")?)
+    let part =
+        |n: &[u8]| -> Result<Option<u32>, XmlError> { Ok(attr(e, n)?.as_deref().and_then(c_uint)) };
+    let (Some(bus), Some(slot), Some(function)) =
+        (part(b"bus")?, part(b"slot")?, part(b"function")?)
     else {
         return Ok(None);
     };
@@ -113,7 +115,9 @@ pub fn parse(xml: &str) -> Result<DomainFacts, XmlError> {
                             && mode.as_deref().unwrap_or("subsystem") == "subsystem"
                             && ty.as_deref() == Some("pci");
                     }
-                    ([b"domain", b"devices", b"hostdev", b"source"], b"address") if in_pci_hostdev => {
+                    ([b"domain", b"devices", b"hostdev", b"source"], b"address")
+                        if in_pci_hostdev =>
+                    {
                         if let Some(a) = pci_address(e)? {
                             facts.pci_hostdevs.push(a);
                         }
@@ -201,7 +205,10 @@ mod tests {
     fn reads_hostdevs_and_pinning() {
         let f = parse(XML).unwrap();
         assert_eq!(f.name, "vm&1");
-        assert_eq!(f.uuid.as_deref(), Some("c7a5fdbd-edaf-9455-926a-d65c16db1809"));
+        assert_eq!(
+            f.uuid.as_deref(),
+            Some("c7a5fdbd-edaf-9455-926a-d65c16db1809")
+        );
         let addrs: Vec<String> = f.pci_hostdevs.iter().map(|a| a.to_string()).collect();
         assert_eq!(addrs, ["0000:9a:00.0", "0001:0a:1f.7"]);
         assert_eq!(f.numa_nodeset.as_deref(), Some("1"));

@@ -1,0 +1,115 @@
+//! `gpupass attach` and `gpupass detach`: whole GPUs in and out of a libvirt domain, under the
+//! host lock.
+
+use std::time::Duration;
+
+use anyhow::Context;
+
+use gpupass::alloc::lock::HostLock;
+use gpupass::alloc::plan::{AttachRequest, DetachRequest};
+use gpupass::assign::{self, AssignOptions, AssignReport};
+use gpupass::libvirt::virt::VirtHypervisor;
+use gpupass::libvirt::Impact;
+
+use crate::cli::{print_all, print_json, Global};
+
+/// Flags both verbs share.
+#[derive(Debug, Clone)]
+pub struct AssignFlags {
+    /// `--live`.
+    pub live: bool,
+    /// `--config`.
+    pub config: bool,
+    /// `--json`.
+    pub json: bool,
+    /// `--lock-timeout`.
+    pub lock_timeout: Duration,
+    /// `--timeout` (live detach).
+    pub detach_timeout: Duration,
+}
+
+impl AssignFlags {
+    fn impact(&self) -> Option<Impact> {
+        (self.live || self.config).then_some(Impact {
+            live: self.live,
+            config: self.config,
+        })
+    }
+}
+
+fn print_report(r: &AssignReport, json: bool) -> anyhow::Result<()> {
+    for w in &r.warnings {
+        tracing::warn!("{w}");
+    }
+    if json {
+        return print_json(r);
+    }
+    let mut out = String::new();
+    let verb = if r.action == "attach" {
+        "attached"
+    } else {
+        "detached"
+    };
+    let prep = if r.action == "attach" { "to" } else { "from" };
+    let what = match (r.live, r.config) {
+        (true, true) => "live and config",
+        (true, false) => "live only",
+        (false, true) => "config only",
+        (false, false) => "nothing",
+    };
+    if r.gpus.is_empty() {
+        out.push_str(&format!("no GPUs to {} {prep} {}\n", r.action, r.domain));
+    }
+    for g in &r.gpus {
+        let fns: Vec<String> = g.functions.iter().map(|f| f.to_string()).collect();
+        out.push_str(&format!(
+            "{verb} GPU {} {prep} {} ({what}): {}\n",
+            g.gpu,
+            r.domain,
+            fns.join(" ")
+        ));
+    }
+    print_all(&out)
+}
+
+fn options(g: &Global, flags: &AssignFlags) -> anyhow::Result<AssignOptions> {
+    Ok(AssignOptions {
+        template: g.template()?,
+        impact: flags.impact(),
+        detach_timeout: flags.detach_timeout,
+    })
+}
+
+/// `gpupass attach`.
+pub fn attach(
+    g: &Global,
+    domain: &str,
+    request: &AttachRequest,
+    flags: &AssignFlags,
+) -> anyhow::Result<()> {
+    let opts = options(g, flags)?;
+    let inv = g.inventory()?;
+    let hv = VirtHypervisor::open(&g.uri)?;
+    let lock = HostLock::acquire(&g.run_dir, flags.lock_timeout)?;
+    let report = assign::attach(&hv, &inv, &lock, domain, request, &opts)
+        .with_context(|| format!("attach to '{domain}'"))?;
+    drop(lock);
+    print_report(&report, flags.json)
+}
+
+/// `gpupass detach`.
+pub fn detach(
+    g: &Global,
+    domain: &str,
+    request: &DetachRequest,
+    flags: &AssignFlags,
+) -> anyhow::Result<()> {
+    let opts = options(g, flags)?;
+    let inv = g.inventory()?;
+    let hv = VirtHypervisor::open(&g.uri)?;
+    let lock = HostLock::acquire(&g.run_dir, flags.lock_timeout)?;
+    let report = assign::detach(&hv, &inv, &lock, domain, request, &opts)
+        .with_context(|| format!("detach from '{domain}'"))?;
+    drop(lock);
+    print_report(&report, flags.json)
+}

@@ -1,0 +1,83 @@
+//! `gpupass list` and `gpupass show`: the GPUs of the host, judged, with the domain that holds
+//! each. Works without libvirt (a host being set up): `used_by` is then unknown.
+
+use gpupass::alloc::plan::Holdings;
+use gpupass::assign::read_holdings;
+use gpupass::libvirt::virt::VirtHypervisor;
+use gpupass::model::PciAddress;
+use gpupass::report::{details, gpu_report, table, IommuReport, LibvirtReport, ListReport};
+
+use crate::cli::{print_all, print_json, Global};
+
+/// Holdings from libvirt, or the reason they are unknown (warned once on stderr).
+fn holdings(g: &Global, offline: bool) -> (Option<Holdings>, LibvirtReport) {
+    if offline {
+        return (
+            None,
+            LibvirtReport {
+                uri: g.uri.clone(),
+                connected: false,
+                error: Some("not asked (--no-libvirt)".into()),
+            },
+        );
+    }
+    let result = VirtHypervisor::open(&g.uri)
+        .map_err(gpupass::assign::AssignError::from)
+        .and_then(|hv| read_holdings(&hv));
+    match result {
+        Ok(h) => (
+            Some(h),
+            LibvirtReport {
+                uri: g.uri.clone(),
+                connected: true,
+                error: None,
+            },
+        ),
+        Err(e) => {
+            tracing::warn!("{e}; which domain uses each GPU is unknown");
+            (
+                None,
+                LibvirtReport {
+                    uri: g.uri.clone(),
+                    connected: false,
+                    error: Some(e.to_string()),
+                },
+            )
+        }
+    }
+}
+
+/// `gpupass list`.
+pub fn list(g: &Global, json: bool, offline: bool) -> anyhow::Result<()> {
+    let inv = g.inventory()?;
+    let (holdings, libvirt) = holdings(g, offline);
+    let report = ListReport {
+        gpus: inv
+            .gpus
+            .iter()
+            .map(|gpu| gpu_report(&inv, gpu, holdings.as_ref()))
+            .collect(),
+        iommu: IommuReport::from(&inv.iommu),
+        libvirt,
+    };
+    if json {
+        print_json(&report)
+    } else {
+        print_all(&table(&report))
+    }
+}
+
+/// `gpupass show ADDR`.
+pub fn show(g: &Global, addr: PciAddress, json: bool, offline: bool) -> anyhow::Result<()> {
+    let inv = g.inventory()?;
+    let gpu = inv
+        .gpu(addr)
+        .ok_or(gpupass::alloc::AllocError::UnknownGpu { address: addr })?;
+    let (holdings, libvirt) = holdings(g, offline);
+    let report = gpu_report(&inv, gpu, holdings.as_ref());
+    if json {
+        print_json(&report)
+    } else {
+        print_all(&details(&report, libvirt.connected))
+    }
+}
