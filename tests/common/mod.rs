@@ -1,0 +1,205 @@
+//! Helpers shared by the integration tests: run the gpupass binary against a fixture host root,
+//! and manage throwaway domains on the real libvirt daemon.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::{Mutex, MutexGuard};
+
+/// A fixture host root under tests/fixtures/hosts.
+pub fn host(name: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/hosts")
+        .join(name);
+    assert!(p.is_dir(), "no fixture host {}", p.display());
+    p
+}
+
+/// Every fixture host.
+pub const HOSTS: &[&str] = &[
+    "hgx-8gpu",
+    "consumer-4fn",
+    "no-acs-shared",
+    "seeds-k4200",
+    "iommu-off",
+    "amd-arc-multidomain",
+];
+
+/// The result of one gpupass run.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl From<Output> for Run {
+    fn from(o: Output) -> Self {
+        Run {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+/// A gpupass command with a clean environment: no inherited GPUPASS_* or LIBVIRT_DEFAULT_URI.
+pub fn gpupass(host_root: &Path, run_dir: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_gpupass"));
+    c.env_remove("GPUPASS_HOST_ROOT")
+        .env_remove("GPUPASS_CONFIG")
+        .env_remove("GPUPASS_LOG")
+        .env_remove("LIBVIRT_DEFAULT_URI")
+        .arg("--host-root")
+        .arg(host_root)
+        .arg("--run-dir")
+        .arg(run_dir)
+        .stdin(Stdio::null());
+    c
+}
+
+/// Runs a command to completion.
+pub fn run(mut c: Command) -> Run {
+    c.output().expect("spawn gpupass").into()
+}
+
+/// The URI of the real daemon the integration tests use.
+pub fn test_uri() -> String {
+    std::env::var("GPUPASS_TEST_URI").unwrap_or_else(|_| "qemu:///system".into())
+}
+
+/// True when the run must not skip tests that need libvirt tools or the daemon
+/// (scripts/test and CI set it).
+pub fn required() -> bool {
+    std::env::var("GPUPASS_REQUIRE_LIBVIRT").is_ok_and(|v| v == "1")
+}
+
+/// `virsh -c URI ARGS…`.
+pub fn virsh(args: &[&str]) -> Run {
+    Command::new("virsh")
+        .arg("-c")
+        .arg(test_uri())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("spawn virsh")
+        .into()
+}
+
+/// Whether the daemon answers; panics when it must (GPUPASS_REQUIRE_LIBVIRT=1).
+pub fn daemon_available() -> bool {
+    let ok = Command::new("virsh")
+        .args(["-c", &test_uri(), "version"])
+        .stdin(Stdio::null())
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            !required(),
+            "GPUPASS_REQUIRE_LIBVIRT=1 but no libvirt daemon answers at {} (run scripts/libvirtd up)",
+            test_uri()
+        );
+        eprintln!(
+            "SKIPPED: no libvirt daemon at {}; run scripts/test for the full suite",
+            test_uri()
+        );
+    }
+    ok
+}
+
+/// Whether a program is on PATH; panics when required.
+pub fn tool_available(name: &str) -> bool {
+    let ok = Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            !required(),
+            "GPUPASS_REQUIRE_LIBVIRT=1 but {name} is not installed"
+        );
+        eprintln!("SKIPPED: {name} not installed");
+    }
+    ok
+}
+
+static DAEMON: Mutex<()> = Mutex::new(());
+
+/// Serializes tests that use the shared daemon: holdings are host-wide, so two tests attaching
+/// fixture GPUs at once would see each other's domains.
+pub fn daemon_lock() -> MutexGuard<'static, ()> {
+    DAEMON.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Prefix of every domain the tests define; leftovers from a killed run are removed on start.
+pub const TEST_PREFIX: &str = "gpupass-t-";
+
+/// Removes leftover test domains (from an earlier, killed run).
+pub fn clean_leftovers() {
+    let list = virsh(&["list", "--all", "--name"]);
+    for name in list.stdout.lines().map(str::trim) {
+        if name.starts_with(TEST_PREFIX) {
+            virsh(&["destroy", name]);
+            virsh(&["undefine", name]);
+        }
+    }
+}
+
+/// A minimal domain that starts under TCG (facts in ../shared/LIBVIRT-FACTS.md).
+pub fn tiny_domain_xml(name: &str, extra: &str) -> String {
+    format!(
+        "<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>128</memory>
+  <vcpu>1</vcpu>
+  {extra}
+  <os><type arch='x86_64' machine='q35'>hvm</type></os>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"
+    )
+}
+
+/// A defined domain, destroyed and undefined on drop.
+pub struct TestDomain {
+    pub name: String,
+}
+
+impl TestDomain {
+    pub fn define(suffix: &str, extra: &str) -> Self {
+        let name = format!("{TEST_PREFIX}{suffix}");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("d.xml");
+        std::fs::write(&path, tiny_domain_xml(&name, extra)).expect("write xml");
+        let r = virsh(&["define", path.to_str().expect("utf-8 path")]);
+        assert_eq!(r.code, 0, "define {name}: {}", r.stderr);
+        TestDomain { name }
+    }
+
+    pub fn start(&self) {
+        let r = virsh(&["start", &self.name]);
+        assert_eq!(r.code, 0, "start {}: {}", self.name, r.stderr);
+    }
+
+    /// Source addresses of the PCI hostdevs in the live or inactive XML.
+    pub fn hostdevs(&self, inactive: bool) -> Vec<String> {
+        let mut args = vec!["dumpxml", self.name.as_str()];
+        if inactive {
+            args.push("--inactive");
+        }
+        let r = virsh(&args);
+        assert_eq!(r.code, 0, "dumpxml: {}", r.stderr);
+        let facts = gpupass::xml::domain::parse(&r.stdout).expect("libvirt XML parses");
+        facts.pci_hostdevs.iter().map(|a| a.to_string()).collect()
+    }
+}
+
+impl Drop for TestDomain {
+    fn drop(&mut self) {
+        virsh(&["destroy", &self.name]);
+        virsh(&["undefine", &self.name]);
+    }
+}
