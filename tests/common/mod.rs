@@ -146,12 +146,18 @@ pub fn clean_leftovers() {
 }
 
 /// A minimal domain that starts under TCG (facts in ../shared/LIBVIRT-FACTS.md).
+/// `extra` goes inside `<domain>`; it may bring its own `<vcpu>`.
 pub fn tiny_domain_xml(name: &str, extra: &str) -> String {
+    let vcpu = if extra.contains("<vcpu") {
+        ""
+    } else {
+        "<vcpu>1</vcpu>"
+    };
     format!(
         "<domain type='qemu'>
   <name>{name}</name>
   <memory unit='MiB'>128</memory>
-  <vcpu>1</vcpu>
+  {vcpu}
   {extra}
   <os><type arch='x86_64' machine='q35'>hvm</type></os>
   <devices>

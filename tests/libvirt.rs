@@ -1,0 +1,247 @@
+//! Against a real libvirt daemon (scripts/libvirtd up; `qemu:///system` or GPUPASS_TEST_URI):
+//! attach/detach with fixture GPUs to defined domains, the already-attached and not-present
+//! paths, a live attach to a running TCG domain that libvirt refuses (no VFIO here) with nothing
+//! persisted, and many gpupass processes allocating at once without giving a GPU twice.
+//!
+//! These tests skip when no daemon answers, unless GPUPASS_REQUIRE_LIBVIRT=1 (scripts/test, CI).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+
+use common::{
+    clean_leftovers, daemon_available, daemon_lock, gpupass, host, run, test_uri, Run, TestDomain,
+};
+
+fn gp(run_dir: &std::path::Path, args: &[&str]) -> Run {
+    let mut c = gpupass(&host("hgx-8gpu"), run_dir);
+    c.arg("-c").arg(test_uri()).args(args);
+    run(c)
+}
+
+macro_rules! need_daemon {
+    () => {{
+        let guard = daemon_lock();
+        if !daemon_available() {
+            return;
+        }
+        clean_leftovers();
+        guard
+    }};
+}
+
+#[test]
+fn attach_and_detach_config_on_a_defined_domain() {
+    let _g = need_daemon!();
+    let t = tempfile::tempdir().unwrap();
+    let d = TestDomain::define("cfg", "");
+
+    let r = gp(
+        t.path(),
+        &["attach", &d.name, "--gpu", "0000:2a:00.0", "--json"],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let report: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(report["config"], true);
+    assert_eq!(report["live"], false, "an inactive domain gets config only");
+    assert_eq!(d.hostdevs(true), ["0000:2a:00.0"]);
+
+    // gpupass list now names the domain as the user, from libvirt's own XML.
+    let r = gp(t.path(), &["list", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let used: BTreeMap<String, serde_json::Value> = v["gpus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| {
+            (
+                g["address"].as_str().unwrap().to_owned(),
+                g["used_by"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(used["0000:2a:00.0"], d.name.as_str());
+    assert_eq!(used["0000:18:00.0"], serde_json::Value::Null);
+
+    // Already attached: refused with exit 5, nothing changes.
+    let r = gp(t.path(), &["attach", &d.name, "--gpu", "0000:2a:00.0"]);
+    assert_eq!(r.code, 5, "{}", r.stderr);
+    assert!(r.stderr.contains("already attached"), "{}", r.stderr);
+    assert_eq!(d.hostdevs(true), ["0000:2a:00.0"]);
+
+    // Another domain cannot take it.
+    let other = TestDomain::define("cfg-other", "");
+    let r = gp(t.path(), &["attach", &other.name, "--gpu", "0000:2a:00.0"]);
+    assert_eq!(r.code, 5, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!("in use by domain '{}'", d.name)),
+        "{}",
+        r.stderr
+    );
+    assert!(other.hostdevs(true).is_empty());
+
+    let r = gp(t.path(), &["detach", &d.name, "--gpu", "0000:2a:00.0"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(d.hostdevs(true).is_empty());
+
+    // Not present: exit 3, and libvirt is not asked to remove what is not there.
+    let r = gp(t.path(), &["detach", &d.name, "--gpu", "0000:2a:00.0"]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(r.stderr.contains("is not attached"), "{}", r.stderr);
+    // --all with nothing attached is a clean no-op.
+    let r = gp(t.path(), &["detach", &d.name, "--all"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("no GPUs to detach"), "{}", r.stdout);
+}
+
+#[test]
+fn count_prefers_the_domains_numa_node_and_skips_the_boot_vga() {
+    let _g = need_daemon!();
+    let t = tempfile::tempdir().unwrap();
+    // Node 1 of the HGX fixture has CPUs 56-111.
+    let d = TestDomain::define(
+        "numa",
+        "<numatune><memory mode='strict' nodeset='1'/></numatune>",
+    );
+    let r = gp(
+        t.path(),
+        &["attach", &d.name, "--count", "3", "--model", "10de:2330"],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(
+        d.hostdevs(true),
+        ["0000:9a:00.0", "0000:ab:00.0", "0000:ba:00.0"]
+    );
+    // Pinned by vCPU cpuset instead: CPUs 60-61 are on node 1, whose free GPU is now 0000:db:00.0.
+    let pinned = TestDomain::define("cpus", "<vcpu cpuset='60-61'>1</vcpu>");
+    let r = gp(t.path(), &["attach", &pinned.name, "--count", "1"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(pinned.hostdevs(true), ["0000:db:00.0"]);
+    drop(pinned);
+    let r = gp(t.path(), &["detach", &d.name, "--all", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let rep: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(rep["gpus"].as_array().unwrap().len(), 3);
+    assert!(d.hostdevs(true).is_empty());
+
+    // Nine GPUs, one of them the BMC console: --count 9 cannot be met, and nothing is attached.
+    let r = gp(t.path(), &["attach", &d.name, "--count", "9"]);
+    assert_eq!(r.code, 6, "{}", r.stderr);
+    assert!(r.stderr.contains("1 boot VGA"), "{}", r.stderr);
+    assert!(d.hostdevs(true).is_empty());
+}
+
+#[test]
+fn unknown_domain_is_exit_4() {
+    let _g = need_daemon!();
+    let t = tempfile::tempdir().unwrap();
+    let r = gp(
+        t.path(),
+        &["attach", "gpupass-t-no-such-domain", "--count", "1"],
+    );
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert_eq!(r.stderr.lines().count(), 1);
+    assert!(
+        r.stderr
+            .contains("domain 'gpupass-t-no-such-domain' not found"),
+        "{}",
+        r.stderr
+    );
+}
+
+/// This machine has no VFIO: libvirt refuses a live hostdev with its real message. gpupass shows
+/// it (exit 9) and leaves neither the live nor the persistent definition changed.
+#[test]
+fn live_attach_to_a_running_domain_surfaces_libvirts_refusal_with_nothing_persisted() {
+    let _g = need_daemon!();
+    let t = tempfile::tempdir().unwrap();
+    let d = TestDomain::define("live", "");
+    d.start();
+    let r = gp(t.path(), &["attach", &d.name, "--gpu", "0000:18:00.0"]);
+    assert_eq!(r.code, 9, "{}", r.stderr);
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("host doesn't support VFIO PCI passthrough"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stdout.is_empty());
+    assert!(d.hostdevs(false).is_empty(), "nothing live");
+    assert!(d.hostdevs(true).is_empty(), "nothing persisted");
+
+    // --config alone on the running domain works and touches only the next boot.
+    let r = gp(
+        t.path(),
+        &["attach", &d.name, "--gpu", "0000:18:00.0", "--config"],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(d.hostdevs(true), ["0000:18:00.0"]);
+    assert!(d.hostdevs(false).is_empty());
+    // Default detach on a running persistent domain removes it wherever it is (config here).
+    let r = gp(t.path(), &["detach", &d.name, "--all"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("(config only)"), "{}", r.stdout);
+    assert!(d.hostdevs(true).is_empty());
+
+    // --live on a stopped domain: libvirt's own refusal.
+    let stopped = TestDomain::define("stopped", "");
+    let r = gp(
+        t.path(),
+        &["attach", &stopped.name, "--count", "1", "--live"],
+    );
+    assert_eq!(r.code, 9, "{}", r.stderr);
+    assert!(r.stderr.contains("domain is not running"), "{}", r.stderr);
+    assert!(stopped.hostdevs(true).is_empty());
+}
+
+/// Many gpupass processes at once, one GPU each, more processes than GPUs: exactly as many
+/// succeed as there are passable non-console GPUs, the rest fail with exit 6, and libvirt shows
+/// every GPU in exactly one domain.
+#[test]
+fn parallel_allocation_never_gives_one_gpu_twice() {
+    let _g = need_daemon!();
+    let t = tempfile::tempdir().unwrap();
+    const N: usize = 12;
+    let domains: Vec<TestDomain> = (0..N)
+        .map(|i| TestDomain::define(&format!("par-{i:02}"), ""))
+        .collect();
+    let children: Vec<_> = domains
+        .iter()
+        .map(|d| {
+            let mut c = gpupass(&host("hgx-8gpu"), t.path());
+            c.arg("-c")
+                .arg(test_uri())
+                .args(["attach", &d.name, "--count", "1", "--config", "--json"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            c.spawn().expect("spawn gpupass")
+        })
+        .collect();
+    let results: Vec<Run> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().expect("wait").into())
+        .collect();
+    let ok = results.iter().filter(|r| r.code == 0).count();
+    let no_free = results.iter().filter(|r| r.code == 6).count();
+    assert_eq!(
+        (ok, no_free),
+        (8, N - 8),
+        "codes: {:?}",
+        results
+            .iter()
+            .map(|r| (r.code, r.stderr.clone()))
+            .collect::<Vec<_>>()
+    );
+    let mut owner: BTreeMap<String, String> = BTreeMap::new();
+    for d in &domains {
+        for a in d.hostdevs(true) {
+            if let Some(prev) = owner.insert(a.clone(), d.name.clone()) {
+                panic!("{a} given to both {prev} and {}", d.name);
+            }
+        }
+    }
+    assert_eq!(owner.len(), 8);
+    assert!(!owner.contains_key("0000:03:00.0"), "never the boot VGA");
+}
