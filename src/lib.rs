@@ -22,4 +22,5 @@ pub mod libvirt;
 pub mod model;
 pub mod observability;
 pub mod report;
+pub mod request;
 pub mod xml;

@@ -54,7 +54,8 @@ fn attr(e: &BytesStart<'_>, name: &[u8]) -> Result<Option<String>, XmlError> {
     Ok(None)
 }
 
-fn pci_address(e: &BytesStart<'_>) -> Result<Option<PciAddress>, XmlError> {
+/// The PCI address in an `<address domain bus slot function>` element, when complete and in range.
+pub(crate) fn pci_address_of(e: &BytesStart<'_>) -> Result<Option<PciAddress>, XmlError> {
     let part =
         |n: &[u8]| -> Result<Option<u32>, XmlError> { Ok(attr(e, n)?.as_deref().and_then(c_uint)) };
     let (Some(bus), Some(slot), Some(function)) =
@@ -118,7 +119,7 @@ pub fn parse(xml: &str) -> Result<DomainFacts, XmlError> {
                     ([b"domain", b"devices", b"hostdev", b"source"], b"address")
                         if in_pci_hostdev =>
                     {
-                        if let Some(a) = pci_address(e)? {
+                        if let Some(a) = pci_address_of(e)? {
                             facts.pci_hostdevs.push(a);
                         }
                     }

@@ -4,6 +4,7 @@
 
 pub mod compose;
 pub mod domain;
+pub mod rewrite;
 
 use std::path::PathBuf;
 

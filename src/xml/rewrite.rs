@@ -1,0 +1,510 @@
+//! Edits a domain XML as text, byte for byte: finds where `<devices>` closes, which `<hostdev>`s
+//! gpupass injected (`<alias name='ua-gpupass-…'/>`), and the gpupass request in `<metadata>`;
+//! then inserts or removes whole hostdev blocks and touches nothing else — comments, namespaces,
+//! quotes, whitespace and entities stay as they were. Pure: text in, text out.
+
+use std::ops::Range;
+
+use quick_xml::events::{BytesStart, Event};
+use quick_xml::name::ResolveResult;
+use quick_xml::NsReader;
+
+use crate::model::PciAddress;
+use crate::request::{RequestSpec, XMLNS};
+use crate::xml::compose::HostdevTemplate;
+use crate::xml::XmlError;
+
+/// The user-alias prefix that marks a hostdev gpupass injected (libvirt keeps `ua-` aliases).
+pub const ALIAS_PREFIX: &str = "ua-gpupass-";
+
+/// Largest domain XML accepted (libvirt's own limit for a domain is 10 MiB; real ones are KBs).
+pub const MAX_XML_BYTES: usize = 4 * 1024 * 1024;
+
+/// A `<hostdev>` directly under `<devices>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostdevSpan {
+    /// Byte range of the element in the input.
+    pub span: Range<usize>,
+    /// Its PCI source address, when it is a PCI subsystem hostdev.
+    pub source: Option<PciAddress>,
+    /// Its `<alias name>`.
+    pub alias: Option<String>,
+}
+
+impl HostdevSpan {
+    /// Injected by gpupass.
+    pub fn injected(&self) -> bool {
+        self.alias.as_deref().is_some_and(|a| a.starts_with(ALIAS_PREFIX))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Devices {
+    /// No `<devices>`: a new one goes before `</domain>`.
+    Missing,
+    /// `<devices>…</devices>`; `close` is the offset of `</devices>`.
+    Open { close: usize },
+    /// `<devices/>`: replaced by an open element.
+    Empty { span: Range<usize> },
+}
+
+/// What gpupass needs to know about a domain document, with byte positions.
+#[derive(Debug, Clone)]
+pub struct DomainDoc<'a> {
+    text: &'a str,
+    /// `<name>`.
+    pub name: String,
+    /// `<uuid>`.
+    pub uuid: Option<String>,
+    /// The gpupass request in `<metadata>`, if any.
+    pub request: Option<RequestSpec>,
+    /// Every `<hostdev>` under `<devices>`, in order.
+    pub hostdevs: Vec<HostdevSpan>,
+    devices: Devices,
+    /// Offset of `</domain>`.
+    domain_close: usize,
+    /// Indentation of `<domain>`'s first child element, when it starts a line.
+    domain_child_indent: Option<String>,
+    /// Indentation of `<devices>`'s first child element, when it starts a line.
+    devices_child_indent: Option<String>,
+}
+
+fn malformed(reason: impl Into<String>) -> XmlError {
+    XmlError::MalformedDomain {
+        reason: reason.into(),
+    }
+}
+
+fn attr(e: &BytesStart<'_>, name: &[u8]) -> Result<Option<String>, XmlError> {
+    for a in e.attributes() {
+        let a = a.map_err(|err| malformed(err.to_string()))?;
+        if a.key.as_ref() == name {
+            let v = a
+                .unescape_value()
+                .map_err(|err| malformed(err.to_string()))?;
+            return Ok(Some(v.into_owned()));
+        }
+    }
+    Ok(None)
+}
+
+/// The whitespace before `pos` on its line, when only whitespace precedes it there.
+fn line_indent(text: &str, pos: usize) -> Option<&str> {
+    let line_start = text[..pos].rfind('\n')? + 1;
+    let prefix = &text[line_start..pos];
+    prefix
+        .bytes()
+        .all(|b| b == b' ' || b == b'\t')
+        .then_some(prefix)
+}
+
+fn is_gpupass(ns: &ResolveResult<'_>) -> bool {
+    matches!(ns, ResolveResult::Bound(n) if n.as_ref() == XMLNS.as_bytes())
+}
+
+/// Scans a domain XML. Fails on malformed XML, a root other than `<domain>`, or a document over
+/// [`MAX_XML_BYTES`].
+pub fn scan(text: &str) -> Result<DomainDoc<'_>, XmlError> {
+    if text.len() > MAX_XML_BYTES {
+        return Err(malformed(format!(
+            "{} bytes is over the {MAX_XML_BYTES}-byte limit",
+            text.len()
+        )));
+    }
+    let mut reader = NsReader::from_str(text);
+    let mut path: Vec<Vec<u8>> = Vec::new();
+    let mut doc = DomainDoc {
+        text,
+        name: String::new(),
+        uuid: None,
+        request: None,
+        hostdevs: Vec::new(),
+        devices: Devices::Missing,
+        domain_close: 0,
+        domain_child_indent: None,
+        devices_child_indent: None,
+    };
+    let mut seen_root = false;
+    let mut in_request = false;
+    let mut current: Option<HostdevSpan> = None;
+    let mut current_pci = false;
+    let pos = |r: &NsReader<&[u8]>| usize::try_from(r.buffer_position()).unwrap_or(usize::MAX);
+    loop {
+        let before = pos(&reader);
+        let (gp, event) = match reader.read_resolved_event() {
+            Ok((ns, event)) => (is_gpupass(&ns), event),
+            Err(e) => return Err(malformed(format!("at byte {}: {e}", pos(&reader)))),
+        };
+        let after = pos(&reader);
+        match event {
+            Event::Start(ref e) | Event::Empty(ref e) => {
+                let empty = matches!(event, Event::Empty(_));
+                let qname = e.name();
+                let local = e.local_name();
+                let name = local.as_ref();
+                let here: Vec<&[u8]> = path.iter().map(Vec::as_slice).collect();
+                match here.as_slice() {
+                    [] => {
+                        if seen_root {
+                            return Err(malformed("more than one root element"));
+                        }
+                        seen_root = true;
+                        if qname.as_ref() != b"domain" {
+                            return Err(malformed(format!(
+                                "root element is <{}>, not <domain>",
+                                String::from_utf8_lossy(qname.as_ref())
+                            )));
+                        }
+                        if empty {
+                            return Err(malformed("<domain/> is empty"));
+                        }
+                    }
+                    [b"domain"] => {
+                        if doc.domain_child_indent.is_none() {
+                            doc.domain_child_indent = line_indent(text, before).map(str::to_owned);
+                        }
+                        if qname.as_ref() == b"devices" {
+                            if !matches!(doc.devices, Devices::Missing) {
+                                return Err(malformed("more than one <devices>"));
+                            }
+                            doc.devices = if empty {
+                                Devices::Empty { span: before..after }
+                            } else {
+                                Devices::Open { close: 0 }
+                            };
+                        }
+                    }
+                    [b"domain", b"devices"] => {
+                        if doc.devices_child_indent.is_none() {
+                            doc.devices_child_indent = line_indent(text, before).map(str::to_owned);
+                        }
+                        if qname.as_ref() == b"hostdev" {
+                            let mode = attr(e, b"mode")?;
+                            let ty = attr(e, b"type")?;
+                            let span = HostdevSpan {
+                                span: before..after,
+                                source: None,
+                                alias: None,
+                            };
+                            current_pci = mode.as_deref().unwrap_or("subsystem") == "subsystem"
+                                && ty.as_deref() == Some("pci");
+                            if empty {
+                                doc.hostdevs.push(span);
+                            } else {
+                                current = Some(span);
+                            }
+                        }
+                    }
+                    [b"domain", b"devices", b"hostdev"] => {
+                        if qname.as_ref() == b"alias" {
+                            if let Some(c) = current.as_mut() {
+                                c.alias = attr(e, b"name")?;
+                            }
+                        }
+                    }
+                    [b"domain", b"devices", b"hostdev", b"source"] => {
+                        if qname.as_ref() == b"address" && current_pci {
+                            if let Some(c) = current.as_mut() {
+                                c.source = crate::xml::domain::pci_address_of(e)?;
+                            }
+                        }
+                    }
+                    [b"domain", b"metadata"] => {
+                        if gp && name == b"gpus" && doc.request.is_none() {
+                            doc.request = Some(RequestSpec {
+                                count: attr(e, b"count")?,
+                                model: attr(e, b"model")?,
+                                alias: attr(e, b"alias")?,
+                                gpus: Vec::new(),
+                            });
+                            in_request = !empty;
+                        }
+                    }
+                    [b"domain", b"metadata", _] if in_request => {
+                        if gp && name == b"gpu" {
+                            if let (Some(r), Some(a)) = (doc.request.as_mut(), attr(e, b"address")?) {
+                                r.gpus.push(a);
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+                if !empty {
+                    path.push(qname.as_ref().to_vec());
+                }
+            }
+            Event::End(_) => {
+                let here: Vec<&[u8]> = path.iter().map(Vec::as_slice).collect();
+                match here.as_slice() {
+                    [b"domain"] => doc.domain_close = before,
+                    [b"domain", b"devices"] => doc.devices = Devices::Open { close: before },
+                    [b"domain", b"devices", b"hostdev"] => {
+                        if let Some(mut c) = current.take() {
+                            c.span.end = after;
+                            doc.hostdevs.push(c);
+                        }
+                    }
+                    [b"domain", b"metadata", _] if in_request && gp => {
+                        in_request = false;
+                    }
+                    _ => {}
+                }
+                path.pop();
+            }
+            Event::Text(t) => {
+                let here: Vec<&[u8]> = path.iter().map(Vec::as_slice).collect();
+                let value = || {
+                    t.unescape()
+                        .map(|c| c.trim().to_owned())
+                        .unwrap_or_else(|_| String::from_utf8_lossy(&t).trim().to_owned())
+                };
+                match here.as_slice() {
+                    [b"domain", b"name"] => doc.name = value(),
+                    [b"domain", b"uuid"] => doc.uuid = Some(value()),
+                    [] if !t.iter().all(u8::is_ascii_whitespace) => {
+                        return Err(malformed("text outside the root element"));
+                    }
+                    _ => {}
+                }
+            }
+            Event::Eof => break,
+            _ => {}
+        }
+    }
+    if !seen_root {
+        return Err(malformed("no root element"));
+    }
+    if !path.is_empty() {
+        return Err(malformed("unexpected end of document (an element is not closed)"));
+    }
+    if doc.name.is_empty() {
+        return Err(malformed("the domain has no <name>"));
+    }
+    Ok(doc)
+}
+
+/// One change to the text: replace `range` with `text` (an empty range inserts).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Edit {
+    /// Where.
+    pub range: Range<usize>,
+    /// What goes there.
+    pub text: String,
+}
+
+/// Applies non-overlapping edits.
+pub fn apply(input: &str, edits: &[Edit]) -> String {
+    let mut sorted: Vec<&Edit> = edits.iter().collect();
+    sorted.sort_by_key(|e| (e.range.start, e.range.end));
+    let mut out = String::with_capacity(input.len() + edits.iter().map(|e| e.text.len()).sum::<usize>());
+    let mut at = 0;
+    for e in sorted {
+        // Overlaps cannot happen: removals are whole elements, insertion is at a close tag.
+        let start = e.range.start.max(at);
+        out.push_str(&input[at..start]);
+        out.push_str(&e.text);
+        at = e.range.end.max(start);
+    }
+    out.push_str(&input[at..]);
+    out
+}
+
+/// A composed block with gpupass's alias, so it is recognisable later.
+pub fn injected_block(template: &HostdevTemplate, addr: PciAddress) -> String {
+    let block = template.render(addr);
+    let alias = format!(
+        "<alias name='{ALIAS_PREFIX}{:04x}-{:02x}-{:02x}-{:x}'/>",
+        addr.domain, addr.bus, addr.slot, addr.function
+    );
+    match block.rfind("</hostdev>") {
+        Some(i) => format!("{}{alias}{}", &block[..i], &block[i..]),
+        None => block,
+    }
+}
+
+impl DomainDoc<'_> {
+    /// PCI sources of every hostdev.
+    pub fn pci_sources(&self) -> Vec<PciAddress> {
+        self.hostdevs.iter().filter_map(|h| h.source).collect()
+    }
+
+    /// The edit that inserts `blocks` into `<devices>` (creating it when missing), indented like
+    /// the document's own children.
+    pub fn insertion(&self, blocks: &[String]) -> Option<Edit> {
+        if blocks.is_empty() {
+            return None;
+        }
+        let text = self.text;
+        Some(match &self.devices {
+            Devices::Open { close } => match line_indent(text, *close) {
+                Some(close_indent) => {
+                    let child = self
+                        .devices_child_indent
+                        .clone()
+                        .unwrap_or_else(|| format!("{close_indent}  "));
+                    let at = *close - close_indent.len();
+                    Edit {
+                        range: at..at,
+                        text: blocks.iter().map(|b| format!("{child}{b}\n")).collect(),
+                    }
+                }
+                None => Edit {
+                    range: *close..*close,
+                    text: blocks.concat(),
+                },
+            },
+            Devices::Missing => match line_indent(text, self.domain_close) {
+                Some(close_indent) => {
+                    let child = self
+                        .domain_child_indent
+                        .clone()
+                        .unwrap_or_else(|| format!("{close_indent}  "));
+                    let at = self.domain_close - close_indent.len();
+                    let inner: String = blocks.iter().map(|b| format!("{child}  {b}\n")).collect();
+                    Edit {
+                        range: at..at,
+                        text: format!("{child}<devices>\n{inner}{child}</devices>\n"),
+                    }
+                }
+                None => Edit {
+                    range: self.domain_close..self.domain_close,
+                    text: format!("<devices>{}</devices>", blocks.concat()),
+                },
+            },
+            Devices::Empty { span } => Edit {
+                range: span.clone(),
+                text: format!("<devices>{}</devices>", blocks.concat()),
+            },
+        })
+    }
+
+    /// The edit that removes one hostdev, with its line when it stands alone on one.
+    pub fn removal(&self, h: &HostdevSpan) -> Edit {
+        let text = self.text;
+        let alone_after = text[h.span.end..].starts_with('\n');
+        match line_indent(text, h.span.start) {
+            Some(indent) if alone_after => Edit {
+                range: h.span.start - indent.len()..h.span.end + 1,
+                text: String::new(),
+            },
+            _ => Edit {
+                range: h.span.clone(),
+                text: String::new(),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DOMAIN: &str = "<?xml version='1.0'?>
+<!-- a comment & an entity: &amp; -->
+<domain type=\"kvm\" xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+  <name>i-2-34-VM</name>
+  <uuid>c7a5fdbd-edaf-9455-926a-d65c16db1809</uuid>
+  <metadata>
+    <gp:gpus xmlns:gp='https://gpupass.dev/xmlns/1' count='2' model='10de:2330'/>
+    <other:gpus xmlns:other='urn:other' count='9'/>
+  </metadata>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <hostdev mode='subsystem' type='pci' managed='yes'>
+      <source><address domain='0x0000' bus='0x18' slot='0x00' function='0x0'/></source>
+      <alias name='ua-gpupass-0000-18-00-0'/>
+    </hostdev>
+    <hostdev mode='subsystem' type='pci'>
+      <source><address domain='0x0000' bus='0x3b' slot='0x00' function='0x0'/></source>
+    </hostdev>
+  </devices>
+  <qemu:commandline><qemu:arg value='-x'/></qemu:commandline>
+</domain>
+";
+
+    fn a(s: &str) -> PciAddress {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn scans_name_request_and_hostdevs() {
+        let d = scan(DOMAIN).unwrap();
+        assert_eq!(d.name, "i-2-34-VM");
+        let r = d.request.clone().unwrap();
+        assert_eq!(r.count.as_deref(), Some("2"));
+        assert_eq!(r.model.as_deref(), Some("10de:2330"));
+        assert_eq!(d.hostdevs.len(), 2);
+        assert!(d.hostdevs[0].injected() && !d.hostdevs[1].injected());
+        assert_eq!(d.pci_sources(), [a("0000:18:00.0"), a("0000:3b:00.0")]);
+        assert!(DOMAIN[d.hostdevs[1].span.clone()].starts_with("<hostdev"));
+        assert!(DOMAIN[d.hostdevs[1].span.clone()].ends_with("</hostdev>"));
+    }
+
+    #[test]
+    fn inserts_indented_blocks_and_nothing_else() {
+        let d = scan(DOMAIN).unwrap();
+        let t = HostdevTemplate::builtin();
+        let e = d.insertion(&[injected_block(&t, a("0000:2a:00.0"))]).unwrap();
+        let out = apply(DOMAIN, &[e.clone()]);
+        assert!(out.contains(
+            "    </hostdev>\n    <hostdev mode='subsystem' type='pci' managed='yes'><driver name='vfio'/><source><address domain='0x0000' bus='0x2a' slot='0x00' function='0x0'/></source><alias name='ua-gpupass-0000-2a-00-0'/></hostdev>\n  </devices>"
+        ), "{out}");
+        let back = format!("{}{}", &out[..e.range.start], &out[e.range.start + e.text.len()..]);
+        assert_eq!(back, DOMAIN);
+        // The output scans again and shows the new block as injected.
+        let again = scan(&out).unwrap();
+        assert_eq!(again.hostdevs.iter().filter(|h| h.injected()).count(), 2);
+    }
+
+    #[test]
+    fn removes_injected_lines_cleanly() {
+        let d = scan(DOMAIN).unwrap();
+        let out = apply(DOMAIN, &[d.removal(&d.hostdevs[0])]);
+        assert!(!out.contains("bus='0x18'"));
+        assert!(out.contains("<emulator>/usr/bin/qemu-system-x86_64</emulator>\n    <hostdev mode='subsystem' type='pci'>"), "{out}");
+    }
+
+    #[test]
+    fn creates_devices_when_missing_or_empty() {
+        let t = HostdevTemplate::builtin();
+        let block = injected_block(&t, a("0000:2a:00.0"));
+        let missing = "<domain type='qemu'>\n  <name>x</name>\n</domain>\n";
+        let d = scan(missing).unwrap();
+        let out = apply(missing, &[d.insertion(std::slice::from_ref(&block)).unwrap()]);
+        assert_eq!(
+            out,
+            format!("<domain type='qemu'>\n  <name>x</name>\n  <devices>\n    {block}\n  </devices>\n</domain>\n")
+        );
+        let one_line = "<domain type='qemu'><name>x</name><devices/></domain>";
+        let d = scan(one_line).unwrap();
+        let out = apply(one_line, &[d.insertion(std::slice::from_ref(&block)).unwrap()]);
+        assert_eq!(out, format!("<domain type='qemu'><name>x</name><devices>{block}</devices></domain>"));
+    }
+
+    #[test]
+    fn rejects_what_is_not_a_domain() {
+        for (bad, why) in [
+            ("<network><name>x</name></network>", "not <domain>"),
+            ("<domain><name>x</name>", "not closed"),
+            ("<domain><name>x</name></domian>", "at byte"),
+            ("", "no root"),
+            ("<domain><name>x</name></domain><domain/>", "more than one root"),
+            ("<domain type='kvm'><devices/></domain>", "no <name>"),
+            ("junk<domain><name>x</name></domain>", "outside"),
+        ] {
+            let err = scan(bad).unwrap_err().to_string();
+            assert!(err.contains(why), "{bad:?}: {err}");
+        }
+        let huge = format!("<domain><name>x</name><!--{}--></domain>", "x".repeat(MAX_XML_BYTES));
+        assert!(scan(&huge).unwrap_err().to_string().contains("limit"));
+    }
+
+    #[test]
+    fn a_request_with_addresses_is_read_by_namespace_not_prefix() {
+        let x = "<domain><name>x</name><metadata><g:gpus xmlns:g='https://gpupass.dev/xmlns/1'><g:gpu address='0000:18:00.0'/><g:gpu address='0000:2a:00.0'/></g:gpus></metadata></domain>";
+        let r = scan(x).unwrap().request.unwrap();
+        assert_eq!(r.gpus, ["0000:18:00.0", "0000:2a:00.0"]);
+        let other = "<domain><name>x</name><metadata><gpus count='1'/></metadata></domain>";
+        assert!(scan(other).unwrap().request.is_none());
+    }
+}
