@@ -50,7 +50,9 @@ pub struct AliasConfig {
 impl AliasConfig {
     /// The vendor:device pair.
     pub fn id(&self) -> Option<PciId> {
-        format!("{}:{}", self.vendor_id, self.product_id).parse().ok()
+        format!("{}:{}", self.vendor_id, self.product_id)
+            .parse()
+            .ok()
     }
 }
 
@@ -125,8 +127,7 @@ impl GpupassConfig {
         for (i, r) in self.rules.iter().enumerate() {
             glob::Pattern::new(&r.domain)
                 .map_err(|e| format!("rules[{i}].domain '{}': {e}", r.domain))?;
-            crate::request::from_rule(r, self)
-                .map_err(|e| format!("rules[{i}]: {e}"))?;
+            crate::request::from_rule(r, self).map_err(|e| format!("rules[{i}]: {e}"))?;
         }
         Ok(())
     }
@@ -153,17 +154,28 @@ alias = "K4200"
         )
         .unwrap();
         let c = GpupassConfig::load(Some(&good)).unwrap();
-        assert_eq!(c.templates_dir.unwrap(), PathBuf::from("/etc/gpupass/templates"));
+        assert_eq!(
+            c.templates_dir.unwrap(),
+            PathBuf::from("/etc/gpupass/templates")
+        );
         assert_eq!(c.aliases["K4200"].id().unwrap().to_string(), "10de:11b4");
         assert_eq!(c.rules[0].domain, "i-*-VM");
         let bad = dir.path().join("bad.toml");
         fs::write(&bad, "template_dir = \"x\"\n").unwrap();
         let err = GpupassConfig::load(Some(&bad)).unwrap_err().to_string();
         assert!(err.contains("unknown field `template_dir`"), "{err}");
-        fs::write(&bad, "[[rules]]\ndomain = \"x\"\ncount = 1\nalias = \"nope\"\n").unwrap();
+        fs::write(
+            &bad,
+            "[[rules]]\ndomain = \"x\"\ncount = 1\nalias = \"nope\"\n",
+        )
+        .unwrap();
         let err = GpupassConfig::load(Some(&bad)).unwrap_err().to_string();
         assert!(err.contains("unknown alias"), "{err}");
-        fs::write(&bad, "[aliases]\nX = { vendor_id = \"10dex\", product_id = \"1\" }\n").unwrap();
+        fs::write(
+            &bad,
+            "[aliases]\nX = { vendor_id = \"10dex\", product_id = \"1\" }\n",
+        )
+        .unwrap();
         assert!(GpupassConfig::load(Some(&bad)).is_err());
         assert!(GpupassConfig::load(Some(&dir.path().join("missing.toml"))).is_err());
     }

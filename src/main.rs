@@ -3,7 +3,6 @@
 
 mod cli;
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -14,6 +13,7 @@ use gpupass::alloc::plan::{AttachRequest, DetachRequest};
 use gpupass::alloc::AllocError;
 use gpupass::assign::AssignError;
 use gpupass::config::ConfigError;
+use gpupass::hook::cli::{Dirs, HookCommand};
 use gpupass::host::sysfs::SysfsError;
 use gpupass::libvirt::LibvirtError;
 use gpupass::model::{ModelError, PciAddress, PciId};
@@ -36,7 +36,8 @@ Exit codes:
    9  libvirt refused the change (its message is shown)
   10  libvirt accepted the change but the domain XML does not show it (rolled back)
   11  a failure whose rollback also failed: check the domain by hand
-  12  timed out waiting for the host lock (another gpupass is attaching or detaching)";
+  12  timed out waiting for the host lock (another gpupass is attaching or detaching)
+The qemu hook exits 1 when it blocks a start (`prepare`) or cannot rewrite (`migrate`/`restore`).";
 
 /// Give virtual machines whole GPUs on KVM/libvirt hosts.
 ///
@@ -46,15 +47,8 @@ Exit codes:
 #[derive(Debug, Parser)]
 #[command(name = "gpupass", version, after_long_help = EXIT_CODES)]
 struct Cli {
-    /// Read host state (sysfs, procfs) under DIR instead of /.
-    #[arg(
-        long,
-        env = "GPUPASS_HOST_ROOT",
-        default_value = "/",
-        global = true,
-        value_name = "DIR"
-    )]
-    host_root: PathBuf,
+    #[command(flatten)]
+    dirs: Dirs,
 
     /// libvirt connection URI.
     #[arg(
@@ -66,20 +60,6 @@ struct Cli {
         value_name = "URI"
     )]
     connect: String,
-
-    /// Directory for the host lock.
-    #[arg(
-        long,
-        env = "GPUPASS_RUN_DIR",
-        default_value = "/run/gpupass",
-        global = true,
-        value_name = "DIR"
-    )]
-    run_dir: PathBuf,
-
-    /// gpupass config file [default: /etc/gpupass/gpupass.toml when it exists].
-    #[arg(long, env = "GPUPASS_CONFIG", global = true, value_name = "FILE")]
-    config_file: Option<PathBuf>,
 
     /// More log output on stderr (-v info, -vv debug); GPUPASS_LOG takes an env-filter.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -167,6 +147,8 @@ enum Command {
         #[command(flatten)]
         common: CommonFlags,
     },
+    #[command(flatten)]
+    HookMode(HookCommand),
 }
 
 #[derive(Debug, clap::Args)]
@@ -187,10 +169,10 @@ struct CommonFlags {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let g = Global {
-        host_root: cli.host_root,
+        host_root: cli.dirs.host_root,
         uri: cli.connect,
-        run_dir: cli.run_dir,
-        config: cli.config_file,
+        run_dir: cli.dirs.run_dir,
+        config: cli.dirs.config_file,
     };
     let flags = |c: &CommonFlags, detach_timeout: u64| AssignFlags {
         live: c.live,
@@ -237,24 +219,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             cli::assign::detach(&g, &domain, &request, &flags(&common, timeout))
         }
-    }
-}
-
-fn alloc_code(e: &AllocError) -> u8 {
-    match e {
-        AllocError::UnknownGpu { .. } | AllocError::NotAttached { .. } => 3,
-        AllocError::InUse { .. } | AllocError::AlreadyAttached { .. } => 5,
-        AllocError::NoFreeGpu { .. } => 6,
-        AllocError::IommuOff | AllocError::NotPassable { .. } => 7,
-    }
-}
-
-fn libvirt_code(e: &LibvirtError) -> u8 {
-    match e {
-        LibvirtError::Connect { .. } => 8,
-        LibvirtError::UnknownDomain { .. } => 4,
-        LibvirtError::Refused { .. } => 9,
-        LibvirtError::Call { .. } => 1,
+        Command::HookMode(_) => unreachable!("hook mode is dispatched before run()"),
     }
 }
 
@@ -266,18 +231,18 @@ fn exit_code(err: &anyhow::Error) -> u8 {
                 return 11;
             }
             return match e.root() {
-                AssignError::Alloc(a) => alloc_code(a),
-                AssignError::Libvirt(l) => libvirt_code(l),
+                AssignError::Alloc(a) => a.exit_code(),
+                AssignError::Libvirt(l) => l.exit_code(),
                 AssignError::Impact(_) => 2,
                 AssignError::NotApplied { .. } => 10,
                 AssignError::Xml { .. } | AssignError::RollbackIncomplete { .. } => 1,
             };
         }
         if let Some(e) = cause.downcast_ref::<AllocError>() {
-            return alloc_code(e);
+            return e.exit_code();
         }
         if let Some(e) = cause.downcast_ref::<LibvirtError>() {
-            return libvirt_code(e);
+            return e.exit_code();
         }
         if let Some(e) = cause.downcast_ref::<LockError>() {
             return if matches!(e, LockError::Timeout { .. }) {
@@ -332,6 +297,9 @@ fn main() -> ExitCode {
         }
     };
     gpupass::observability::init(cli.verbose);
+    if let Command::HookMode(cmd) = &cli.command {
+        return gpupass::hook::cli::run(&cli.dirs, cmd);
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

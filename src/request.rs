@@ -48,10 +48,15 @@ fn invalid(msg: impl Into<String>) -> RequestError {
 }
 
 /// Builds a request from its fields, resolving an alias through the config.
-pub fn from_spec(spec: &RequestSpec, config: &GpupassConfig) -> Result<AttachRequest, RequestError> {
+pub fn from_spec(
+    spec: &RequestSpec,
+    config: &GpupassConfig,
+) -> Result<AttachRequest, RequestError> {
     if !spec.gpus.is_empty() {
         if spec.count.is_some() || spec.model.is_some() || spec.alias.is_some() {
-            return Err(invalid("give either GPU addresses or count/model/alias, not both"));
+            return Err(invalid(
+                "give either GPU addresses or count/model/alias, not both",
+            ));
         }
         let addrs = spec
             .gpus
@@ -63,18 +68,15 @@ pub fn from_spec(spec: &RequestSpec, config: &GpupassConfig) -> Result<AttachReq
         }
         return Ok(AttachRequest::Gpus(addrs));
     }
-    let model = match (&spec.model, &spec.alias) {
-        (Some(_), Some(_)) => return Err(invalid("give model or alias, not both")),
-        (Some(m), None) => Some(m.parse::<PciId>().map_err(|e| invalid(e.to_string()))?),
-        (None, Some(a)) => Some(
-            config
-                .aliases
-                .get(a)
-                .and_then(|al| al.id())
-                .ok_or_else(|| invalid(format!("unknown alias '{a}' (define it under [aliases])")))?,
-        ),
-        (None, None) => None,
-    };
+    let model =
+        match (&spec.model, &spec.alias) {
+            (Some(_), Some(_)) => return Err(invalid("give model or alias, not both")),
+            (Some(m), None) => Some(m.parse::<PciId>().map_err(|e| invalid(e.to_string()))?),
+            (None, Some(a)) => Some(config.aliases.get(a).and_then(|al| al.id()).ok_or_else(
+                || invalid(format!("unknown alias '{a}' (define it under [aliases])")),
+            )?),
+            (None, None) => None,
+        };
     let count = match &spec.count {
         Some(c) => c
             .trim()
@@ -84,7 +86,11 @@ pub fn from_spec(spec: &RequestSpec, config: &GpupassConfig) -> Result<AttachReq
             .ok_or_else(|| invalid(format!("count '{c}' is not a number from 1 to {MAX_COUNT}")))?,
         // A model or alias alone asks for one GPU of it.
         None if model.is_some() => 1,
-        None => return Err(invalid("it names no GPUs: give count, model, alias or gpu addresses")),
+        None => {
+            return Err(invalid(
+                "it names no GPUs: give count, model, alias or gpu addresses",
+            ))
+        }
     };
     Ok(AttachRequest::Count { count, model })
 }
@@ -147,7 +153,12 @@ mod tests {
         c
     }
 
-    fn spec(count: Option<&str>, model: Option<&str>, alias: Option<&str>, gpus: &[&str]) -> RequestSpec {
+    fn spec(
+        count: Option<&str>,
+        model: Option<&str>,
+        alias: Option<&str>,
+        gpus: &[&str],
+    ) -> RequestSpec {
         RequestSpec {
             count: count.map(Into::into),
             model: model.map(Into::into),
@@ -187,7 +198,10 @@ mod tests {
             (spec(Some("x"), None, None, &[]), "count 'x'"),
             (spec(Some("1000"), None, None, &[]), "1 to 256"),
             (spec(None, None, None, &[]), "names no GPUs"),
-            (spec(Some("1"), Some("10de:2330"), Some("K4200"), &[]), "not both"),
+            (
+                spec(Some("1"), Some("10de:2330"), Some("K4200"), &[]),
+                "not both",
+            ),
             (spec(Some("1"), None, None, &["0000:18:00.0"]), "not both"),
             (spec(None, None, Some("nope"), &[]), "unknown alias"),
             (spec(None, None, None, &["../x"]), "invalid PCI address"),
@@ -204,7 +218,10 @@ mod tests {
         let meta = spec(Some("2"), None, None, &[]);
         assert_eq!(
             for_domain("i-2-34-VM", Some(&meta), &c).unwrap(),
-            Some(AttachRequest::Count { count: 2, model: None })
+            Some(AttachRequest::Count {
+                count: 2,
+                model: None
+            })
         );
         assert!(matches!(
             for_domain("i-2-34-VM", None, &c).unwrap(),

@@ -96,7 +96,10 @@ fn injecting_a_gpu_into_every_corpus_domain_is_a_pure_schema_valid_insertion() {
         if input.contains("<devices") {
             assert_eq!(removed, input, "{name}: removal");
         } else {
-            assert!(scan(&removed).unwrap().hostdevs.is_empty(), "{name}: removal");
+            assert!(
+                scan(&removed).unwrap().hostdevs.is_empty(),
+                "{name}: removal"
+            );
             assert!(inserted(&input, &removed).is_some_and(|m| m.trim().starts_with("<devices>")));
         }
         let out_path = out_dir.path().join(&name);
@@ -108,7 +111,9 @@ fn injecting_a_gpu_into_every_corpus_domain_is_a_pure_schema_valid_insertion() {
         return;
     }
     // Validate on every core; virt-xml-validate costs ~20 ms a file.
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).max(2);
+    let workers = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .max(2);
     let chunks: Vec<Vec<PathBuf>> = (0..workers)
         .map(|w| outputs.iter().skip(w).step_by(workers).cloned().collect())
         .collect();
@@ -137,7 +142,10 @@ fn injecting_a_gpu_into_every_corpus_domain_is_a_pure_schema_valid_insertion() {
                 })
             })
             .collect();
-        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
     });
     assert!(
         failures.is_empty(),

@@ -2,6 +2,7 @@
 //! that makes decide-and-attach atomic across gpupass processes. Holds no state of its own:
 //! who holds a GPU is read from libvirt every time.
 
+pub mod lease;
 pub mod lock;
 pub mod plan;
 
@@ -72,6 +73,16 @@ pub enum AllocError {
 }
 
 impl AllocError {
+    /// The documented exit code (the table in `gpupass --help`).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            AllocError::UnknownGpu { .. } | AllocError::NotAttached { .. } => 3,
+            AllocError::InUse { .. } | AllocError::AlreadyAttached { .. } => 5,
+            AllocError::NoFreeGpu { .. } => 6,
+            AllocError::IommuOff | AllocError::NotPassable { .. } => 7,
+        }
+    }
+
     pub(crate) fn no_free(
         wanted: usize,
         free: usize,

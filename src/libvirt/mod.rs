@@ -1,9 +1,11 @@
 //! The domain-level operations gpupass needs from a hypervisor, as a trait: list domains, read
 //! their XML, attach and detach a device. `virt.rs` is the real libvirt (the only file that
-//! imports the `virt` crate); `fake.rs` records calls and injects failures for unit tests.
+//! imports the `virt` crate); `fake.rs` records calls and injects failures for unit tests;
+//! `files.rs` reads libvirt's own domain files instead, for the hook, which must never call it.
 
 #[cfg(test)]
 pub mod fake;
+pub mod files;
 pub mod virt;
 
 /// Errors from the hypervisor.
@@ -41,6 +43,18 @@ pub enum LibvirtError {
         /// libvirt's message.
         message: String,
     },
+}
+
+impl LibvirtError {
+    /// The documented exit code (the table in `gpupass --help`).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            LibvirtError::Connect { .. } => 8,
+            LibvirtError::UnknownDomain { .. } => 4,
+            LibvirtError::Refused { .. } => 9,
+            LibvirtError::Call { .. } => 1,
+        }
+    }
 }
 
 /// Which definition of a domain to read.

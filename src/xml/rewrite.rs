@@ -34,7 +34,9 @@ pub struct HostdevSpan {
 impl HostdevSpan {
     /// Injected by gpupass.
     pub fn injected(&self) -> bool {
-        self.alias.as_deref().is_some_and(|a| a.starts_with(ALIAS_PREFIX))
+        self.alias
+            .as_deref()
+            .is_some_and(|a| a.starts_with(ALIAS_PREFIX))
     }
 }
 
@@ -168,7 +170,9 @@ pub fn scan(text: &str) -> Result<DomainDoc<'_>, XmlError> {
                                 return Err(malformed("more than one <devices>"));
                             }
                             doc.devices = if empty {
-                                Devices::Empty { span: before..after }
+                                Devices::Empty {
+                                    span: before..after,
+                                }
                             } else {
                                 Devices::Open { close: 0 }
                             };
@@ -195,36 +199,30 @@ pub fn scan(text: &str) -> Result<DomainDoc<'_>, XmlError> {
                             }
                         }
                     }
-                    [b"domain", b"devices", b"hostdev"] => {
-                        if qname.as_ref() == b"alias" {
-                            if let Some(c) = current.as_mut() {
-                                c.alias = attr(e, b"name")?;
-                            }
+                    [b"domain", b"devices", b"hostdev"] if qname.as_ref() == b"alias" => {
+                        if let Some(c) = current.as_mut() {
+                            c.alias = attr(e, b"name")?;
                         }
                     }
-                    [b"domain", b"devices", b"hostdev", b"source"] => {
-                        if qname.as_ref() == b"address" && current_pci {
-                            if let Some(c) = current.as_mut() {
-                                c.source = crate::xml::domain::pci_address_of(e)?;
-                            }
+                    [b"domain", b"devices", b"hostdev", b"source"]
+                        if qname.as_ref() == b"address" && current_pci =>
+                    {
+                        if let Some(c) = current.as_mut() {
+                            c.source = crate::xml::domain::pci_address_of(e)?;
                         }
                     }
-                    [b"domain", b"metadata"] => {
-                        if gp && name == b"gpus" && doc.request.is_none() {
-                            doc.request = Some(RequestSpec {
-                                count: attr(e, b"count")?,
-                                model: attr(e, b"model")?,
-                                alias: attr(e, b"alias")?,
-                                gpus: Vec::new(),
-                            });
-                            in_request = !empty;
-                        }
+                    [b"domain", b"metadata"] if gp && name == b"gpus" && doc.request.is_none() => {
+                        doc.request = Some(RequestSpec {
+                            count: attr(e, b"count")?,
+                            model: attr(e, b"model")?,
+                            alias: attr(e, b"alias")?,
+                            gpus: Vec::new(),
+                        });
+                        in_request = !empty;
                     }
-                    [b"domain", b"metadata", _] if in_request => {
-                        if gp && name == b"gpu" {
-                            if let (Some(r), Some(a)) = (doc.request.as_mut(), attr(e, b"address")?) {
-                                r.gpus.push(a);
-                            }
+                    [b"domain", b"metadata", _] if in_request && gp && name == b"gpu" => {
+                        if let (Some(r), Some(a)) = (doc.request.as_mut(), attr(e, b"address")?) {
+                            r.gpus.push(a);
                         }
                     }
                     _ => {}
@@ -275,7 +273,9 @@ pub fn scan(text: &str) -> Result<DomainDoc<'_>, XmlError> {
         return Err(malformed("no root element"));
     }
     if !path.is_empty() {
-        return Err(malformed("unexpected end of document (an element is not closed)"));
+        return Err(malformed(
+            "unexpected end of document (an element is not closed)",
+        ));
     }
     if doc.name.is_empty() {
         return Err(malformed("the domain has no <name>"));
@@ -296,7 +296,8 @@ pub struct Edit {
 pub fn apply(input: &str, edits: &[Edit]) -> String {
     let mut sorted: Vec<&Edit> = edits.iter().collect();
     sorted.sort_by_key(|e| (e.range.start, e.range.end));
-    let mut out = String::with_capacity(input.len() + edits.iter().map(|e| e.text.len()).sum::<usize>());
+    let mut out =
+        String::with_capacity(input.len() + edits.iter().map(|e| e.text.len()).sum::<usize>());
     let mut at = 0;
     for e in sorted {
         // Overlaps cannot happen: removals are whole elements, insertion is at a close tag.
@@ -444,12 +445,18 @@ mod tests {
     fn inserts_indented_blocks_and_nothing_else() {
         let d = scan(DOMAIN).unwrap();
         let t = HostdevTemplate::builtin();
-        let e = d.insertion(&[injected_block(&t, a("0000:2a:00.0"))]).unwrap();
-        let out = apply(DOMAIN, &[e.clone()]);
+        let e = d
+            .insertion(&[injected_block(&t, a("0000:2a:00.0"))])
+            .unwrap();
+        let out = apply(DOMAIN, std::slice::from_ref(&e));
         assert!(out.contains(
             "    </hostdev>\n    <hostdev mode='subsystem' type='pci' managed='yes'><driver name='vfio'/><source><address domain='0x0000' bus='0x2a' slot='0x00' function='0x0'/></source><alias name='ua-gpupass-0000-2a-00-0'/></hostdev>\n  </devices>"
         ), "{out}");
-        let back = format!("{}{}", &out[..e.range.start], &out[e.range.start + e.text.len()..]);
+        let back = format!(
+            "{}{}",
+            &out[..e.range.start],
+            &out[e.range.start + e.text.len()..]
+        );
         assert_eq!(back, DOMAIN);
         // The output scans again and shows the new block as injected.
         let again = scan(&out).unwrap();
@@ -470,15 +477,24 @@ mod tests {
         let block = injected_block(&t, a("0000:2a:00.0"));
         let missing = "<domain type='qemu'>\n  <name>x</name>\n</domain>\n";
         let d = scan(missing).unwrap();
-        let out = apply(missing, &[d.insertion(std::slice::from_ref(&block)).unwrap()]);
+        let out = apply(
+            missing,
+            &[d.insertion(std::slice::from_ref(&block)).unwrap()],
+        );
         assert_eq!(
             out,
             format!("<domain type='qemu'>\n  <name>x</name>\n  <devices>\n    {block}\n  </devices>\n</domain>\n")
         );
         let one_line = "<domain type='qemu'><name>x</name><devices/></domain>";
         let d = scan(one_line).unwrap();
-        let out = apply(one_line, &[d.insertion(std::slice::from_ref(&block)).unwrap()]);
-        assert_eq!(out, format!("<domain type='qemu'><name>x</name><devices>{block}</devices></domain>"));
+        let out = apply(
+            one_line,
+            &[d.insertion(std::slice::from_ref(&block)).unwrap()],
+        );
+        assert_eq!(
+            out,
+            format!("<domain type='qemu'><name>x</name><devices>{block}</devices></domain>")
+        );
     }
 
     #[test]
@@ -488,14 +504,20 @@ mod tests {
             ("<domain><name>x</name>", "not closed"),
             ("<domain><name>x</name></domian>", "at byte"),
             ("", "no root"),
-            ("<domain><name>x</name></domain><domain/>", "more than one root"),
+            (
+                "<domain><name>x</name></domain><domain/>",
+                "more than one root",
+            ),
             ("<domain type='kvm'><devices/></domain>", "no <name>"),
             ("junk<domain><name>x</name></domain>", "outside"),
         ] {
             let err = scan(bad).unwrap_err().to_string();
             assert!(err.contains(why), "{bad:?}: {err}");
         }
-        let huge = format!("<domain><name>x</name><!--{}--></domain>", "x".repeat(MAX_XML_BYTES));
+        let huge = format!(
+            "<domain><name>x</name><!--{}--></domain>",
+            "x".repeat(MAX_XML_BYTES)
+        );
         assert!(scan(&huge).unwrap_err().to_string().contains("limit"));
     }
 

@@ -1,0 +1,60 @@
+//! `gpupass-hook`: gpupass's hook mode (`transform`, `hook qemu …`, `usage`, `install-hook`) in a
+//! binary that does not link libvirt. libvirt waits for its hook on every start and stop, and
+//! loading libvirt's ~50 shared libraries costs ~12 ms before `main` even runs; this binary
+//! shares all its code with `gpupass` and links only libc.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use gpupass::hook::cli::{Dirs, HookCommand};
+
+/// gpupass hook mode, without libvirt linked (what `gpupass install-hook` installs).
+#[derive(Debug, Parser)]
+#[command(name = "gpupass-hook", version)]
+struct Cli {
+    #[command(flatten)]
+    dirs: Dirs,
+    /// More log output on stderr (-v info, -vv debug).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: HookCommand,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                e.exit();
+            }
+            let text = e.render().to_string();
+            let first: Vec<&str> = text
+                .trim_start()
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .collect();
+            let line = first
+                .join(" ")
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ");
+            eprintln!("gpupass: {} (see gpupass-hook --help)", line);
+            return ExitCode::from(2);
+        }
+    };
+    gpupass::observability::init(cli.verbose);
+    gpupass::hook::cli::run(&cli.dirs, &cli.command)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,404 @@
+//! The command line of hook mode, shared by `gpupass` and the lean `gpupass-hook` binary (same
+//! code, no libvirt linked): `transform`, `hook qemu …`, `usage`, `install-hook`. This is an
+//! entry point: it reads stdin, prints to stdout/stderr, and returns the exit code.
+
+use std::io::{self, Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::alloc::plan::AttachRequest;
+use crate::config::GpupassConfig;
+use crate::hook::args::HookOp;
+use crate::hook::run::{self, HookEnv};
+use crate::hook::{install, HookError};
+use crate::model::{PciAddress, PciId};
+use crate::usage::{summarize, Ledger};
+use crate::xml::compose::HostdevTemplate;
+use crate::xml::rewrite::MAX_XML_BYTES;
+
+/// Directories every command uses, the same way.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Dirs {
+    /// Read host state (sysfs, procfs, libvirt's domain files) under DIR instead of /.
+    #[arg(
+        long,
+        env = "GPUPASS_HOST_ROOT",
+        default_value = "/",
+        global = true,
+        value_name = "DIR"
+    )]
+    pub host_root: PathBuf,
+    /// Directory for the host lock and leases.
+    #[arg(
+        long,
+        env = "GPUPASS_RUN_DIR",
+        default_value = "/run/gpupass",
+        global = true,
+        value_name = "DIR"
+    )]
+    pub run_dir: PathBuf,
+    /// Directory for the usage ledger.
+    #[arg(
+        long,
+        env = "GPUPASS_STATE_DIR",
+        default_value = "/var/lib/gpupass",
+        global = true,
+        value_name = "DIR"
+    )]
+    pub state_dir: PathBuf,
+    /// gpupass config file [default: /etc/gpupass/gpupass.toml when it exists].
+    #[arg(
+        long = "config-file",
+        env = "GPUPASS_CONFIG",
+        global = true,
+        value_name = "FILE"
+    )]
+    pub config_file: Option<PathBuf>,
+}
+
+/// `transform` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TransformArgs {
+    /// These GPUs instead of the domain's own request (repeatable).
+    #[arg(long = "gpu", value_name = "ADDR", num_args = 1.., conflicts_with = "count")]
+    pub gpus: Vec<PciAddress>,
+    /// Any N GPUs instead of the domain's own request.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub count: Option<u16>,
+    /// Only this vendor:device (with --count).
+    #[arg(long, value_name = "VVVV:DDDD", requires = "count")]
+    pub model: Option<PciId>,
+    /// Seconds a chosen GPU stays reserved for this domain before it starts.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+    pub lease_seconds: u64,
+}
+
+/// `hook` arguments, as libvirt passes them after the shim adds `hook qemu`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HookArgs {
+    /// The hook driver: `qemu`.
+    #[arg(value_parser = ["qemu"])]
+    pub driver: String,
+    /// The domain name.
+    pub domain: String,
+    /// The operation (prepare, start, started, stopped, release, migrate, restore, …).
+    pub op: String,
+    /// The sub-operation (begin, end).
+    pub subop: String,
+    /// Extra argument (`-`).
+    #[arg(default_value = "-")]
+    pub extra: String,
+}
+
+/// The hook-mode subcommands.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum HookCommand {
+    /// Read a domain XML on stdin, add the GPUs it asks for, print it on stdout.
+    ///
+    /// The request comes from the flags, else the domain's <metadata><gpupass:gpus …/>, else the
+    /// first config rule matching its name. A domain with no request, or whose request is met,
+    /// comes out unchanged. On any failure: nothing on stdout, one line on stderr, non-zero exit.
+    #[command(
+        after_help = "Examples:\n  gpupass transform < vm.xml > vm-with-gpus.xml\n  gpupass transform --count 1 --model 10de:11b4 < vm.xml"
+    )]
+    Transform(TransformArgs),
+    /// The libvirt qemu hook: DRIVER DOMAIN OP SUBOP [EXTRA], domain XML on stdin.
+    ///
+    /// prepare begin: blocks a start that cannot work (exit 1, one line on stderr);
+    /// migrate/restore begin: rewrites GPU addresses to free local GPUs (prints XML, or nothing
+    /// when unchanged); started/reconnect begin and release end: usage records. Never calls
+    /// libvirt.
+    Hook(HookArgs),
+    /// GPU-seconds per domain and per GPU, from the hook's ledger.
+    Usage {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Only usage after this: unix seconds, or an age like 90m, 24h, 7d.
+        #[arg(long, value_name = "WHEN")]
+        since: Option<String>,
+    },
+    /// Install the qemu hook shim into ROOT/etc/libvirt/hooks/qemu.d/gpupass.
+    #[command(after_help = "Example:\n  gpupass install-hook && kill -HUP $(pidof libvirtd)")]
+    InstallHook {
+        /// Install under this root instead of /.
+        #[arg(long, default_value = "/", value_name = "DIR")]
+        root: PathBuf,
+        /// The hook binary the shim runs [default: gpupass-hook next to this program].
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+        /// Remove the shim instead.
+        #[arg(long)]
+        uninstall: bool,
+    },
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Parses `--since`: unix seconds, or `<n>[smhd]` ago.
+fn parse_since(s: &str, now: u64) -> Option<u64> {
+    if let Ok(t) = s.parse::<u64>() {
+        return Some(t);
+    }
+    let (num, unit) = s.split_at(s.len().checked_sub(1)?);
+    let n: u64 = num.parse().ok()?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n.checked_mul(60)?,
+        "h" => n.checked_mul(3600)?,
+        "d" => n.checked_mul(86_400)?,
+        _ => return None,
+    };
+    Some(now.saturating_sub(secs))
+}
+
+fn read_stdin() -> Result<String, HookError> {
+    let mut buf = Vec::new();
+    io::stdin()
+        .lock()
+        .take(MAX_XML_BYTES as u64 + 1)
+        .read_to_end(&mut buf)
+        .map_err(HookError::Stdin)?;
+    if buf.len() > MAX_XML_BYTES {
+        return Err(HookError::TooLarge);
+    }
+    String::from_utf8(buf).map_err(|_| HookError::NotUtf8)
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn error_line(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        msg.push_str(": ");
+        msg.push_str(&c.to_string());
+        cur = c.source();
+    }
+    one_line(&msg)
+}
+
+fn print_stdout(text: &str) -> Result<(), HookError> {
+    let mut out = io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(HookError::Stdin)
+}
+
+fn env(dirs: &Dirs, lease: Duration) -> Result<HookEnv, HookError> {
+    let config = GpupassConfig::load(dirs.config_file.as_deref())?;
+    let template = match &config.templates_dir {
+        Some(d) => HostdevTemplate::from_dir(d)?,
+        None => HostdevTemplate::builtin(),
+    };
+    Ok(HookEnv {
+        host_root: dirs.host_root.clone(),
+        run_dir: dirs.run_dir.clone(),
+        state_dir: dirs.state_dir.clone(),
+        config,
+        template,
+        lease_ttl: lease,
+        lock_timeout: Duration::from_secs(30),
+    })
+}
+
+fn transform(dirs: &Dirs, a: &TransformArgs) -> Result<(), HookError> {
+    let input = read_stdin()?;
+    let e = env(dirs, Duration::from_secs(a.lease_seconds))?;
+    let request = match (a.count, a.gpus.is_empty()) {
+        (Some(n), _) => Some(AttachRequest::Count {
+            count: usize::from(n),
+            model: a.model,
+        }),
+        (None, false) => Some(AttachRequest::Gpus(a.gpus.clone())),
+        (None, true) => None,
+    };
+    match run::transform(&e, &input, request)? {
+        Some(out) => print_stdout(&out),
+        None => print_stdout(&input),
+    }
+}
+
+/// Runs one hook call; returns the exit code libvirt sees.
+fn hook(dirs: &Dirs, a: &HookArgs) -> ExitCode {
+    let op = HookOp::parse(&a.op, &a.subop);
+    let needs_xml = !matches!(op, HookOp::Other(_) | HookOp::Start | HookOp::Stopped);
+    if !needs_xml {
+        return ExitCode::SUCCESS;
+    }
+    let result = std::panic::catch_unwind(|| -> Result<Option<String>, HookError> {
+        let input = read_stdin()?;
+        let e = env(dirs, Duration::from_secs(600))?;
+        match op {
+            HookOp::Prepare => {
+                for w in run::prepare(&e, &input)? {
+                    eprintln!("gpupass: warning: {w}");
+                }
+                Ok(None)
+            }
+            HookOp::Migrate | HookOp::Restore => run::transform(&e, &input, None),
+            HookOp::Started | HookOp::Reconnect => run::started(&e, &input).map(|()| None),
+            HookOp::Release => run::release(&e, &input).map(|()| None),
+            HookOp::Start | HookOp::Stopped | HookOp::Other(_) => Ok(None),
+        }
+    });
+    // Only prepare (blocks a start that cannot work) and migrate/restore (a rewrite that cannot
+    // be done) fail; bookkeeping failures are logged and never stop a domain.
+    let fails = matches!(op, HookOp::Prepare | HookOp::Migrate | HookOp::Restore);
+    match result {
+        Ok(Ok(Some(xml))) => match print_stdout(&xml) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("gpupass: {}", error_line(&e));
+                ExitCode::from(1)
+            }
+        },
+        Ok(Ok(None)) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            eprintln!("gpupass: {} {}: {}", a.op, a.domain, error_line(&e));
+            if fails {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(_) => {
+            eprintln!("gpupass: {} {}: internal error (panic)", a.op, a.domain);
+            if fails {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+    }
+}
+
+fn usage(dirs: &Dirs, json: bool, since: Option<&str>) -> Result<(), HookError> {
+    let now = unix_now();
+    let since = match since {
+        Some(s) => parse_since(s, now).ok_or_else(|| {
+            HookError::Request(crate::request::RequestError::Invalid(format!(
+                "--since '{s}': give unix seconds or an age like 90m, 24h, 7d"
+            )))
+        })?,
+        None => 0,
+    };
+    let report = summarize(&Ledger::new(&dirs.state_dir).read()?, since, now);
+    if json {
+        let mut s = serde_json::to_string_pretty(&report).expect("usage serializes");
+        s.push('\n');
+        return print_stdout(&s);
+    }
+    let mut out =
+        String::from("DOMAIN                            GPU-SECONDS  GPU-HOURS  RUNNING\n");
+    for d in &report.domains {
+        out.push_str(&format!(
+            "{:<32}  {:>11}  {:>9.2}  {}\n",
+            d.domain,
+            d.gpu_seconds,
+            d.gpu_seconds as f64 / 3600.0,
+            if d.running { "yes" } else { "no" }
+        ));
+    }
+    out.push_str(&format!(
+        "total                             {:>11}  {:>9.2}\n",
+        report.total_gpu_seconds,
+        report.total_gpu_seconds as f64 / 3600.0
+    ));
+    if report.skipped_lines > 0 {
+        tracing::warn!(
+            lines = report.skipped_lines,
+            "ledger lines skipped as torn or unreadable"
+        );
+    }
+    print_stdout(&out)
+}
+
+fn install_hook(
+    dirs: &Dirs,
+    root: &std::path::Path,
+    binary: Option<&std::path::Path>,
+    remove: bool,
+) -> Result<(), HookError> {
+    let done = if remove {
+        install::uninstall(root)?
+    } else {
+        let binary = match binary {
+            Some(b) => b.to_path_buf(),
+            None => {
+                let me = std::env::current_exe().map_err(HookError::Stdin)?;
+                let lean = me.with_file_name("gpupass-hook");
+                if lean.is_file() {
+                    lean
+                } else {
+                    me
+                }
+            }
+        };
+        let mut args = vec![
+            "--host-root".to_string(),
+            dirs.host_root.display().to_string(),
+            "--run-dir".to_string(),
+            dirs.run_dir.display().to_string(),
+            "--state-dir".to_string(),
+            dirs.state_dir.display().to_string(),
+        ];
+        if let Some(c) = &dirs.config_file {
+            args.push("--config-file".into());
+            args.push(c.display().to_string());
+        }
+        install::install(root, &binary, &args)?
+    };
+    let verb = if remove { "removed" } else { "installed" };
+    let mut msg = format!("{verb} {}\n", done.path.display());
+    msg.push_str(&match done.reload_pid {
+        Some(pid) => format!(
+            "libvirtd is running (pid {pid}) and reads its hooks only at start: reload it with `kill -HUP {pid}`\n"
+        ),
+        None => "libvirtd will use it from its next start (or send it SIGHUP)\n".to_string(),
+    });
+    print_stdout(&msg)
+}
+
+/// Runs a hook-mode command and returns its exit code; errors are one line on stderr.
+pub fn run(dirs: &Dirs, cmd: &HookCommand) -> ExitCode {
+    let result = match cmd {
+        HookCommand::Hook(a) => return hook(dirs, a),
+        HookCommand::Transform(a) => transform(dirs, a),
+        HookCommand::Usage { json, since } => usage(dirs, *json, since.as_deref()),
+        HookCommand::InstallHook {
+            root,
+            binary,
+            uninstall,
+        } => install_hook(dirs, root, binary.as_deref(), *uninstall),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gpupass: error: {}", error_line(&e));
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_takes_unix_seconds_or_an_age() {
+        assert_eq!(parse_since("1700000000", 5), Some(1_700_000_000));
+        assert_eq!(parse_since("90m", 10_000), Some(10_000 - 5400));
+        assert_eq!(parse_since("7d", 1_000_000), Some(1_000_000 - 604_800));
+        assert_eq!(parse_since("2w", 10), None);
+        assert_eq!(parse_since("", 10), None);
+        assert_eq!(parse_since("h", 10), None);
+    }
+}

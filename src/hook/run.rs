@@ -1,0 +1,252 @@
+//! The IO edge of hook mode: `transform` and each qemu hook operation, over the host root, the
+//! run dir (lock, leases) and the state dir (ledger). Never calls libvirt: who holds what comes
+//! from libvirt's own files (`libvirt::files`).
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::alloc::lease::{self, Lease, LeaseStore};
+use crate::alloc::lock::HostLock;
+use crate::alloc::plan::{AttachRequest, Holdings};
+use crate::assign::preferred_nodes;
+use crate::config::GpupassConfig;
+use crate::hook::resolve::resolve;
+use crate::hook::HookError;
+use crate::host::discover::discover;
+use crate::host::readiness::verdict;
+use crate::host::sysfs::Sysfs;
+use crate::libvirt::files;
+use crate::model::PciAddress;
+use crate::request;
+use crate::usage::Ledger;
+use crate::xml::compose::HostdevTemplate;
+use crate::xml::rewrite::{apply, injected_block, scan, DomainDoc, Edit};
+
+/// Where hook mode reads and writes.
+#[derive(Debug, Clone)]
+pub struct HookEnv {
+    /// The host root.
+    pub host_root: PathBuf,
+    /// Lock and leases.
+    pub run_dir: PathBuf,
+    /// The usage ledger.
+    pub state_dir: PathBuf,
+    /// The config.
+    pub config: GpupassConfig,
+    /// The hostdev template.
+    pub template: HostdevTemplate,
+    /// How long a transform's lease lasts.
+    pub lease_ttl: Duration,
+    /// How long to wait for the host lock.
+    pub lock_timeout: Duration,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn lease_key(doc: &DomainDoc<'_>) -> String {
+    lease::key(doc.uuid.as_deref(), &doc.name)
+}
+
+/// Resolves the domain's request and rewrites its XML: `Ok(None)` when nothing changes (no
+/// request, or one already satisfied). Takes the host lock and leases what it chose.
+pub fn transform(
+    env: &HookEnv,
+    input: &str,
+    override_request: Option<AttachRequest>,
+) -> Result<Option<String>, HookError> {
+    let doc = scan(input)?;
+    let request = match override_request {
+        Some(r) => r,
+        None => match request::for_domain(&doc.name, doc.request.as_ref(), &env.config)? {
+            Some(r) => r,
+            None => return Ok(None),
+        },
+    };
+    let _lock = HostLock::acquire(&env.run_dir, env.lock_timeout)?;
+    let inv = discover(&Sysfs::new(&env.host_root))?;
+    let mut holdings: Holdings = files::all_holdings(&env.host_root, &doc.name)?;
+    let key = lease_key(&doc);
+    let store = LeaseStore::new(&env.run_dir);
+    let t = now();
+    store.holdings_except(&key, t, &mut holdings);
+    let prefer = match crate::xml::domain::parse(input) {
+        Ok(facts) => preferred_nodes(&inv, &facts),
+        Err(_) => BTreeSet::new(),
+    };
+    let res = resolve(&inv, &holdings, &doc, &request, &prefer)?;
+    if !res.functions_after.is_empty() {
+        store.put(
+            &key,
+            &Lease {
+                domain: doc.name.clone(),
+                uuid: doc.uuid.clone(),
+                functions: res.functions_after.clone(),
+                expires: t + env.lease_ttl.as_secs(),
+            },
+        )?;
+    }
+    if !res.changes() {
+        return Ok(None);
+    }
+    let mut edits: Vec<Edit> = res
+        .remove
+        .iter()
+        .map(|i| doc.removal(&doc.hostdevs[*i]))
+        .collect();
+    let blocks: Vec<String> = res
+        .add
+        .iter()
+        .map(|f| injected_block(&env.template, *f))
+        .collect();
+    edits.extend(doc.insertion(&blocks));
+    for f in &res.add {
+        tracing::info!(domain = %doc.name, bdf = %f, "hostdev added");
+    }
+    Ok(Some(apply(input, &edits)))
+}
+
+/// `prepare begin`: every hostdev must exist here, be passable, and be free of other running
+/// domains and of other domains' leases; the domain's request must be met. Returns warnings;
+/// an `Err` blocks the start.
+pub fn prepare(env: &HookEnv, input: &str) -> Result<Vec<String>, HookError> {
+    let doc = scan(input)?;
+    let sources = doc.pci_sources();
+    let request = request::for_domain(&doc.name, doc.request.as_ref(), &env.config)?;
+    if sources.is_empty() && request.is_none() {
+        return Ok(Vec::new());
+    }
+    let blocked = |msg: String| HookError::Blocked(msg);
+    let inv = discover(&Sysfs::new(&env.host_root))?;
+    if !sources.is_empty() && !inv.iommu.enabled() {
+        return Err(blocked(
+            "the IOMMU is off on this host: no PCI device can be passed through".into(),
+        ));
+    }
+    let mut running = files::running_holdings(&env.host_root, &doc.name)?;
+    LeaseStore::new(&env.run_dir).holdings_except(&lease_key(&doc), now(), &mut running);
+    let mut warnings = Vec::new();
+    let present: BTreeSet<PciAddress> = sources.iter().copied().collect();
+    let mut checked = BTreeSet::new();
+    for s in &sources {
+        let Some(dev) = inv.device(*s) else {
+            return Err(blocked(format!(
+                "hostdev {s} is not a PCI device on this host"
+            )));
+        };
+        if let Some(h) = running.holders(&[*s]).first() {
+            let who = match h.domain.strip_prefix("lease:") {
+                Some(d) => format!("reserved for domain '{d}' (a transform in flight)"),
+                None => format!("in use by running domain '{}'", h.domain),
+            };
+            return Err(blocked(format!("{s} is {who}")));
+        }
+        let Some(gpu) = inv.gpu(*s) else {
+            // Not a GPU function: existence and holders are all gpupass judges.
+            let _ = dev;
+            continue;
+        };
+        if !checked.insert(gpu.address) {
+            continue;
+        }
+        let v = verdict(&inv, gpu);
+        if let Some(b) = v.blockers.first() {
+            return Err(blocked(format!(
+                "GPU {} cannot be passed through: {b}",
+                gpu.address
+            )));
+        }
+        let missing: Vec<String> = gpu
+            .functions
+            .iter()
+            .filter(|f| !present.contains(f))
+            .map(|f| f.to_string())
+            .collect();
+        if !missing.is_empty() {
+            warnings.push(format!(
+                "GPU {} is not whole in domain '{}': {} missing",
+                gpu.address,
+                doc.name,
+                missing.join(", ")
+            ));
+        }
+        if v.boot_vga {
+            warnings.push(format!("GPU {} is the host's boot VGA", gpu.address));
+        }
+    }
+    if let Some(req) = request {
+        let have: Vec<PciAddress> = inv
+            .gpus
+            .iter()
+            .filter(|g| g.functions.iter().any(|f| present.contains(f)))
+            .map(|g| g.address)
+            .collect();
+        match req {
+            AttachRequest::Gpus(addrs) => {
+                for a in addrs {
+                    let gpu = inv.gpu(a).map_or(a, |g| g.address);
+                    if !have.contains(&gpu) {
+                        return Err(blocked(format!(
+                            "domain '{}' asks for GPU {gpu}, which its XML does not have",
+                            doc.name
+                        )));
+                    }
+                }
+            }
+            AttachRequest::Count { count, model } => {
+                let n = have
+                    .iter()
+                    .filter(|g| model.is_none_or(|m| inv.device(**g).is_some_and(|d| d.id == m)))
+                    .count();
+                if n < count {
+                    return Err(blocked(format!(
+                        "domain '{}' asks for {count} GPU(s){}, its XML has {n}",
+                        doc.name,
+                        model.map(|m| format!(" of model {m}")).unwrap_or_default()
+                    )));
+                }
+            }
+        }
+    }
+    Ok(warnings)
+}
+
+/// Display-class PCI sources of the domain: its GPUs for the ledger. Reads only `class` of each.
+fn gpu_sources(env: &HookEnv, doc: &DomainDoc<'_>) -> Vec<PciAddress> {
+    let sysfs = Sysfs::new(&env.host_root);
+    doc.pci_sources()
+        .into_iter()
+        .filter(|a| {
+            sysfs
+                .hex_attr(*a, "class")
+                .ok()
+                .flatten()
+                .is_some_and(|c| c >> 16 == 0x03)
+        })
+        .collect()
+}
+
+/// `started begin` / `reconnect begin`: opens a usage session and ends the lease.
+pub fn started(env: &HookEnv, input: &str) -> Result<(), HookError> {
+    let doc = scan(input)?;
+    let key = lease_key(&doc);
+    LeaseStore::new(&env.run_dir).remove(&key)?;
+    let gpus = gpu_sources(env, &doc);
+    if !gpus.is_empty() {
+        Ledger::new(&env.state_dir).start(&doc.name, &key, &gpus, now())?;
+    }
+    Ok(())
+}
+
+/// `release end`: closes the usage session (if one is open) and ends the lease. Idempotent.
+pub fn release(env: &HookEnv, input: &str) -> Result<(), HookError> {
+    let doc = scan(input)?;
+    let key = lease_key(&doc);
+    LeaseStore::new(&env.run_dir).remove(&key)?;
+    Ledger::new(&env.state_dir).stop(&doc.name, &key, now())?;
+    Ok(())
+}

@@ -1,0 +1,349 @@
+//! The usage ledger: an append-only JSON-lines file under the state dir with one record when a
+//! domain with GPUs starts and one when it is released; GPU-seconds are computed from it. A
+//! record is one `write` of a whole line under an exclusive lock, flushed to disk; if a crash
+//! ever left a torn last line, the next append starts on a fresh line and readers skip the
+//! torn one, so a bad line never corrupts the records around it.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::PciAddress;
+
+/// The ledger's file name inside the state dir.
+pub const LEDGER_FILE: &str = "usage.jsonl";
+
+/// Errors from the ledger.
+#[derive(Debug, thiserror::Error)]
+pub enum UsageError {
+    /// The ledger could not be opened, locked, read or written.
+    #[error("failed to access usage ledger {path}")]
+    Io {
+        /// The ledger file.
+        path: PathBuf,
+        /// The IO error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// One ledger line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "lowercase")]
+pub enum Record {
+    /// A domain started holding these GPUs.
+    Start {
+        /// Unix seconds.
+        ts: u64,
+        /// Domain name.
+        domain: String,
+        /// Domain UUID (the session key), or its name when it has none.
+        key: String,
+        /// The GPUs (display functions).
+        gpus: Vec<PciAddress>,
+    },
+    /// The domain was released.
+    Stop {
+        /// Unix seconds.
+        ts: u64,
+        /// Domain name.
+        domain: String,
+        /// The session key.
+        key: String,
+    },
+}
+
+/// The ledger file.
+#[derive(Debug, Clone)]
+pub struct Ledger {
+    path: PathBuf,
+}
+
+/// Records read back, and how many lines were skipped as torn or unreadable.
+#[derive(Debug, Clone, Default)]
+pub struct LedgerRead {
+    /// Valid records, in order.
+    pub records: Vec<Record>,
+    /// Lines skipped.
+    pub skipped: usize,
+}
+
+fn parse_lines(text: &str) -> LedgerRead {
+    let mut out = LedgerRead::default();
+    let complete = match text.rfind('\n') {
+        Some(i) => &text[..=i],
+        None => "",
+    };
+    if complete.len() < text.len() {
+        out.skipped += 1; // a torn last line
+    }
+    for line in complete.lines().filter(|l| !l.trim().is_empty()) {
+        match serde_json::from_str::<Record>(line) {
+            Ok(r) => out.records.push(r),
+            Err(_) => out.skipped += 1,
+        }
+    }
+    out
+}
+
+fn open_session<'a>(records: &'a [Record], key: &str) -> Option<&'a Record> {
+    let mut open = None;
+    for r in records {
+        match r {
+            Record::Start { key: k, .. } if k == key => open = Some(r),
+            Record::Stop { key: k, .. } if k == key => open = None,
+            _ => {}
+        }
+    }
+    open
+}
+
+impl Ledger {
+    /// The ledger under `state_dir`.
+    pub fn new(state_dir: &Path) -> Self {
+        Self {
+            path: state_dir.join(LEDGER_FILE),
+        }
+    }
+
+    fn err(&self, source: io::Error) -> UsageError {
+        UsageError::Io {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Reads every record; a missing ledger is empty.
+    pub fn read(&self) -> Result<LedgerRead, UsageError> {
+        match fs::read_to_string(&self.path) {
+            Ok(t) => Ok(parse_lines(&t)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(LedgerRead::default()),
+            Err(e) => Err(self.err(e)),
+        }
+    }
+
+    /// Opens the ledger locked for appending and returns it with its current records.
+    fn locked(&self) -> Result<(File, LedgerRead), UsageError> {
+        if let Some(dir) = self.path.parent() {
+            fs::create_dir_all(dir).map_err(|e| self.err(e))?;
+        }
+        let mut f = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(&self.path)
+            .map_err(|e| self.err(e))?;
+        f.lock().map_err(|e| self.err(e))?;
+        let mut text = String::new();
+        f.seek(SeekFrom::Start(0)).map_err(|e| self.err(e))?;
+        f.read_to_string(&mut text).map_err(|e| self.err(e))?;
+        let torn = !text.is_empty() && !text.ends_with('\n');
+        let mut read = parse_lines(&text);
+        if torn {
+            // Start the next record on a fresh line; the torn bytes stay a skipped line.
+            f.write_all(b"\n").map_err(|e| self.err(e))?;
+            read.skipped = read.skipped.max(1);
+        }
+        Ok((f, read))
+    }
+
+    fn append(&self, f: &mut File, r: &Record) -> Result<(), UsageError> {
+        let mut line = serde_json::to_vec(r).expect("a record serializes");
+        line.push(b'\n');
+        f.write_all(&line)
+            .and_then(|()| f.sync_data())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Opens a session; does nothing when one is already open for `key` (a repeated event).
+    /// Returns whether a record was written.
+    pub fn start(
+        &self,
+        domain: &str,
+        key: &str,
+        gpus: &[PciAddress],
+        ts: u64,
+    ) -> Result<bool, UsageError> {
+        let (mut f, read) = self.locked()?;
+        if open_session(&read.records, key).is_some() {
+            return Ok(false);
+        }
+        self.append(
+            &mut f,
+            &Record::Start {
+                ts,
+                domain: domain.to_owned(),
+                key: key.to_owned(),
+                gpus: gpus.to_vec(),
+            },
+        )?;
+        Ok(true)
+    }
+
+    /// Closes the open session of `key`; does nothing when none is open (libvirt also calls
+    /// release after a start that was blocked). Returns whether a record was written.
+    pub fn stop(&self, domain: &str, key: &str, ts: u64) -> Result<bool, UsageError> {
+        let (mut f, read) = self.locked()?;
+        if open_session(&read.records, key).is_none() {
+            return Ok(false);
+        }
+        self.append(
+            &mut f,
+            &Record::Stop {
+                ts,
+                domain: domain.to_owned(),
+                key: key.to_owned(),
+            },
+        )?;
+        Ok(true)
+    }
+}
+
+/// GPU-seconds of one domain.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct DomainUsage {
+    /// Domain name (the latest seen).
+    pub domain: String,
+    /// Session key (UUID or name).
+    pub key: String,
+    /// GPU-seconds in the window.
+    pub gpu_seconds: u64,
+    /// Per GPU.
+    pub gpus: BTreeMap<PciAddress, u64>,
+    /// A session is open now (counted up to `now`).
+    pub running: bool,
+}
+
+/// The usage summary.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct UsageReport {
+    /// Window start (unix seconds), 0 = everything.
+    pub since: u64,
+    /// Window end: now.
+    pub until: u64,
+    /// Per domain, by key.
+    pub domains: Vec<DomainUsage>,
+    /// All GPU-seconds.
+    pub total_gpu_seconds: u64,
+    /// Ledger lines skipped as torn or unreadable.
+    pub skipped_lines: usize,
+}
+
+/// Sums GPU-seconds between `since` and `now` (pure).
+pub fn summarize(read: &LedgerRead, since: u64, now: u64) -> UsageReport {
+    let mut by_key: BTreeMap<String, DomainUsage> = BTreeMap::new();
+    let mut open: BTreeMap<String, (u64, Vec<PciAddress>)> = BTreeMap::new();
+    let charge = |by_key: &mut BTreeMap<String, DomainUsage>,
+                  key: &str,
+                  domain: &str,
+                  from: u64,
+                  to: u64,
+                  gpus: &[PciAddress]| {
+        let (from, to) = (from.max(since), to.min(now));
+        let secs = to.saturating_sub(from);
+        let u = by_key.entry(key.to_owned()).or_default();
+        u.key = key.to_owned();
+        u.domain = domain.to_owned();
+        for g in gpus {
+            *u.gpus.entry(*g).or_default() += secs;
+            u.gpu_seconds += secs;
+        }
+    };
+    let mut names: BTreeMap<String, String> = BTreeMap::new();
+    for r in &read.records {
+        match r {
+            Record::Start {
+                ts,
+                domain,
+                key,
+                gpus,
+            } => {
+                names.insert(key.clone(), domain.clone());
+                open.insert(key.clone(), (*ts, gpus.clone()));
+            }
+            Record::Stop { ts, domain, key } => {
+                if let Some((from, gpus)) = open.remove(key) {
+                    charge(&mut by_key, key, domain, from, *ts, &gpus);
+                }
+            }
+        }
+    }
+    for (key, (from, gpus)) in &open {
+        let domain = names.get(key).cloned().unwrap_or_default();
+        charge(&mut by_key, key, &domain, *from, now, gpus);
+        if let Some(u) = by_key.get_mut(key) {
+            u.running = true;
+        }
+    }
+    let domains: Vec<DomainUsage> = by_key.into_values().collect();
+    UsageReport {
+        since,
+        until: now,
+        total_gpu_seconds: domains.iter().map(|d| d.gpu_seconds).sum(),
+        domains,
+        skipped_lines: read.skipped,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn g(s: &str) -> PciAddress {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn sessions_open_close_and_repeat_idempotently() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Ledger::new(dir.path());
+        assert!(
+            !l.stop("vm", "k1", 5).unwrap(),
+            "release after a blocked start writes nothing"
+        );
+        assert!(l
+            .start("vm", "k1", &[g("0000:18:00.0"), g("0000:2a:00.0")], 100)
+            .unwrap());
+        assert!(
+            !l.start("vm", "k1", &[g("0000:18:00.0")], 150).unwrap(),
+            "repeated start"
+        );
+        assert!(l.stop("vm", "k1", 160).unwrap());
+        assert!(!l.stop("vm", "k1", 170).unwrap(), "release twice");
+        assert!(l.start("other", "k2", &[g("0000:9a:00.0")], 200).unwrap());
+        let r = summarize(&l.read().unwrap(), 0, 300);
+        assert_eq!(r.total_gpu_seconds, 2 * 60 + 100);
+        let vm = r.domains.iter().find(|d| d.key == "k1").unwrap();
+        assert_eq!(vm.gpus[&g("0000:2a:00.0")], 60);
+        assert!(!vm.running);
+        assert!(r.domains.iter().find(|d| d.key == "k2").unwrap().running);
+        let windowed = summarize(&l.read().unwrap(), 150, 250);
+        assert_eq!(windowed.total_gpu_seconds, 2 * 10 + 50);
+    }
+
+    #[test]
+    fn a_torn_last_line_is_skipped_and_never_glued_to_the_next_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Ledger::new(dir.path());
+        l.start("vm", "k1", &[g("0000:18:00.0")], 100).unwrap();
+        // A crash in the middle of a write.
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(dir.path().join(LEDGER_FILE))
+            .unwrap();
+        f.write_all(b"{\"event\":\"stop\",\"ts\":1").unwrap();
+        drop(f);
+        assert_eq!(l.read().unwrap().skipped, 1);
+        assert!(
+            l.stop("vm", "k1", 130).unwrap(),
+            "the torn line did not close the session"
+        );
+        let read = l.read().unwrap();
+        assert_eq!(read.records.len(), 2);
+        assert_eq!(read.skipped, 1);
+        assert_eq!(summarize(&read, 0, 1000).total_gpu_seconds, 30);
+    }
+}
