@@ -296,7 +296,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    gpupass::observability::init(cli.verbose);
+    gpupass::observability::init(cli.verbose, cli.dirs.log_file.as_deref());
     if let Command::HookMode(cmd) = &cli.command {
         return gpupass::hook::cli::run(&cli.dirs, cmd);
     }

@@ -1,18 +1,43 @@
-//! Installs the tracing subscriber once: human lines on stderr (stdout carries XML and JSON).
+//! Installs the tracing subscriber once: human lines on stderr (stdout carries XML and JSON), or
+//! appended to a log file (the qemu hook: libvirt discards a successful hook's stderr).
+
+use std::fs::OpenOptions;
+use std::path::Path;
+use std::sync::Mutex;
 
 use tracing_subscriber::EnvFilter;
 
 /// `verbosity` 0 = warnings, 1 = info, 2+ = debug; `GPUPASS_LOG` (an env-filter) overrides.
-pub fn init(verbosity: u8) {
+/// With `log_file`, lines (with timestamps) go there instead of stderr; if it cannot be opened,
+/// stderr it is.
+pub fn init(verbosity: u8, log_file: Option<&Path>) {
     let default = match verbosity {
         0 => "warn",
         1 => "info",
         _ => "debug",
     };
-    let filter = EnvFilter::try_from_env("GPUPASS_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    // A second init (tests) is harmless: keep the first subscriber.
+    let filter =
+        || EnvFilter::try_from_env("GPUPASS_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    if let Some(path) = log_file {
+        match OpenOptions::new().create(true).append(true).open(path) {
+            Ok(f) => {
+                // A second init (tests) is harmless: keep the first subscriber.
+                let _ = tracing_subscriber::fmt()
+                    .with_env_filter(filter())
+                    .with_writer(Mutex::new(f))
+                    .with_ansi(false)
+                    .with_target(false)
+                    .try_init();
+                return;
+            }
+            Err(e) => eprintln!(
+                "gpupass: warning: cannot open log file {}: {e}",
+                path.display()
+            ),
+        }
+    }
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(filter())
         .with_writer(std::io::stderr)
         .without_time()
         .with_target(false)

@@ -45,7 +45,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    gpupass::observability::init(cli.verbose);
+    gpupass::observability::init(cli.verbose, cli.dirs.log_file.as_deref());
     gpupass::hook::cli::run(&cli.dirs, &cli.command)
 }
 

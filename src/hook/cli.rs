@@ -55,6 +55,10 @@ pub struct Dirs {
         value_name = "FILE"
     )]
     pub config_file: Option<PathBuf>,
+    /// Append log lines to FILE instead of stderr (for the hook: libvirt drops a successful
+    /// hook's stderr). Errors still go to stderr.
+    #[arg(long, env = "GPUPASS_LOG_FILE", global = true, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
 }
 
 /// `transform` flags.
@@ -252,6 +256,13 @@ fn hook(dirs: &Dirs, a: &HookArgs) -> ExitCode {
     // Only prepare (blocks a start that cannot work) and migrate/restore (a rewrite that cannot
     // be done) fail; bookkeeping failures are logged and never stop a domain.
     let fails = matches!(op, HookOp::Prepare | HookOp::Migrate | HookOp::Restore);
+    let what = format!("hook {} {} {}", a.op, a.subop, a.domain);
+    match &result {
+        Ok(Ok(Some(_))) => tracing::info!("{what}: rewrote the domain XML"),
+        Ok(Ok(None)) => tracing::info!("{what}: ok, unchanged"),
+        Ok(Err(e)) => tracing::warn!("{what}: {}", error_line(e)),
+        Err(_) => tracing::error!("{what}: panic"),
+    }
     match result {
         Ok(Ok(Some(xml))) => match print_stdout(&xml) {
             Ok(()) => ExitCode::SUCCESS,
@@ -353,6 +364,11 @@ fn install_hook(
         if let Some(c) = &dirs.config_file {
             args.push("--config-file".into());
             args.push(c.display().to_string());
+        }
+        if let Some(l) = &dirs.log_file {
+            args.push("--log-file".into());
+            args.push(l.display().to_string());
+            args.push("-v".into());
         }
         install::install(root, &binary, &args)?
     };
