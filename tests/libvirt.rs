@@ -245,3 +245,109 @@ fn parallel_allocation_never_gives_one_gpu_twice() {
     assert_eq!(owner.len(), 8);
     assert!(!owner.contains_key("0000:03:00.0"), "never the boot VGA");
 }
+
+/// The hook set-up of scripts/libvirtd (`up --hook`): its directory, or `None` to skip.
+fn hook_dir() -> Option<std::path::PathBuf> {
+    let dir = std::env::var_os("GPUPASS_TEST_HOOK_DIR").map(std::path::PathBuf::from);
+    let installed = std::path::Path::new("/etc/libvirt/hooks/qemu.d/gpupass").exists();
+    match dir {
+        Some(d) if installed => Some(d),
+        _ => {
+            assert!(
+                !common::required(),
+                "GPUPASS_REQUIRE_LIBVIRT=1 but the gpupass hook is not set up (scripts/libvirtd up --hook target/debug/gpupass-hook)"
+            );
+            eprintln!("SKIPPED: gpupass hook not installed in the test daemon");
+            None
+        }
+    }
+}
+
+fn hook_log(dir: &std::path::Path) -> String {
+    std::fs::read_to_string(dir.join("hook.log")).unwrap_or_default()
+}
+
+/// With gpupass's hook installed in the real daemon, a start that cannot work is refused at
+/// `prepare begin` and `virsh start` shows gpupass's line; release after it is harmless.
+#[test]
+fn the_hook_blocks_a_start_that_cannot_work_and_virsh_shows_why() {
+    let _g = need_daemon!();
+    let Some(dir) = hook_dir() else { return };
+    let greedy = TestDomain::define(
+        "greedy",
+        "<metadata><gpupass:gpus xmlns:gpupass='https://gpupass.dev/xmlns/1' count='9'/></metadata>",
+    );
+    let r = common::virsh(&["start", &greedy.name]);
+    assert_ne!(r.code, 0, "the start must be blocked");
+    let want = format!(
+        "gpupass: prepare {0}: domain '{0}' asks for 9 GPU(s), its XML has 0",
+        greedy.name
+    );
+    assert!(
+        r.stderr.contains("Hook script execution failed"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains(&want), "{want:?} not in {}", r.stderr);
+    // libvirt calls release after the blocked start: it ran, and wrote no usage.
+    let log = hook_log(&dir);
+    assert!(
+        log.contains(&format!("hook release end {}: ok", greedy.name)),
+        "{log}"
+    );
+    let ledger = std::fs::read_to_string(dir.join("state/usage.jsonl")).unwrap_or_default();
+    assert!(!ledger.contains(&greedy.name), "{ledger}");
+
+    // A hostdev that is not on this host: gpupass's reason, not QEMU's later VFIO failure.
+    let stale = TestDomain::define("stale", "");
+    let t = tempfile::tempdir().unwrap();
+    let x = t.path().join("hostdev.xml");
+    std::fs::write(&x, "<hostdev mode='subsystem' type='pci' managed='yes'><source><address domain='0x0000' bus='0xee' slot='0x00' function='0x0'/></source></hostdev>").unwrap();
+    let r = common::virsh(&[
+        "attach-device",
+        &stale.name,
+        x.to_str().unwrap(),
+        "--config",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = common::virsh(&["start", &stale.name]);
+    assert_ne!(r.code, 0);
+    assert!(
+        r.stderr.contains("gpupass: prepare")
+            && r.stderr
+                .contains("hostdev 0000:ee:00.0 is not a PCI device on this host"),
+        "{}",
+        r.stderr
+    );
+}
+
+/// A domain without GPUs goes through every hook call (prepare, started, restore) unchanged.
+#[test]
+fn the_hook_passes_a_gpu_less_domain_through_start_save_and_restore() {
+    let _g = need_daemon!();
+    let Some(dir) = hook_dir() else { return };
+    let d = TestDomain::define("restore", "");
+    d.start();
+    let t = tempfile::tempdir().unwrap();
+    let image = t.path().join("saved.img");
+    let r = common::virsh(&["save", &d.name, image.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "save: {}", r.stderr);
+    let r = common::virsh(&["restore", image.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "restore: {}", r.stderr);
+    let state = common::virsh(&["domstate", &d.name]);
+    assert_eq!(state.stdout.trim(), "running");
+    let log = hook_log(&dir);
+    for op in [
+        "prepare begin",
+        "started begin",
+        "release end",
+        "restore begin",
+    ] {
+        let line = format!("hook {op} {}: ok", d.name);
+        assert!(log.contains(&line), "{line:?} not in the hook log:\n{log}");
+    }
+    assert!(
+        log.contains(&format!("hook restore begin {}: ok, unchanged", d.name)),
+        "{log}"
+    );
+}

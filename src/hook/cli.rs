@@ -260,7 +260,7 @@ fn hook(dirs: &Dirs, a: &HookArgs) -> ExitCode {
     match &result {
         Ok(Ok(Some(_))) => tracing::info!("{what}: rewrote the domain XML"),
         Ok(Ok(None)) => tracing::info!("{what}: ok, unchanged"),
-        Ok(Err(e)) => tracing::warn!("{what}: {}", error_line(e)),
+        Ok(Err(e)) => tracing::info!("{what}: refused: {}", error_line(e)),
         Err(_) => tracing::error!("{what}: panic"),
     }
     match result {

@@ -1,0 +1,388 @@
+//! The qemu hook as libvirt calls it (`gpupass-hook hook qemu DOMAIN OP SUBOP -`, XML on stdin)
+//! over a host root that combines a fixture host's sysfs with libvirt's own files (a running
+//! domain's status XML): prepare blocks what cannot work with one line, migrate/restore rewrite,
+//! started/release keep the ledger, other operations pass, and install-hook writes a shim that
+//! works.
+
+mod common;
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use common::{host, Run};
+
+/// A host root: the fixture's `sys` and `proc`, plus libvirt's `run/libvirt/qemu` with
+/// `running` (name → hostdev addresses) as status files.
+struct Root {
+    dir: tempfile::TempDir,
+}
+
+impl Root {
+    fn new(fixture: &str, running: &[(&str, &[&str])]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        symlink(host(fixture).join("sys"), dir.path().join("sys")).unwrap();
+        symlink(host(fixture).join("proc"), dir.path().join("proc")).unwrap();
+        let status = dir.path().join("run/libvirt/qemu");
+        fs::create_dir_all(&status).unwrap();
+        for (name, addrs) in running {
+            fs::write(status.join(format!("{name}.xml")), status_xml(name, addrs)).unwrap();
+        }
+        Root { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn run_dir(&self) -> PathBuf {
+        self.dir.path().join("gp-run")
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("gp-state")
+    }
+
+    fn gpupass(&self, args: &[&str], stdin: &str) -> Run {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_gpupass-hook"));
+        c.env_remove("GPUPASS_CONFIG")
+            .env_remove("GPUPASS_LOG_FILE")
+            .arg("--host-root")
+            .arg(self.path())
+            .arg("--run-dir")
+            .arg(self.run_dir())
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        let mut w = child.stdin.take().unwrap();
+        let _ = w.write_all(stdin.as_bytes());
+        drop(w);
+        child.wait_with_output().unwrap().into()
+    }
+
+    fn hook(&self, domain: &str, op: &str, subop: &str, xml: &str) -> Run {
+        self.gpupass(&["hook", "qemu", domain, op, subop, "-"], xml)
+    }
+}
+
+fn hostdev(addr: &str) -> String {
+    let a: gpupass::model::PciAddress = addr.parse().unwrap();
+    format!(
+        "<hostdev mode='subsystem' type='pci' managed='yes'><source><address domain='0x{:04x}' bus='0x{:02x}' slot='0x{:02x}' function='0x{:x}'/></source></hostdev>",
+        a.domain, a.bus, a.slot, a.function
+    )
+}
+
+fn domain_xml(name: &str, meta: &str, addrs: &[&str]) -> String {
+    let devs: String = addrs.iter().map(|a| hostdev(a)).collect();
+    format!(
+        "<domain type='kvm'>\n  <name>{name}</name>\n  <uuid>{}</uuid>\n  {meta}\n  <memory>131072</memory>\n  <os><type>hvm</type></os>\n  <devices>\n    {devs}\n  </devices>\n</domain>\n",
+        uuid_for(name)
+    )
+}
+
+fn uuid_for(name: &str) -> String {
+    let mut h: u64 = 1469598103934665603;
+    for b in name.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(1099511628211);
+    }
+    format!(
+        "{:08x}-0000-4000-8000-{:012x}",
+        h >> 32,
+        h & 0xffff_ffff_ffff
+    )
+}
+
+fn status_xml(name: &str, addrs: &[&str]) -> String {
+    format!(
+        "<domstatus state='running' reason='booted' pid='4242'>\n  <monitor path='/var/lib/libvirt/qemu/domain-1-{name}/monitor.sock' type='unix'/>\n{}</domstatus>\n",
+        domain_xml(name, "", addrs)
+    )
+}
+
+fn meta(count: u32) -> String {
+    format!("<metadata><g:gpus xmlns:g='https://gpupass.dev/xmlns/1' count='{count}'/></metadata>")
+}
+
+fn blocked(r: &Run, needle: &str) {
+    assert_eq!(r.code, 1, "should block: {}", r.stderr);
+    assert!(r.stdout.is_empty());
+    assert_eq!(r.stderr.lines().count(), 1, "{:?}", r.stderr);
+    assert!(r.stderr.contains(needle), "{needle:?} not in {}", r.stderr);
+}
+
+#[test]
+fn prepare_blocks_what_cannot_work_with_one_line() {
+    let root = Root::new("hgx-8gpu", &[("vm-running", &["0000:18:00.0"])]);
+    blocked(
+        &root.hook(
+            "vm",
+            "prepare",
+            "begin",
+            &domain_xml("vm", "", &["0000:18:00.0"]),
+        ),
+        "0000:18:00.0 is in use by running domain 'vm-running'",
+    );
+    blocked(
+        &root.hook(
+            "vm",
+            "prepare",
+            "begin",
+            &domain_xml("vm", "", &["0000:ee:00.0"]),
+        ),
+        "hostdev 0000:ee:00.0 is not a PCI device on this host",
+    );
+    blocked(
+        &root.hook(
+            "vm",
+            "prepare",
+            "begin",
+            &domain_xml("vm", &meta(2), &["0000:2a:00.0"]),
+        ),
+        "domain 'vm' asks for 2 GPU(s), its XML has 1",
+    );
+    blocked(
+        &root.hook("vm", "prepare", "begin", "<domain><name>x"),
+        "malformed",
+    );
+    // The running domain itself restarting is not a conflict with its own status file.
+    let r = root.hook(
+        "vm-running",
+        "prepare",
+        "begin",
+        &domain_xml("vm-running", "", &["0000:18:00.0"]),
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let ok = root.hook(
+        "vm",
+        "prepare",
+        "begin",
+        &domain_xml("vm", &meta(1), &["0000:2a:00.0"]),
+    );
+    assert_eq!(
+        (ok.code, ok.stdout.as_str(), ok.stderr.as_str()),
+        (0, "", "")
+    );
+
+    let no_acs = Root::new("no-acs-shared", &[]);
+    blocked(
+        &no_acs.hook(
+            "vm",
+            "prepare",
+            "begin",
+            &domain_xml("vm", "", &["0000:04:00.0"]),
+        ),
+        "bound to host driver ixgbe",
+    );
+    let off = Root::new("iommu-off", &[]);
+    blocked(
+        &off.hook(
+            "vm",
+            "prepare",
+            "begin",
+            &domain_xml("vm", "", &["0000:3b:00.0"]),
+        ),
+        "the IOMMU is off",
+    );
+}
+
+#[test]
+fn prepare_warns_about_a_gpu_that_is_not_whole() {
+    let root = Root::new("consumer-4fn", &[]);
+    let r = root.hook(
+        "vm",
+        "prepare",
+        "begin",
+        &domain_xml("vm", "", &["0000:01:00.0", "0000:01:00.1"]),
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(
+            "GPU 0000:01:00.0 is not whole in domain 'vm': 0000:01:00.2, 0000:01:00.3 missing"
+        ),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn prepare_respects_a_lease_from_a_transform_in_flight() {
+    let root = Root::new("hgx-8gpu", &[]);
+    // vm-a's transform leases two GPUs; vm-b then tries to start with one of them.
+    let a = root.gpupass(&["transform"], &domain_xml("vm-a", &meta(1), &[]));
+    assert_eq!(a.code, 0, "{}", a.stderr);
+    let leased = gpupass::xml::domain::parse(&a.stdout).unwrap().pci_hostdevs[0].to_string();
+    blocked(
+        &root.hook(
+            "vm-b",
+            "prepare",
+            "begin",
+            &domain_xml("vm-b", "", &[&leased]),
+        ),
+        "reserved for domain 'vm-a'",
+    );
+    // vm-a itself may start, and once it has started the lease is gone.
+    let ok = root.hook("vm-a", "prepare", "begin", &a.stdout);
+    assert_eq!(ok.code, 0, "{}", ok.stderr);
+    assert_eq!(root.hook("vm-a", "started", "begin", &a.stdout).code, 0);
+    assert_eq!(
+        fs::read_dir(root.run_dir().join("leases")).unwrap().count(),
+        0
+    );
+}
+
+#[test]
+fn migrate_and_restore_rewrite_only_when_needed() {
+    let root = Root::new("hgx-8gpu", &[("other", &["0000:9a:00.0"])]);
+    // Came from another host: its injected GPU 0000:9a:00.0 is held here by 'other'.
+    let incoming = domain_xml("vm", &meta(1), &[])
+        .replace("</devices>", "<hostdev mode='subsystem' type='pci' managed='yes'><source><address domain='0x0000' bus='0x9a' slot='0x00' function='0x0'/></source><alias name='ua-gpupass-0000-9a-00-0'/></hostdev></devices>");
+    for op in ["migrate", "restore"] {
+        let r = root.hook("vm", op, "begin", &incoming);
+        assert_eq!(r.code, 0, "{op}: {}", r.stderr);
+        let addrs = gpupass::xml::domain::parse(&r.stdout).unwrap().pci_hostdevs;
+        assert_eq!(addrs.len(), 1, "{op}");
+        assert_ne!(addrs[0].to_string(), "0000:9a:00.0", "{op}");
+        // The rewritten XML needs no further change: empty output = unchanged.
+        let again = root.hook("vm", op, "begin", &r.stdout);
+        assert_eq!(
+            (again.code, again.stdout.as_str()),
+            (0, ""),
+            "{op}: {}",
+            again.stderr
+        );
+    }
+    // Without a request there is nothing to do.
+    let r = root.hook("plain", "restore", "begin", &domain_xml("plain", "", &[]));
+    assert_eq!((r.code, r.stdout.as_str()), (0, ""));
+    // A request that cannot be met here fails the migration with a reason.
+    let r = root.hook(
+        "greedy",
+        "migrate",
+        "begin",
+        &domain_xml("greedy", &meta(9), &[]),
+    );
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stdout.is_empty() && r.stderr.contains("no free GPU"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn started_and_release_keep_an_idempotent_usage_ledger() {
+    let root = Root::new("consumer-4fn", &[]);
+    let xml = domain_xml(
+        "vm",
+        "",
+        &[
+            "0000:01:00.0",
+            "0000:01:00.1",
+            "0000:01:00.2",
+            "0000:01:00.3",
+        ],
+    );
+    assert_eq!(root.hook("vm", "started", "begin", &xml).code, 0);
+    assert_eq!(
+        root.hook("vm", "reconnect", "begin", &xml).code,
+        0,
+        "a daemon restart"
+    );
+    assert_eq!(root.hook("vm", "release", "end", &xml).code, 0);
+    assert_eq!(root.hook("vm", "release", "end", &xml).code, 0, "twice");
+    // A blocked start still gets release: harmless.
+    assert_eq!(
+        root.hook("never", "release", "end", &domain_xml("never", "", &[]))
+            .code,
+        0
+    );
+    let ledger = fs::read_to_string(root.state_dir().join("usage.jsonl")).unwrap();
+    assert_eq!(ledger.lines().count(), 2, "{ledger}");
+    assert!(
+        ledger.contains("\"gpus\":[\"0000:01:00.0\"]"),
+        "only the display function counts: {ledger}"
+    );
+    let u = root.gpupass(&["usage", "--json"], "");
+    assert_eq!(u.code, 0, "{}", u.stderr);
+    let v: serde_json::Value = serde_json::from_str(&u.stdout).unwrap();
+    assert_eq!(v["domains"][0]["domain"], "vm");
+    assert_eq!(v["domains"][0]["running"], false);
+    let bad = root.gpupass(&["usage", "--since", "yesterday"], "");
+    assert_eq!(bad.code, 2, "{}", bad.stderr);
+    // A release whose bookkeeping fails is logged and never stops libvirt.
+    let r = root.hook("vm", "release", "end", "not xml");
+    assert_eq!(r.code, 0);
+    assert!(r.stderr.contains("release vm"), "{}", r.stderr);
+}
+
+#[test]
+fn other_operations_pass_without_reading_anything() {
+    let root = Root::new("hgx-8gpu", &[]);
+    for (op, sub) in [
+        ("start", "begin"),
+        ("stopped", "end"),
+        ("attach", "begin"),
+        ("frobnicate", "x"),
+    ] {
+        let r = root.hook("vm", op, sub, "");
+        assert_eq!(
+            (r.code, r.stdout.as_str(), r.stderr.as_str()),
+            (0, "", ""),
+            "{op} {sub}"
+        );
+    }
+    let r = root.gpupass(&["hook", "lxc", "vm", "prepare", "begin", "-"], "");
+    assert_eq!(r.code, 2, "only the qemu driver: {}", r.stderr);
+}
+
+#[test]
+fn install_hook_writes_a_shim_that_runs_the_hook() {
+    let root = Root::new("hgx-8gpu", &[("vm-running", &["0000:18:00.0"])]);
+    let etc = tempfile::tempdir().unwrap();
+    let r = root.gpupass(
+        &[
+            "install-hook",
+            "--root",
+            etc.path().to_str().unwrap(),
+            "--binary",
+            env!("CARGO_BIN_EXE_gpupass-hook"),
+        ],
+        "",
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("next start"), "{}", r.stdout);
+    let shim = etc.path().join("etc/libvirt/hooks/qemu.d/gpupass");
+    // libvirt's call: SCRIPT DOMAIN OP SUBOP EXTRA, XML on stdin.
+    let mut c = Command::new(&shim);
+    c.args(["vm", "prepare", "begin", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(domain_xml("vm", "", &["0000:18:00.0"]).as_bytes())
+        .unwrap();
+    let out: Run = child.wait_with_output().unwrap().into();
+    blocked(&out, "in use by running domain 'vm-running'");
+    let r = root.gpupass(
+        &[
+            "install-hook",
+            "--root",
+            etc.path().to_str().unwrap(),
+            "--uninstall",
+        ],
+        "",
+    );
+    assert_eq!(r.code, 0);
+    assert!(!shim.exists());
+}
