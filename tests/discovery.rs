@@ -258,3 +258,42 @@ fn every_fixture_lists_in_both_formats() {
         assert!(r.stderr.is_empty(), "{name}: {}", r.stderr);
     }
 }
+
+/// The hook's scoped discoveries (every GPU; or only around given devices) see each GPU exactly
+/// as a full discovery does: same functions, same verdict.
+#[test]
+fn scoped_discovery_judges_every_gpu_like_a_full_one() {
+    use gpupass::host::discover::{discover_with, Scope};
+    for name in HOSTS {
+        let sysfs = Sysfs::new(host(name));
+        let full = inv(name);
+        let gpus_only = discover_with(&sysfs, &Scope::Gpus, false).unwrap();
+        assert_eq!(gpus_only.iommu.enabled(), full.iommu.enabled(), "{name}");
+        assert_eq!(
+            gpus_only.gpus, full.gpus,
+            "{name}: the same GPUs and functions"
+        );
+        assert!(gpus_only.devices.len() <= full.devices.len());
+        for g in &full.gpus {
+            let want = verdict(&full, g);
+            assert_eq!(
+                verdict(&gpus_only, gpus_only.gpu(g.address).unwrap()),
+                want,
+                "{name} {}",
+                g.address
+            );
+            // Around one function of the GPU: the hook's prepare.
+            let around = discover_with(
+                &sysfs,
+                &Scope::Around(vec![*g.functions.last().unwrap()]),
+                false,
+            )
+            .unwrap();
+            let seen = around
+                .gpu(g.address)
+                .unwrap_or_else(|| panic!("{name}: {} not found around", g.address));
+            assert_eq!(seen.functions, g.functions, "{name} {}", g.address);
+            assert_eq!(verdict(&around, seen), want, "{name} {}", g.address);
+        }
+    }
+}

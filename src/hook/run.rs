@@ -13,7 +13,7 @@ use crate::assign::preferred_nodes;
 use crate::config::GpupassConfig;
 use crate::hook::resolve::resolve;
 use crate::hook::HookError;
-use crate::host::discover::discover;
+use crate::host::discover::{discover_with, Scope};
 use crate::host::readiness::verdict;
 use crate::host::sysfs::Sysfs;
 use crate::libvirt::files;
@@ -68,7 +68,7 @@ pub fn transform(
         },
     };
     let _lock = HostLock::acquire(&env.run_dir, env.lock_timeout)?;
-    let inv = discover(&Sysfs::new(&env.host_root))?;
+    let inv = discover_with(&Sysfs::new(&env.host_root), &Scope::Gpus, false)?;
     let mut holdings: Holdings = files::all_holdings(&env.host_root, &doc.name)?;
     let key = lease_key(&doc);
     let store = LeaseStore::new(&env.run_dir);
@@ -121,7 +121,13 @@ pub fn prepare(env: &HookEnv, input: &str) -> Result<Vec<String>, HookError> {
         return Ok(Vec::new());
     }
     let blocked = |msg: String| HookError::Blocked(msg);
-    let inv = discover(&Sysfs::new(&env.host_root))?;
+    // Only the domain's own devices and what judging them needs: its slot siblings, IOMMU
+    // groups and the bridges above (libvirt waits for this on every start).
+    let inv = discover_with(
+        &Sysfs::new(&env.host_root),
+        &Scope::Around(sources.clone()),
+        false,
+    )?;
     if !sources.is_empty() && !inv.iommu.enabled() {
         return Err(blocked(
             "the IOMMU is off on this host: no PCI device can be passed through".into(),

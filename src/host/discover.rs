@@ -94,19 +94,38 @@ pub struct Inventory {
     pub numa_cpus: Vec<(NumaNode, BTreeSet<u32>)>,
 }
 
-/// Reads the host root and builds the inventory.
+/// Which devices a discovery reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// Every PCI function (`list`, `show`, `attach`).
+    All,
+    /// The GPUs and what judging them needs: their functions, IOMMU groups, the bridges above
+    /// them (`transform`, `migrate`/`restore`). Reads only `class` of every other device.
+    Gpus,
+    /// These devices and what judging them needs (the hook's `prepare`).
+    Around(Vec<PciAddress>),
+}
+
+/// Reads the host root and builds the inventory of every device, with every detail.
 pub fn discover(sysfs: &Sysfs) -> Result<Inventory, SysfsError> {
-    let mut devices = BTreeMap::new();
-    for address in sysfs.pci_devices()? {
-        let (Some(vendor), Some(device), Some(class)) = (
-            sysfs.hex_attr(address, "vendor")?,
-            sysfs.hex_attr(address, "device")?,
-            sysfs.hex_attr(address, "class")?,
-        ) else {
-            tracing::warn!(bdf = %address, "skipping PCI function without vendor/device/class");
-            continue;
-        };
-        let subsystem = match (
+    discover_with(sysfs, &Scope::All, true)
+}
+
+fn read_device(
+    sysfs: &Sysfs,
+    address: PciAddress,
+    full: bool,
+) -> Result<Option<PciDevice>, SysfsError> {
+    let (Some(vendor), Some(device), Some(class)) = (
+        sysfs.hex_attr(address, "vendor")?,
+        sysfs.hex_attr(address, "device")?,
+        sysfs.hex_attr(address, "class")?,
+    ) else {
+        tracing::warn!(bdf = %address, "skipping PCI function without vendor/device/class");
+        return Ok(None);
+    };
+    let subsystem = if full {
+        match (
             sysfs.hex_attr(address, "subsystem_vendor")?,
             sysfs.hex_attr(address, "subsystem_device")?,
         ) {
@@ -115,33 +134,128 @@ pub fn discover(sysfs: &Sysfs) -> Result<Inventory, SysfsError> {
                 device: d as u16,
             }),
             _ => None,
-        };
-        devices.insert(
-            address,
-            PciDevice {
-                address,
-                id: PciId {
-                    vendor: vendor as u16,
-                    device: device as u16,
-                },
-                subsystem,
-                class: PciClass(class),
-                driver: sysfs.driver(address)?,
-                iommu_group: sysfs.iommu_group(address)?,
-                numa_node: sysfs.numa_node(address)?,
-                boot_vga: sysfs.attr(address, "boot_vga")?.as_deref() == Some("1"),
-                reset_method: sysfs.attr(address, "reset_method")?,
-                parent: sysfs.parent(address)?,
-            },
-        );
-    }
-    let groups: BTreeMap<_, _> = sysfs.iommu_groups()?.into_iter().collect();
-    let iommu = IommuState {
-        groups: groups.len(),
-        units: sysfs.iommu_units()?,
-        cmdline: IommuState::cmdline_words(&sysfs.cmdline()?),
+        }
+    } else {
+        None
     };
-    Ok(Inventory::build(devices, groups, iommu, sysfs.numa_cpus()?))
+    let class = PciClass(class);
+    Ok(Some(PciDevice {
+        address,
+        id: PciId {
+            vendor: vendor as u16,
+            device: device as u16,
+        },
+        subsystem,
+        class,
+        driver: sysfs.driver(address)?,
+        iommu_group: sysfs.iommu_group(address)?,
+        numa_node: sysfs.numa_node(address)?,
+        // Only display functions have boot_vga.
+        boot_vga: class.is_display() && sysfs.attr(address, "boot_vga")?.as_deref() == Some("1"),
+        reset_method: if full {
+            sysfs.attr(address, "reset_method")?
+        } else {
+            None
+        },
+        parent: sysfs.parent(address)?,
+    }))
+}
+
+/// Reads the devices `scope` names; `full` adds board details (subsystem IDs, reset method,
+/// IOMMU units, command line) that only reports show.
+pub fn discover_with(sysfs: &Sysfs, scope: &Scope, full: bool) -> Result<Inventory, SysfsError> {
+    let names = sysfs.pci_devices()?;
+    let mut todo: Vec<PciAddress> = match scope {
+        Scope::All => names.clone(),
+        Scope::Gpus => {
+            let mut seeds = Vec::new();
+            for a in &names {
+                if sysfs
+                    .hex_attr(*a, "class")?
+                    .is_some_and(|c| PciClass(c).is_display())
+                {
+                    seeds.push(*a);
+                }
+            }
+            seeds
+        }
+        Scope::Around(seeds) => seeds
+            .iter()
+            .filter(|a| names.binary_search(a).is_ok())
+            .copied()
+            .collect(),
+    };
+    let mut devices: BTreeMap<PciAddress, PciDevice> = BTreeMap::new();
+    let mut groups: BTreeMap<IommuGroupId, Vec<PciAddress>> = BTreeMap::new();
+    let mut skipped: BTreeSet<PciAddress> = BTreeSet::new();
+    let mut walked: BTreeSet<PciAddress> = BTreeSet::new();
+    loop {
+        while let Some(a) = todo.pop() {
+            if devices.contains_key(&a) || skipped.contains(&a) {
+                continue;
+            }
+            let Some(d) = read_device(sysfs, a, full)? else {
+                skipped.insert(a);
+                continue;
+            };
+            // The whole slot, the bridges above, and the IOMMU group.
+            todo.extend(
+                names
+                    .iter()
+                    .filter(|n| n.same_slot(&a) && !devices.contains_key(n)),
+            );
+            todo.extend(d.parent);
+            if let Some(g) = d.iommu_group {
+                if !groups.contains_key(&g) {
+                    let members = sysfs.group_members(g)?;
+                    todo.extend(members.iter().copied());
+                    groups.insert(g, members);
+                }
+            }
+            devices.insert(a, d);
+        }
+        if *scope == Scope::All {
+            break;
+        }
+        // Functions on other buses behind a card's own switch (Intel Arc's audio).
+        let roots: Vec<PciAddress> = devices
+            .values()
+            .filter(|d| d.class.is_display())
+            .filter_map(|d| card_root(&devices, d))
+            .filter(|r| !walked.contains(r))
+            .collect();
+        if roots.is_empty() {
+            break;
+        }
+        for r in roots {
+            walked.insert(r);
+            let mut stack = vec![r];
+            while let Some(x) = stack.pop() {
+                for c in sysfs.children(x)? {
+                    stack.push(c);
+                    todo.push(c);
+                }
+            }
+        }
+    }
+    let iommu = IommuState {
+        groups: sysfs.iommu_group_ids()?.len(),
+        units: if full {
+            sysfs.iommu_units()?
+        } else {
+            Vec::new()
+        },
+        cmdline: if full {
+            IommuState::cmdline_words(&sysfs.cmdline()?)
+        } else {
+            Vec::new()
+        },
+    };
+    let numa = match scope {
+        Scope::Around(_) => Vec::new(),
+        _ => sysfs.numa_cpus()?,
+    };
+    Ok(Inventory::build(devices, groups, iommu, numa))
 }
 
 impl Inventory {

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::io;
+use std::io::{self, Read};
 use std::path::{Component, Path, PathBuf};
 
 use crate::model::{IommuGroupId, NumaNode, PciAddress};
@@ -138,6 +138,41 @@ impl Sysfs {
             .and_then(|i| names[i].parse().ok()))
     }
 
+    /// The IOMMU group numbers (`sys/kernel/iommu_groups/<N>`), without reading members.
+    pub fn iommu_group_ids(&self) -> Result<Vec<IommuGroupId>, SysfsError> {
+        let mut ids: Vec<IommuGroupId> = list_dir(&self.path("sys/kernel/iommu_groups"))?
+            .iter()
+            .filter_map(|n| n.parse().ok())
+            .map(IommuGroupId)
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Members of one IOMMU group.
+    pub fn group_members(&self, group: IommuGroupId) -> Result<Vec<PciAddress>, SysfsError> {
+        let dir = self
+            .path("sys/kernel/iommu_groups")
+            .join(group.0.to_string())
+            .join("devices");
+        let mut members: Vec<PciAddress> = list_dir(&dir)?
+            .iter()
+            .filter_map(|m| m.parse().ok())
+            .collect();
+        members.sort();
+        Ok(members)
+    }
+
+    /// The PCI devices directly below a bridge (its sysfs directory's PCI-named entries).
+    pub fn children(&self, addr: PciAddress) -> Result<Vec<PciAddress>, SysfsError> {
+        let mut out: Vec<PciAddress> = list_dir(&self.device_dir(addr))?
+            .iter()
+            .filter_map(|n| n.parse().ok())
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
     /// Members of every IOMMU group: `sys/kernel/iommu_groups/<N>/devices/<bdf>`.
     /// Empty when the IOMMU is off.
     pub fn iommu_groups(&self) -> Result<Vec<(IommuGroupId, Vec<PciAddress>)>, SysfsError> {
@@ -214,15 +249,33 @@ fn last_name(p: &Path) -> Option<String> {
     p.file_name().and_then(|n| n.to_str()).map(str::to_owned)
 }
 
+/// Reads a small file: open, one read, close. A sysfs attribute's `show()` fills one read, so a
+/// short read is the end; `read_to_string` would add a `statx` and a second `read` to each of
+/// the hundreds of attributes a discovery reads.
 fn read_optional(path: &Path) -> Result<Option<String>, SysfsError> {
-    match fs::read_to_string(path) {
-        Ok(s) => Ok(Some(s.trim().to_owned())),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(SysfsError::Read {
-            path: path.to_path_buf(),
-            source,
-        }),
+    let err = |source| SysfsError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = match fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(err(e)),
+    };
+    let mut buf = [0u8; 4096];
+    let mut data = Vec::new();
+    loop {
+        let n = match f.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(err(e)),
+        };
+        data.extend_from_slice(&buf[..n]);
+        if n < buf.len() {
+            break;
+        }
     }
+    Ok(Some(String::from_utf8_lossy(&data).trim().to_owned()))
 }
 
 /// Entry names of a directory; empty when it does not exist.
