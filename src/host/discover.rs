@@ -206,10 +206,10 @@ pub fn discover_with(sysfs: &Sysfs, scope: &Scope, full: bool) -> Result<Invento
             );
             todo.extend(d.parent);
             if let Some(g) = d.iommu_group {
-                if !groups.contains_key(&g) {
+                if let std::collections::btree_map::Entry::Vacant(slot) = groups.entry(g) {
                     let members = sysfs.group_members(g)?;
                     todo.extend(members.iter().copied());
-                    groups.insert(g, members);
+                    slot.insert(members);
                 }
             }
             devices.insert(a, d);
