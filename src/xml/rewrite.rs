@@ -113,7 +113,12 @@ pub fn scan(text: &str) -> Result<DomainDoc<'_>, XmlError> {
             text.len()
         )));
     }
-    let mut reader = NsReader::from_str(text);
+    // quick-xml skips a UTF-8 byte-order mark and counts positions after it.
+    let (body, base) = match text.strip_prefix('\u{feff}') {
+        Some(rest) => (rest, '\u{feff}'.len_utf8()),
+        None => (text, 0),
+    };
+    let mut reader = NsReader::from_str(body);
     let mut path: Vec<Vec<u8>> = Vec::new();
     let mut doc = DomainDoc {
         text,
@@ -130,7 +135,9 @@ pub fn scan(text: &str) -> Result<DomainDoc<'_>, XmlError> {
     let mut in_request = false;
     let mut current: Option<HostdevSpan> = None;
     let mut current_pci = false;
-    let pos = |r: &NsReader<&[u8]>| usize::try_from(r.buffer_position()).unwrap_or(usize::MAX);
+    let pos = |r: &NsReader<&[u8]>| {
+        usize::try_from(r.buffer_position()).map_or(usize::MAX, |p| p.saturating_add(base))
+    };
     loop {
         let before = pos(&reader);
         let (gp, event) = match reader.read_resolved_event() {
@@ -141,6 +148,13 @@ pub fn scan(text: &str) -> Result<DomainDoc<'_>, XmlError> {
         match event {
             Event::Start(ref e) | Event::Empty(ref e) => {
                 let empty = matches!(event, Event::Empty(_));
+                // quick-xml checks attributes only when they are read: read them all, so a
+                // document that is not well-formed is refused rather than edited.
+                for a in e.attributes() {
+                    let a = a.map_err(|err| malformed(format!("at byte {before}: {err}")))?;
+                    a.unescape_value()
+                        .map_err(|err| malformed(format!("at byte {before}: {err}")))?;
+                }
                 let qname = e.name();
                 let local = e.local_name();
                 let name = local.as_ref();
@@ -251,14 +265,13 @@ pub fn scan(text: &str) -> Result<DomainDoc<'_>, XmlError> {
             }
             Event::Text(t) => {
                 let here: Vec<&[u8]> = path.iter().map(Vec::as_slice).collect();
-                let value = || {
-                    t.unescape()
-                        .map(|c| c.trim().to_owned())
-                        .unwrap_or_else(|_| String::from_utf8_lossy(&t).trim().to_owned())
-                };
+                // An unknown entity makes the document not well-formed: refuse it.
+                let value = t
+                    .unescape()
+                    .map_err(|err| malformed(format!("at byte {before}: {err}")))?;
                 match here.as_slice() {
-                    [b"domain", b"name"] => doc.name = value(),
-                    [b"domain", b"uuid"] => doc.uuid = Some(value()),
+                    [b"domain", b"name"] => doc.name = value.trim().to_owned(),
+                    [b"domain", b"uuid"] => doc.uuid = Some(value.trim().to_owned()),
                     [] if !t.iter().all(u8::is_ascii_whitespace) => {
                         return Err(malformed("text outside the root element"));
                     }
@@ -519,6 +532,31 @@ mod tests {
             "x".repeat(MAX_XML_BYTES)
         );
         assert!(scan(&huge).unwrap_err().to_string().contains("limit"));
+    }
+
+    #[test]
+    fn a_byte_order_mark_does_not_shift_positions() {
+        let x = "\u{feff}<domain>\n  <name>x</name>\n  <devices>\n    <hostdev mode='subsystem' type='pci'><source><address domain='0' bus='1' slot='0' function='0'/></source></hostdev>\n  </devices>\n</domain>\n";
+        let d = scan(x).unwrap();
+        assert!(x[d.hostdevs[0].span.clone()].starts_with("<hostdev "));
+        assert!(x[d.hostdevs[0].span.clone()].ends_with("</hostdev>"));
+        let block = injected_block(&HostdevTemplate::builtin(), a("0000:02:00.0"));
+        let out = apply(x, &[d.insertion(std::slice::from_ref(&block)).unwrap()]);
+        assert!(
+            out.contains(&format!("</hostdev>\n    {block}\n  </devices>")),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn refuses_what_is_not_well_formed_even_where_gpupass_does_not_look() {
+        for bad in [
+            "<domain><name>x</name><os managed=\t<na'></os></domain>",
+            "<domain><name>x</name><os a='1' a='2'/></domain>",
+            "<domain><name>x</name><description>&nosuch;</description></domain>",
+        ] {
+            assert!(scan(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
