@@ -71,6 +71,15 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    #[command(flatten)]
+    Libvirt(LibvirtCommand),
+    #[command(flatten)]
+    HookMode(HookCommand),
+}
+
+/// The commands that talk to libvirt (or may: `list`, `show`).
+#[derive(Debug, Subcommand)]
+enum LibvirtCommand {
     /// List the host's GPUs: functions, IOMMU group, NUMA node, driver, verdict, user.
     ///
     /// Works without libvirt (USED BY shows '?', JSON used_by is null, and a warning says why).
@@ -147,8 +156,6 @@ enum Command {
         #[command(flatten)]
         common: CommonFlags,
     },
-    #[command(flatten)]
-    HookMode(HookCommand),
 }
 
 #[derive(Debug, clap::Args)]
@@ -167,13 +174,7 @@ struct CommonFlags {
     lock_timeout: u64,
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
-    let g = Global {
-        host_root: cli.dirs.host_root,
-        uri: cli.connect,
-        run_dir: cli.dirs.run_dir,
-        config: cli.dirs.config_file,
-    };
+fn run(g: &Global, command: LibvirtCommand) -> anyhow::Result<()> {
     let flags = |c: &CommonFlags, detach_timeout: u64| AssignFlags {
         live: c.live,
         config: c.config,
@@ -181,15 +182,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         lock_timeout: Duration::from_secs(c.lock_timeout),
         detach_timeout: Duration::from_secs(detach_timeout),
     };
-    match cli.command {
-        Command::List { json, no_libvirt } => cli::list::list(&g, json, no_libvirt),
-        Command::Show {
+    match command {
+        LibvirtCommand::List { json, no_libvirt } => cli::list::list(g, json, no_libvirt),
+        LibvirtCommand::Show {
             address,
             json,
             no_libvirt,
-        } => cli::list::show(&g, address, json, no_libvirt),
-        Command::Xml { addresses } => cli::xml::xml(&g, &addresses),
-        Command::Attach {
+        } => cli::list::show(g, address, json, no_libvirt),
+        LibvirtCommand::Xml { addresses } => cli::xml::xml(g, &addresses),
+        LibvirtCommand::Attach {
             domain,
             gpus,
             count,
@@ -203,9 +204,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 None => AttachRequest::Gpus(gpus),
             };
-            cli::assign::attach(&g, &domain, &request, &flags(&common, 0))
+            cli::assign::attach(g, &domain, &request, &flags(&common, 0))
         }
-        Command::Detach {
+        LibvirtCommand::Detach {
             domain,
             gpus,
             all,
@@ -217,9 +218,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 DetachRequest::Gpus(gpus)
             };
-            cli::assign::detach(&g, &domain, &request, &flags(&common, timeout))
+            cli::assign::detach(g, &domain, &request, &flags(&common, timeout))
         }
-        Command::HookMode(_) => unreachable!("hook mode is dispatched before run()"),
     }
 }
 
@@ -297,10 +297,17 @@ fn main() -> ExitCode {
         }
     };
     gpupass::observability::init(cli.verbose, cli.dirs.log_file.as_deref());
-    if let Command::HookMode(cmd) = &cli.command {
-        return gpupass::hook::cli::run(&cli.dirs, cmd);
-    }
-    match run(cli) {
+    let command = match cli.command {
+        Command::HookMode(cmd) => return gpupass::hook::cli::run(&cli.dirs, &cmd),
+        Command::Libvirt(c) => c,
+    };
+    let g = Global {
+        host_root: cli.dirs.host_root,
+        uri: cli.connect,
+        run_dir: cli.dirs.run_dir,
+        config: cli.dirs.config_file,
+    };
+    match run(&g, command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("gpupass: error: {}", one_line(&format!("{e:#}")));

@@ -139,11 +139,11 @@ pub fn prepare(env: &HookEnv, input: &str) -> Result<Vec<String>, HookError> {
     let present: BTreeSet<PciAddress> = sources.iter().copied().collect();
     let mut checked = BTreeSet::new();
     for s in &sources {
-        let Some(dev) = inv.device(*s) else {
+        if inv.device(*s).is_none() {
             return Err(blocked(format!(
                 "hostdev {s} is not a PCI device on this host"
             )));
-        };
+        }
         if let Some(h) = running.holders(&[*s]).first() {
             let who = match h.domain.strip_prefix("lease:") {
                 Some(d) => format!("reserved for domain '{d}' (a transform in flight)"),
@@ -153,7 +153,6 @@ pub fn prepare(env: &HookEnv, input: &str) -> Result<Vec<String>, HookError> {
         }
         let Some(gpu) = inv.gpu(*s) else {
             // Not a GPU function: existence and holders are all gpupass judges.
-            let _ = dev;
             continue;
         };
         if !checked.insert(gpu.address) {
