@@ -3,10 +3,11 @@
 //! confirm, and undoes what this call did when any step fails. Callers hold the host lock.
 
 use std::collections::BTreeSet;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
+use crate::alloc::lease::{self, LeaseStore};
 use crate::alloc::lock::HostLock;
 use crate::alloc::plan::{
     plan_attach, plan_detach, AttachRequest, DetachRequest, DetachUnit, Holdings,
@@ -105,6 +106,9 @@ pub struct AssignOptions {
     pub impact: Option<Impact>,
     /// How long to wait for a guest to release a device on a live detach.
     pub detach_timeout: Duration,
+    /// Leases of transforms in flight (GPUs reserved for domains not started yet), which an
+    /// attach must not take.
+    pub leases: Option<LeaseStore>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -287,6 +291,13 @@ fn attach_unlocked(
         XmlView::Live
     };
     let facts = parse_xml(name, &hv.domain_xml(name, own_view)?)?;
+    let mut holdings = holdings;
+    if let Some(store) = &opts.leases {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        store.holdings_except(&lease::key(facts.uuid.as_deref(), name), now, &mut holdings);
+    }
     let plan = plan_attach(inv, &holdings, name, request, &preferred_nodes(inv, &facts))?;
     let (live, config) = present(hv, name, impact)?;
 
@@ -547,7 +558,46 @@ mod tests {
             template: HostdevTemplate::builtin(),
             impact,
             detach_timeout: Duration::from_millis(300),
+            leases: None,
         }
+    }
+
+    #[test]
+    fn count_skips_gpus_leased_to_a_transform_in_flight() {
+        let run = tempfile::tempdir().unwrap();
+        let store = LeaseStore::new(run.path());
+        store
+            .put(
+                "name-other",
+                &crate::alloc::lease::Lease {
+                    domain: "other".into(),
+                    uuid: None,
+                    functions: vec![a("0000:18:00.0"), a("0000:18:00.1")],
+                    expires: u64::MAX,
+                },
+            )
+            .unwrap();
+        let hv = FakeHypervisor::default().with("vm", defined());
+        let mut o = opts(None);
+        o.leases = Some(store);
+        let req = AttachRequest::Count {
+            count: 1,
+            model: None,
+        };
+        let r = attach_unlocked(&hv, &inv(), "vm", &req, &o).unwrap();
+        assert_eq!(r.gpus[0].gpu, a("0000:9a:00.0"));
+        let err = attach_unlocked(
+            &hv,
+            &inv(),
+            "vm",
+            &AttachRequest::Gpus(vec![a("0000:18:00.0")]),
+            &o,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("in use by domain 'lease:other'"),
+            "{err}"
+        );
     }
 
     fn defined() -> FakeDomain {

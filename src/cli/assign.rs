@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
+use gpupass::alloc::lease::LeaseStore;
 use gpupass::alloc::lock::HostLock;
 use gpupass::alloc::plan::{AttachRequest, DetachRequest};
 use gpupass::assign::{self, AssignOptions, AssignReport};
@@ -77,6 +78,7 @@ fn options(g: &Global, flags: &AssignFlags) -> anyhow::Result<AssignOptions> {
         template: g.template()?,
         impact: flags.impact(),
         detach_timeout: flags.detach_timeout,
+        leases: Some(LeaseStore::new(&g.run_dir)),
     })
 }
 

@@ -157,3 +157,163 @@ pub fn resolve(
     res.functions_after = after.into_iter().collect();
     Ok(res)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::host::discover::{IommuState, PciDevice};
+    use crate::model::{IommuGroupId, PciClass};
+    use crate::xml::rewrite::scan;
+
+    fn a(s: &str) -> PciAddress {
+        s.parse().unwrap()
+    }
+
+    /// Three single-function GPUs: two H100 (18, 9a) and one T4 (3b).
+    fn inv() -> Inventory {
+        let mut devices = BTreeMap::new();
+        let mut groups: BTreeMap<IommuGroupId, Vec<PciAddress>> = BTreeMap::new();
+        for (i, (addr, id)) in [
+            ("0000:18:00.0", "10de:2330"),
+            ("0000:3b:00.0", "10de:1eb8"),
+            ("0000:9a:00.0", "10de:2330"),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let f = a(addr);
+            devices.insert(
+                f,
+                PciDevice {
+                    address: f,
+                    id: id.parse().unwrap(),
+                    subsystem: None,
+                    class: PciClass(0x030200),
+                    driver: Some("vfio-pci".into()),
+                    iommu_group: Some(IommuGroupId(i as u32)),
+                    numa_node: None,
+                    boot_vga: false,
+                    reset_method: None,
+                    parent: None,
+                },
+            );
+            groups.insert(IommuGroupId(i as u32), vec![f]);
+        }
+        Inventory::build(
+            devices,
+            groups,
+            IommuState {
+                groups: 3,
+                ..Default::default()
+            },
+            Vec::new(),
+        )
+    }
+
+    fn dom(hostdevs: &[(&str, bool)]) -> String {
+        let devs: String = hostdevs
+            .iter()
+            .map(|(addr, injected)| {
+                let x = a(addr);
+                let alias = if *injected {
+                    format!("<alias name='ua-gpupass-{:04x}-{:02x}-{:02x}-{:x}'/>", x.domain, x.bus, x.slot, x.function)
+                } else {
+                    String::new()
+                };
+                format!("<hostdev mode='subsystem' type='pci'><source><address domain='0' bus='0x{:02x}' slot='0' function='0'/></source>{alias}</hostdev>", x.bus)
+            })
+            .collect();
+        format!("<domain><name>vm</name><devices>{devs}</devices></domain>")
+    }
+
+    fn count(n: usize, model: Option<&str>) -> AttachRequest {
+        AttachRequest::Count {
+            count: n,
+            model: model.map(|m| m.parse().unwrap()),
+        }
+    }
+
+    #[test]
+    fn a_met_request_changes_nothing() {
+        let x = dom(&[("0000:18:00.0", true)]);
+        let r = resolve(
+            &inv(),
+            &Holdings::default(),
+            &scan(&x).unwrap(),
+            &count(1, Some("10de:2330")),
+            &BTreeSet::new(),
+        )
+        .unwrap();
+        assert!(!r.changes());
+        assert_eq!(r.functions_after, [a("0000:18:00.0")]);
+    }
+
+    #[test]
+    fn injected_gpus_of_the_wrong_model_or_held_elsewhere_are_replaced() {
+        let x = dom(&[("0000:3b:00.0", true), ("0000:18:00.0", true)]);
+        let mut h = Holdings::default();
+        h.add(a("0000:18:00.0"), "other", true);
+        let doc = scan(&x).unwrap();
+        let r = resolve(
+            &inv(),
+            &h,
+            &doc,
+            &count(1, Some("10de:2330")),
+            &BTreeSet::new(),
+        )
+        .unwrap();
+        assert_eq!(r.remove, [0, 1]);
+        assert_eq!(r.add, [a("0000:9a:00.0")]);
+    }
+
+    #[test]
+    fn a_users_own_hostdev_is_never_removed_and_counts() {
+        let x = dom(&[("0000:18:00.0", false)]);
+        let mut h = Holdings::default();
+        h.add(a("0000:18:00.0"), "other", true);
+        let r = resolve(
+            &inv(),
+            &h,
+            &scan(&x).unwrap(),
+            &count(2, None),
+            &BTreeSet::new(),
+        )
+        .unwrap();
+        assert!(
+            r.remove.is_empty(),
+            "prepare judges it, transform leaves it"
+        );
+        assert_eq!(r.add, [a("0000:3b:00.0")]);
+    }
+
+    #[test]
+    fn explicit_gpus_are_checked_like_attach() {
+        let x = dom(&[]);
+        let doc = scan(&x).unwrap();
+        let mut h = Holdings::default();
+        h.add(a("0000:9a:00.0"), "other", false);
+        let err = resolve(
+            &inv(),
+            &h,
+            &doc,
+            &AttachRequest::Gpus(vec![a("0000:9a:00.0")]),
+            &BTreeSet::new(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "GPU 0000:9a:00.0 is in use by domain 'other'"
+        );
+        let err = resolve(
+            &inv(),
+            &h,
+            &doc,
+            &AttachRequest::Gpus(vec![a("0000:77:00.0")]),
+            &BTreeSet::new(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, AllocError::UnknownGpu { .. }));
+    }
+}
