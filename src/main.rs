@@ -13,7 +13,7 @@ use gpupass::alloc::plan::{AttachRequest, DetachRequest};
 use gpupass::alloc::AllocError;
 use gpupass::assign::AssignError;
 use gpupass::config::ConfigError;
-use gpupass::hook::cli::{Dirs, HookCommand};
+use gpupass::hook::cli::{one_line, Dirs, HookCommand};
 use gpupass::host::sysfs::SysfsError;
 use gpupass::libvirt::LibvirtError;
 use gpupass::model::{ModelError, PciAddress, PciId};
@@ -204,7 +204,12 @@ fn run(g: &Global, command: LibvirtCommand) -> anyhow::Result<()> {
                 },
                 None => AttachRequest::Gpus(gpus),
             };
-            cli::assign::attach(g, &domain, &request, &flags(&common, 0))
+            cli::assign::run(
+                g,
+                &domain,
+                cli::assign::Action::Attach(&request),
+                &flags(&common, 0),
+            )
         }
         LibvirtCommand::Detach {
             domain,
@@ -218,7 +223,12 @@ fn run(g: &Global, command: LibvirtCommand) -> anyhow::Result<()> {
             } else {
                 DetachRequest::Gpus(gpus)
             };
-            cli::assign::detach(g, &domain, &request, &flags(&common, timeout))
+            cli::assign::run(
+                g,
+                &domain,
+                cli::assign::Action::Detach(&request),
+                &flags(&common, timeout),
+            )
         }
     }
 }
@@ -264,37 +274,10 @@ fn exit_code(err: &anyhow::Error) -> u8 {
     1
 }
 
-/// One line: no newline from libvirt or the chain ever splits it.
-fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
-        Err(e) => {
-            use clap::error::ErrorKind;
-            if matches!(
-                e.kind(),
-                ErrorKind::DisplayHelp
-                    | ErrorKind::DisplayVersion
-                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
-            ) {
-                e.exit();
-            }
-            // clap's first paragraph names the problem; the usage and hint after it would make
-            // the message several lines.
-            let rendered = e.render().to_string();
-            let first: Vec<&str> = rendered
-                .trim_start()
-                .lines()
-                .take_while(|l| !l.trim().is_empty())
-                .collect();
-            let text = one_line(&first.join(" "));
-            let text = text.strip_prefix("error: ").unwrap_or(&text);
-            eprintln!("gpupass: error: {text} (see gpupass --help)");
-            return ExitCode::from(2);
-        }
+        Err(e) => return gpupass::hook::cli::exit_on_parse_error(&e, "gpupass"),
     };
     gpupass::observability::init(cli.verbose, cli.dirs.log_file.as_deref());
     let command = match cli.command {

@@ -25,25 +25,7 @@ struct Cli {
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
-        Err(e) => {
-            use clap::error::ErrorKind;
-            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
-                e.exit();
-            }
-            let text = e.render().to_string();
-            let first: Vec<&str> = text
-                .trim_start()
-                .lines()
-                .take_while(|l| !l.trim().is_empty())
-                .collect();
-            let line = first
-                .join(" ")
-                .split_whitespace()
-                .collect::<Vec<_>>()
-                .join(" ");
-            eprintln!("gpupass: {} (see gpupass-hook --help)", line);
-            return ExitCode::from(2);
-        }
+        Err(e) => return gpupass::hook::cli::exit_on_parse_error(&e, "gpupass-hook"),
     };
     gpupass::observability::init(cli.verbose, cli.dirs.log_file.as_deref());
     gpupass::hook::cli::run(&cli.dirs, &cli.command)

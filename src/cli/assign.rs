@@ -82,36 +82,32 @@ fn options(g: &Global, flags: &AssignFlags) -> anyhow::Result<AssignOptions> {
     })
 }
 
-/// `gpupass attach`.
-pub fn attach(
-    g: &Global,
-    domain: &str,
-    request: &AttachRequest,
-    flags: &AssignFlags,
-) -> anyhow::Result<()> {
-    let opts = options(g, flags)?;
-    let inv = g.inventory()?;
-    let hv = VirtHypervisor::open(&g.uri)?;
-    let lock = HostLock::acquire(&g.run_dir, flags.lock_timeout)?;
-    let report = assign::attach(&hv, &inv, &lock, domain, request, &opts)
-        .with_context(|| format!("attach to '{domain}'"))?;
-    drop(lock);
-    print_report(&report, flags.json)
+/// What to do, for [`run`].
+pub enum Action<'a> {
+    /// `gpupass attach`.
+    Attach(&'a AttachRequest),
+    /// `gpupass detach`.
+    Detach(&'a DetachRequest),
 }
 
-/// `gpupass detach`.
-pub fn detach(
+/// `gpupass attach` / `gpupass detach`: reads the host, connects, takes the host lock, changes
+/// the domain, prints the report.
+pub fn run(
     g: &Global,
     domain: &str,
-    request: &DetachRequest,
+    action: Action<'_>,
     flags: &AssignFlags,
 ) -> anyhow::Result<()> {
     let opts = options(g, flags)?;
     let inv = g.inventory()?;
     let hv = VirtHypervisor::open(&g.uri)?;
     let lock = HostLock::acquire(&g.run_dir, flags.lock_timeout)?;
-    let report = assign::detach(&hv, &inv, &lock, domain, request, &opts)
-        .with_context(|| format!("detach from '{domain}'"))?;
+    let report = match action {
+        Action::Attach(r) => assign::attach(&hv, &inv, &lock, domain, r, &opts)
+            .with_context(|| format!("attach to '{domain}'"))?,
+        Action::Detach(r) => assign::detach(&hv, &inv, &lock, domain, r, &opts)
+            .with_context(|| format!("detach from '{domain}'"))?,
+    };
     drop(lock);
     print_report(&report, flags.json)
 }

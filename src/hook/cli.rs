@@ -174,7 +174,9 @@ fn read_stdin() -> Result<String, HookError> {
     String::from_utf8(buf).map_err(|_| HookError::NotUtf8)
 }
 
-fn one_line(s: &str) -> String {
+/// Joins whitespace runs into single spaces: no newline from libvirt, QEMU or an error chain ever
+/// splits a message.
+pub fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
@@ -381,6 +383,31 @@ fn install_hook(
         None => "libvirtd will use it from its next start (or send it SIGHUP)\n".to_string(),
     });
     print_stdout(&msg)
+}
+
+/// Handles a command-line parse error the way both binaries do: help and version are printed
+/// as clap prints them (exit 0); anything else becomes one line on stderr and exit 2 (clap's
+/// usage block and hint after the first paragraph would make it several lines).
+pub fn exit_on_parse_error(e: &clap::Error, program: &str) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        e.exit();
+    }
+    let rendered = e.render().to_string();
+    let first: Vec<&str> = rendered
+        .trim_start()
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .collect();
+    let text = one_line(&first.join(" "));
+    let text = text.strip_prefix("error: ").unwrap_or(&text);
+    eprintln!("gpupass: error: {text} (see {program} --help)");
+    ExitCode::from(2)
 }
 
 /// Runs a hook-mode command and returns its exit code; errors are one line on stderr.
