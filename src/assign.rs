@@ -174,15 +174,24 @@ pub fn read_holdings(hv: &dyn Hypervisor) -> Result<Holdings, AssignError> {
 /// NUMA nodes a domain is pinned to: `<numatune><memory nodeset>`, else the nodes of its vCPU
 /// cpuset / vcpupin CPUs. Empty = no preference.
 pub fn preferred_nodes(inv: &Inventory, facts: &DomainFacts) -> BTreeSet<NumaNode> {
-    if let Some(nodes) = facts
-        .numa_nodeset
-        .as_deref()
-        .and_then(|s| cpuset::parse(s).ok())
-    {
+    preferred_nodes_of(
+        inv,
+        facts.numa_nodeset.as_deref(),
+        facts.vcpu_cpuset.iter().chain(&facts.vcpupin_cpusets),
+    )
+}
+
+/// [`preferred_nodes`] from the pinning fields themselves.
+pub fn preferred_nodes_of<'a>(
+    inv: &Inventory,
+    numa_nodeset: Option<&str>,
+    cpusets: impl Iterator<Item = &'a String>,
+) -> BTreeSet<NumaNode> {
+    if let Some(nodes) = numa_nodeset.and_then(|s| cpuset::parse(s).ok()) {
         return nodes.into_iter().map(NumaNode).collect();
     }
     let mut cpus = BTreeSet::new();
-    for set in facts.vcpu_cpuset.iter().chain(&facts.vcpupin_cpusets) {
+    for set in cpusets {
         if let Ok(c) = cpuset::parse(set) {
             cpus.extend(c);
         }

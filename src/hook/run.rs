@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::alloc::lease::{self, Lease, LeaseStore};
 use crate::alloc::lock::HostLock;
 use crate::alloc::plan::{AttachRequest, Holdings};
-use crate::assign::preferred_nodes;
+use crate::assign::preferred_nodes_of;
 use crate::config::GpupassConfig;
 use crate::hook::resolve::resolve;
 use crate::hook::HookError;
@@ -74,10 +74,12 @@ pub fn transform(
     let store = LeaseStore::new(&env.run_dir);
     let t = now();
     store.holdings_except(&key, t, &mut holdings);
-    let prefer = match crate::xml::domain::parse(input) {
-        Ok(facts) => preferred_nodes(&inv, &facts),
-        Err(_) => BTreeSet::new(),
-    };
+    let pin = &doc.pinning;
+    let prefer = preferred_nodes_of(
+        &inv,
+        pin.numa_nodeset.as_deref(),
+        pin.vcpu_cpuset.iter().chain(&pin.vcpupin_cpusets),
+    );
     let res = resolve(&inv, &holdings, &doc, &request, &prefer)?;
     if !res.functions_after.is_empty() {
         store.put(

@@ -50,6 +50,17 @@ enum Devices {
     Empty { span: Range<usize> },
 }
 
+/// Where a domain is pinned, as written in its XML.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Pinning {
+    /// `<numatune><memory nodeset=…>`.
+    pub numa_nodeset: Option<String>,
+    /// `<vcpu cpuset=…>`.
+    pub vcpu_cpuset: Option<String>,
+    /// `<cputune><vcpupin cpuset=…>` values.
+    pub vcpupin_cpusets: Vec<String>,
+}
+
 /// What gpupass needs to know about a domain document, with byte positions.
 #[derive(Debug, Clone)]
 pub struct DomainDoc<'a> {
@@ -62,6 +73,9 @@ pub struct DomainDoc<'a> {
     pub request: Option<RequestSpec>,
     /// Every `<hostdev>` under `<devices>`, in order.
     pub hostdevs: Vec<HostdevSpan>,
+    /// `<numatune><memory nodeset>`, `<vcpu cpuset>`, `<cputune><vcpupin cpuset>`: where the
+    /// domain is pinned (for the NUMA preference).
+    pub pinning: Pinning,
     devices: Devices,
     /// Offset of `</domain>`.
     domain_close: usize,
@@ -126,6 +140,7 @@ pub fn scan(text: &str) -> Result<DomainDoc<'_>, XmlError> {
         uuid: None,
         request: None,
         hostdevs: Vec::new(),
+        pinning: Pinning::default(),
         devices: Devices::Missing,
         domain_close: 0,
         domain_child_indent: None,
@@ -174,6 +189,15 @@ pub fn scan(text: &str) -> Result<DomainDoc<'_>, XmlError> {
                         if empty {
                             return Err(malformed("<domain/> is empty"));
                         }
+                    }
+                    [b"domain"] if qname.as_ref() == b"vcpu" => {
+                        doc.pinning.vcpu_cpuset = attr(e, b"cpuset")?;
+                    }
+                    [b"domain", b"numatune"] if qname.as_ref() == b"memory" => {
+                        doc.pinning.numa_nodeset = attr(e, b"nodeset")?;
+                    }
+                    [b"domain", b"cputune"] if qname.as_ref() == b"vcpupin" => {
+                        doc.pinning.vcpupin_cpusets.extend(attr(e, b"cpuset")?);
                     }
                     [b"domain"] => {
                         if doc.domain_child_indent.is_none() {
@@ -449,6 +473,11 @@ mod tests {
         assert_eq!(r.model.as_deref(), Some("10de:2330"));
         assert_eq!(d.hostdevs.len(), 2);
         assert!(d.hostdevs[0].injected() && !d.hostdevs[1].injected());
+        assert_eq!(d.pinning, Pinning::default());
+        let pinned = scan("<domain><name>p</name><vcpu cpuset='56-59'>4</vcpu><cputune><vcpupin vcpu='0' cpuset='56'/></cputune><numatune><memory nodeset='1'/></numatune></domain>").unwrap();
+        assert_eq!(pinned.pinning.vcpu_cpuset.as_deref(), Some("56-59"));
+        assert_eq!(pinned.pinning.vcpupin_cpusets, ["56"]);
+        assert_eq!(pinned.pinning.numa_nodeset.as_deref(), Some("1"));
         assert_eq!(d.pci_sources(), [a("0000:18:00.0"), a("0000:3b:00.0")]);
         assert!(DOMAIN[d.hostdevs[1].span.clone()].starts_with("<hostdev"));
         assert!(DOMAIN[d.hostdevs[1].span.clone()].ends_with("</hostdev>"));
