@@ -14,6 +14,7 @@ use gpupass::alloc::AllocError;
 use gpupass::assign::AssignError;
 use gpupass::config::ConfigError;
 use gpupass::hook::cli::{one_line, Dirs, HookCommand};
+use gpupass::host::doctor::ChecksFailed;
 use gpupass::host::sysfs::SysfsError;
 use gpupass::libvirt::LibvirtError;
 use gpupass::model::{ModelError, PciAddress, PciId};
@@ -37,6 +38,7 @@ Exit codes:
   10  libvirt accepted the change but the domain XML does not show it (rolled back)
   11  a failure whose rollback also failed: check the domain by hand
   12  timed out waiting for the host lock (another gpupass is attaching or detaching)
+  13  doctor: a check failed
 The qemu hook exits 1 when it blocks a start (`prepare`) or cannot rewrite (`migrate`/`restore`).";
 
 /// Give virtual machines whole GPUs on KVM/libvirt hosts.
@@ -104,6 +106,24 @@ enum LibvirtCommand {
         #[arg(long)]
         json: bool,
         /// Do not ask libvirt who uses the GPU.
+        #[arg(long)]
+        no_libvirt: bool,
+    },
+    /// Check that the host is ready for GPU passthrough: IOMMU, vfio, each GPU, libvirt, the hook.
+    ///
+    /// Each check says ok / warn / FAIL / skip, what was seen, and the fix in one line. Reads
+    /// only; exit 13 when a check fails.
+    #[command(
+        after_help = "Examples:\n  gpupass doctor\n  gpupass doctor --gpu 0000:18:00.0 --json"
+    )]
+    Doctor {
+        /// Only these GPUs (host-wide checks always run).
+        #[arg(long = "gpu", value_name = "ADDR", num_args = 1..)]
+        gpus: Vec<PciAddress>,
+        /// Print JSON: {"checks":[{"name","status","seen","fix"}],"ok","warn","fail","skipped"}.
+        #[arg(long)]
+        json: bool,
+        /// Do not ask libvirt.
         #[arg(long)]
         no_libvirt: bool,
     },
@@ -190,6 +210,11 @@ fn run(g: &Global, command: LibvirtCommand) -> anyhow::Result<()> {
             no_libvirt,
         } => cli::list::show(g, address, json, no_libvirt),
         LibvirtCommand::Xml { addresses } => cli::xml::xml(g, &addresses),
+        LibvirtCommand::Doctor {
+            gpus,
+            json,
+            no_libvirt,
+        } => cli::doctor::doctor(g, &gpus, json, no_libvirt),
         LibvirtCommand::Attach {
             domain,
             gpus,
@@ -253,6 +278,9 @@ fn exit_code(err: &anyhow::Error) -> u8 {
         }
         if let Some(e) = cause.downcast_ref::<LibvirtError>() {
             return e.exit_code();
+        }
+        if cause.downcast_ref::<ChecksFailed>().is_some() {
+            return 13;
         }
         if let Some(e) = cause.downcast_ref::<LockError>() {
             return if matches!(e, LockError::Timeout { .. }) {

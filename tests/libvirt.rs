@@ -351,3 +351,29 @@ fn the_hook_passes_a_gpu_less_domain_through_start_save_and_restore() {
         "{log}"
     );
 }
+
+/// doctor against the real daemon: it answers, and its domain capabilities offer no vfio PCI
+/// backend on this machine (no VFIO) — doctor says so as a failure.
+#[test]
+fn doctor_asks_the_real_daemon_for_its_vfio_backend() {
+    let _g = need_daemon!();
+    let t = tempfile::tempdir().unwrap();
+    let r = gp(t.path(), &["doctor", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let find = |n: &str| {
+        v["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == n)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(find("libvirt")["status"], "ok", "{}", r.stdout);
+    let backend = find("libvirt vfio backend");
+    assert_eq!(backend["status"], "fail", "{backend}");
+    assert!(backend["seen"]
+        .as_str()
+        .unwrap()
+        .contains("no vfio PCI backend"));
+}

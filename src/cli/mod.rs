@@ -2,6 +2,7 @@
 //! and in `main.rs` only.
 
 pub mod assign;
+pub mod doctor;
 pub mod list;
 pub mod xml;
 

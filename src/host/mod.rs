@@ -1,6 +1,9 @@
 //! The host's PCI devices: reading sysfs under a host root (`sysfs`), building the inventory of
-//! whole GPUs (`discover`), and judging whether each can be passed through (`readiness`).
+//! whole GPUs (`discover`), judging whether each can be passed through (`readiness`), and the
+//! host's readiness as a whole (`probe` gathers, `doctor` judges).
 
 pub mod discover;
+pub mod doctor;
+pub mod probe;
 pub mod readiness;
 pub mod sysfs;

@@ -231,6 +231,88 @@ impl Sysfs {
         Ok(out)
     }
 
+    /// DRM nodes of a device (`card1`, `renderD129`), from its `drm/` directory.
+    pub fn drm_nodes(&self, addr: PciAddress) -> Result<Vec<String>, SysfsError> {
+        let mut n = list_dir(&self.device_dir(addr).join("drm"))?;
+        n.retain(|x| x.starts_with("card") || x.starts_with("render"));
+        n.sort();
+        Ok(n)
+    }
+
+    /// The NVIDIA driver's device minor of a GPU (`/dev/nvidiaN`), from
+    /// `proc/driver/nvidia/gpus/<bdf>/information`.
+    pub fn nvidia_minor(&self, addr: PciAddress) -> Result<Option<u32>, SysfsError> {
+        let path = self
+            .path("proc/driver/nvidia/gpus")
+            .join(addr.to_string())
+            .join("information");
+        Ok(read_optional(&path)?.and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("Device Minor:"))
+                .and_then(|v| v.trim().parse().ok())
+        }))
+    }
+
+    /// Processes with any of `paths` open: `(pid, comm, path)`, from `proc/<pid>/fd/*` links.
+    /// Unreadable processes (gone, or not ours to read) are skipped.
+    pub fn fd_holders(&self, paths: &BTreeSet<String>) -> Vec<(u32, String, String)> {
+        let mut out = Vec::new();
+        if paths.is_empty() {
+            return out;
+        }
+        let Ok(procs) = list_dir(&self.path("proc")) else {
+            return out;
+        };
+        for p in procs {
+            let Ok(pid) = p.parse::<u32>() else { continue };
+            let dir = self.path("proc").join(&p);
+            let Ok(fds) = list_dir(&dir.join("fd")) else {
+                continue;
+            };
+            for fd in fds {
+                let Ok(Some(target)) = self.link_target(&dir.join("fd").join(&fd)) else {
+                    continue;
+                };
+                let target = target.display().to_string();
+                if paths.contains(&target) {
+                    let comm = read_optional(&dir.join("comm"))
+                        .ok()
+                        .flatten()
+                        .unwrap_or_default();
+                    out.push((pid, comm, target));
+                }
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Whether a file exists under the root (`dev/vfio/vfio`, a hook script).
+    pub fn exists(&self, rel: &str) -> bool {
+        self.path(rel).exists()
+    }
+
+    /// A kernel module parameter (`sys/module/<m>/parameters/<p>`).
+    pub fn module_param(&self, module: &str, param: &str) -> Result<Option<String>, SysfsError> {
+        read_optional(
+            &self
+                .path("sys/module")
+                .join(module)
+                .join("parameters")
+                .join(param),
+        )
+    }
+
+    /// The CPU vendor (`GenuineIntel`, `AuthenticAMD`) from `proc/cpuinfo`.
+    pub fn cpu_vendor(&self) -> Result<Option<String>, SysfsError> {
+        Ok(read_optional(&self.path("proc/cpuinfo"))?.and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("vendor_id"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).trim().to_owned())
+        }))
+    }
+
     fn link_target(&self, path: &Path) -> Result<Option<PathBuf>, SysfsError> {
         match fs::read_link(path) {
             Ok(t) => Ok(Some(t)),

@@ -114,6 +114,18 @@ impl VirtHypervisor {
     }
 }
 
+impl VirtHypervisor {
+    /// The hypervisor's domain capabilities XML (`virsh domcapabilities`).
+    pub fn domain_capabilities(&self) -> Result<String, LibvirtError> {
+        self.conn
+            .domain_capabilities(None, None, None, None, 0)
+            .map_err(|e| LibvirtError::Call {
+                action: "read domain capabilities".into(),
+                message: message(&e),
+            })
+    }
+}
+
 impl Hypervisor for VirtHypervisor {
     fn uri(&self) -> &str {
         &self.uri

@@ -2,6 +2,7 @@
 //! (hostdev sources, NUMA pinning, name) out of domain XML. Pure text in, values out; no IO
 //! except loading a template directory the config names.
 
+pub mod caps;
 pub mod compose;
 pub mod domain;
 pub mod rewrite;

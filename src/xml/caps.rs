@@ -1,0 +1,61 @@
+//! Reads libvirt's domain capabilities XML (`virsh domcapabilities`): which PCI passthrough
+//! backends the hypervisor offers. Pure.
+
+use quick_xml::events::Event;
+use quick_xml::Reader;
+
+use crate::xml::XmlError;
+
+/// The values of `<devices><hostdev><enum name='pciBackend'>` (`vfio`, `default`…); empty when
+/// the host offers none (no VFIO).
+pub fn pci_backends(xml: &str) -> Result<Vec<String>, XmlError> {
+    let mut reader = Reader::from_str(xml);
+    let mut path: Vec<Vec<u8>> = Vec::new();
+    let mut in_enum = false;
+    let mut out = Vec::new();
+    loop {
+        match reader.read_event().map_err(|e| XmlError::MalformedDomain {
+            reason: format!("domain capabilities: {e}"),
+        })? {
+            Event::Start(e) => {
+                let here: Vec<&[u8]> = path.iter().map(Vec::as_slice).collect();
+                if here == [b"domainCapabilities".as_slice(), b"devices", b"hostdev"]
+                    && e.name().as_ref() == b"enum"
+                {
+                    in_enum = e
+                        .attributes()
+                        .flatten()
+                        .any(|a| a.key.as_ref() == b"name" && a.value.as_ref() == b"pciBackend");
+                }
+                path.push(e.name().as_ref().to_vec());
+            }
+            Event::End(e) => {
+                if e.name().as_ref() == b"enum" {
+                    in_enum = false;
+                }
+                path.pop();
+            }
+            Event::Text(t) if in_enum && path.last().is_some_and(|p| p == b"value") => {
+                out.push(String::from_utf8_lossy(&t).trim().to_owned());
+            }
+            Event::Eof => break,
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_vfio_or_nothing() {
+        let with = "<domainCapabilities><devices><hostdev supported='yes'><enum name='mode'><value>subsystem</value></enum><enum name='pciBackend'><value>default</value><value>vfio</value></enum></hostdev></devices></domainCapabilities>";
+        assert_eq!(pci_backends(with).unwrap(), ["default", "vfio"]);
+        // What libvirt 9 says on a machine without VFIO.
+        let without = "<domainCapabilities><devices><hostdev supported='yes'><enum name='pciBackend'/></hostdev></devices></domainCapabilities>";
+        assert!(pci_backends(without).unwrap().is_empty());
+        assert!(pci_backends("<domainCapabilities><devices>").is_ok());
+    }
+}
