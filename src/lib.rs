@@ -19,6 +19,7 @@ pub mod config;
 pub mod cpuset;
 pub mod hook;
 pub mod host;
+pub mod hostcfg;
 pub mod libvirt;
 pub mod model;
 pub mod observability;

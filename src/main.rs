@@ -16,6 +16,7 @@ use gpupass::config::ConfigError;
 use gpupass::hook::cli::{one_line, Dirs, HookCommand};
 use gpupass::host::doctor::ChecksFailed;
 use gpupass::host::sysfs::SysfsError;
+use gpupass::hostcfg::HostConfigError;
 use gpupass::libvirt::LibvirtError;
 use gpupass::model::{ModelError, PciAddress, PciId};
 use gpupass::xml::XmlError;
@@ -127,6 +128,30 @@ enum LibvirtCommand {
         #[arg(long)]
         no_libvirt: bool,
     },
+    /// What the host needs so the chosen GPUs come up on vfio-pci at boot: modprobe options and
+    /// softdeps, the initramfs module list, the kernel command-line words.
+    ///
+    /// Without --apply it shows the files as a diff against what is there and writes nothing.
+    /// With --apply it writes them atomically, keeping a copy of what it replaces; it never runs
+    /// update-initramfs, dracut or update-grub, nor reboots: it prints what is still to do.
+    #[command(
+        after_help = "Examples:\n  gpupass host-config --model 10de:11b4\n  gpupass host-config --gpu 0000:03:00.0 --apply"
+    )]
+    HostConfig {
+        /// These GPUs (all their functions).
+        #[arg(long = "gpu", value_name = "ADDR", num_args = 1.., conflicts_with = "models")]
+        gpus: Vec<PciAddress>,
+        /// Every GPU of these models. [default, with neither: every passable GPU that is not
+        /// the host's console]
+        #[arg(long = "model", value_name = "VVVV:DDDD", num_args = 1..)]
+        models: Vec<PciId>,
+        /// The initramfs generator [default: debian unless only dracut's config exists].
+        #[arg(long, value_enum)]
+        initramfs: Option<gpupass::hostcfg::Initramfs>,
+        /// Write the files.
+        #[arg(long)]
+        apply: bool,
+    },
     /// Print the <hostdev> blocks for every function of each GPU (for virsh attach-device or
     /// virsh edit).
     #[command(after_help = "Example:\n  gpupass xml 0000:01:00.0 > gpu.xml")]
@@ -210,6 +235,12 @@ fn run(g: &Global, command: LibvirtCommand) -> anyhow::Result<()> {
             no_libvirt,
         } => cli::list::show(g, address, json, no_libvirt),
         LibvirtCommand::Xml { addresses } => cli::xml::xml(g, &addresses),
+        LibvirtCommand::HostConfig {
+            gpus,
+            models,
+            initramfs,
+            apply,
+        } => cli::host_config::host_config(g, &gpus, &models, initramfs, apply),
         LibvirtCommand::Doctor {
             gpus,
             json,
@@ -278,6 +309,12 @@ fn exit_code(err: &anyhow::Error) -> u8 {
         }
         if let Some(e) = cause.downcast_ref::<LibvirtError>() {
             return e.exit_code();
+        }
+        if let Some(e) = cause.downcast_ref::<HostConfigError>() {
+            return match e {
+                HostConfigError::NothingSelected(_) => 3,
+                HostConfigError::Io { .. } => 1,
+            };
         }
         if cause.downcast_ref::<ChecksFailed>().is_some() {
             return 13;

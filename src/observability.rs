@@ -2,6 +2,7 @@
 //! appended to a log file (the qemu hook: libvirt discards a successful hook's stderr).
 
 use std::fs::OpenOptions;
+use std::io::IsTerminal;
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -39,6 +40,7 @@ pub fn init(verbosity: u8, log_file: Option<&Path>) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter())
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .without_time()
         .with_target(false)
         .try_init();

@@ -3,6 +3,7 @@
 
 pub mod assign;
 pub mod doctor;
+pub mod host_config;
 pub mod list;
 pub mod xml;
 

@@ -209,3 +209,16 @@ impl Drop for TestDomain {
         virsh(&["undefine", &self.name]);
     }
 }
+
+/// A writable copy of a fixture host (symlinks kept), for commands that write under the root.
+pub fn host_copy(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", host(name).display()))
+        .arg(dir.path())
+        .status()
+        .expect("cp");
+    assert!(st.success());
+    dir
+}
