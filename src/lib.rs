@@ -15,6 +15,7 @@
 
 pub mod alloc;
 pub mod assign;
+pub mod bind;
 pub mod config;
 pub mod cpuset;
 pub mod hook;

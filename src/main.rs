@@ -12,6 +12,7 @@ use gpupass::alloc::lock::LockError;
 use gpupass::alloc::plan::{AttachRequest, DetachRequest};
 use gpupass::alloc::AllocError;
 use gpupass::assign::AssignError;
+use gpupass::bind::BindError;
 use gpupass::config::ConfigError;
 use gpupass::hook::cli::{one_line, Dirs, HookCommand};
 use gpupass::host::doctor::ChecksFailed;
@@ -40,6 +41,7 @@ Exit codes:
   11  a failure whose rollback also failed: check the domain by hand
   12  timed out waiting for the host lock (another gpupass is attaching or detaching)
   13  doctor: a check failed
+  14  bind refused for safety (the host's console, a device the host uses; --force)
 The qemu hook exits 1 when it blocks a start (`prepare`) or cannot rewrite (`migrate`/`restore`).";
 
 /// Give virtual machines whole GPUs on KVM/libvirt hosts.
@@ -152,6 +154,53 @@ enum LibvirtCommand {
         #[arg(long)]
         apply: bool,
     },
+    /// Bind a device's whole IOMMU group (bridges excluded) to a driver, vfio-pci by default.
+    ///
+    /// Through driver_override + unbind + drivers_probe (never new_id, which grabs every
+    /// identical device). Each device's original driver is recorded under the state dir so
+    /// `gpupass restore` puts it back; if the kernel does not do it, gpupass undoes its writes.
+    /// Refuses the host's console and groups holding a device the host uses, unless --force.
+    #[command(
+        after_help = "Examples:\n  gpupass bind 0000:03:00.0 --dry-run\n  gpupass bind 0000:03:00.0 --persist"
+    )]
+    Bind {
+        /// Any device of the group (a GPU's address moves all its functions).
+        #[arg(value_name = "ADDR")]
+        address: PciAddress,
+        /// The driver.
+        #[arg(long, default_value = "vfio-pci", value_parser = ["vfio-pci", "pci-stub"])]
+        driver: String,
+        /// Print the sysfs writes, in order, and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Also write driverctl records so the override survives a reboot.
+        #[arg(long)]
+        persist: bool,
+        /// Go ahead although the group holds the console or a device the host uses.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Unbind a device's whole IOMMU group from its drivers (leaving it on none).
+    Unbind {
+        /// Any device of the group.
+        #[arg(value_name = "ADDR")]
+        address: PciAddress,
+        /// Print the sysfs writes, in order, and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Go ahead although the group holds the console or a device the host uses.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Put back the drivers a device's group had before `gpupass bind`/`unbind`.
+    Restore {
+        /// Any device of the group.
+        #[arg(value_name = "ADDR")]
+        address: PciAddress,
+        /// Print the sysfs writes, in order, and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Print the <hostdev> blocks for every function of each GPU (for virsh attach-device or
     /// virsh edit).
     #[command(after_help = "Example:\n  gpupass xml 0000:01:00.0 > gpu.xml")]
@@ -235,6 +284,37 @@ fn run(g: &Global, command: LibvirtCommand) -> anyhow::Result<()> {
             no_libvirt,
         } => cli::list::show(g, address, json, no_libvirt),
         LibvirtCommand::Xml { addresses } => cli::xml::xml(g, &addresses),
+        LibvirtCommand::Bind {
+            address,
+            driver,
+            dry_run,
+            persist,
+            force,
+        } => cli::bind::bind(
+            g,
+            address,
+            Some(driver),
+            cli::bind::BindFlags {
+                dry_run,
+                persist,
+                force,
+            },
+        ),
+        LibvirtCommand::Unbind {
+            address,
+            dry_run,
+            force,
+        } => cli::bind::bind(
+            g,
+            address,
+            None,
+            cli::bind::BindFlags {
+                dry_run,
+                persist: false,
+                force,
+            },
+        ),
+        LibvirtCommand::Restore { address, dry_run } => cli::bind::restore(g, address, dry_run),
         LibvirtCommand::HostConfig {
             gpus,
             models,
@@ -310,6 +390,9 @@ fn exit_code(err: &anyhow::Error) -> u8 {
         if let Some(e) = cause.downcast_ref::<LibvirtError>() {
             return e.exit_code();
         }
+        if let Some(e) = cause.downcast_ref::<BindError>() {
+            return e.exit_code();
+        }
         if let Some(e) = cause.downcast_ref::<HostConfigError>() {
             return match e {
                 HostConfigError::NothingSelected(_) => 3,
@@ -353,6 +436,7 @@ fn main() -> ExitCode {
         host_root: cli.dirs.host_root,
         uri: cli.connect,
         run_dir: cli.dirs.run_dir,
+        state_dir: cli.dirs.state_dir,
         config: cli.dirs.config_file,
     };
     match run(&g, command) {

@@ -2,6 +2,7 @@
 //! and in `main.rs` only.
 
 pub mod assign;
+pub mod bind;
 pub mod doctor;
 pub mod host_config;
 pub mod list;
@@ -25,6 +26,8 @@ pub struct Global {
     pub uri: String,
     /// Run dir for the host lock.
     pub run_dir: PathBuf,
+    /// State dir (binding records).
+    pub state_dir: PathBuf,
     /// Config file, when given.
     pub config: Option<PathBuf>,
 }

@@ -30,7 +30,25 @@ pub fn gather(sysfs: &Sysfs) -> Result<HostFacts, SysfsError> {
         )
     });
 
-    // Device nodes of each GPU, then who holds them.
+    let holders = node_holders(sysfs, &inv)?;
+    Ok(HostFacts {
+        cpu_vendor: sysfs.cpu_vendor()?,
+        modules,
+        dev_vfio: sysfs.exists("dev/vfio/vfio"),
+        unsafe_interrupts: unsafe_param || unsafe_cmdline,
+        holders,
+        libvirt: None,
+        hook_installed: sysfs.exists(HOOK_PATH),
+        cmdline,
+        inv,
+    })
+}
+
+/// Processes holding each GPU's device nodes (`/dev/dri/*`, `/dev/nvidiaN`), by GPU address.
+pub fn node_holders(
+    sysfs: &Sysfs,
+    inv: &crate::host::discover::Inventory,
+) -> Result<BTreeMap<crate::model::PciAddress, Vec<NodeHolder>>, SysfsError> {
     let mut nodes_of: BTreeMap<String, crate::model::PciAddress> = BTreeMap::new();
     for gpu in &inv.gpus {
         for f in &gpu.functions {
@@ -53,15 +71,5 @@ pub fn gather(sysfs: &Sysfs) -> Result<HostFacts, SysfsError> {
         }
     }
 
-    Ok(HostFacts {
-        cpu_vendor: sysfs.cpu_vendor()?,
-        modules,
-        dev_vfio: sysfs.exists("dev/vfio/vfio"),
-        unsafe_interrupts: unsafe_param || unsafe_cmdline,
-        holders,
-        libvirt: None,
-        hook_installed: sysfs.exists(HOOK_PATH),
-        cmdline,
-        inv,
-    })
+    Ok(holders)
 }

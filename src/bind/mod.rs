@@ -1,0 +1,272 @@
+//! Runtime driver binding for `managed='no'` set-ups and for preparing a host: moves a whole
+//! IOMMU group to vfio-pci (or any driver) through `driver_override` + `unbind` +
+//! `drivers_probe` — never `new_id`, which grabs every identical device — records each device's
+//! original driver in a state file (written atomically) so `restore` puts it back, checks the
+//! kernel did what was asked, and undoes its own writes when it did not. Every path is under the
+//! host root.
+
+pub mod plan;
+
+use std::collections::BTreeMap;
+use std::fs::{self, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::bind::plan::{writes, Mode, Move, SysfsWrite};
+use crate::host::sysfs::Sysfs;
+use crate::model::PciAddress;
+
+/// Errors from binding.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    /// No PCI device at that address.
+    #[error("no PCI device at {address} on this host")]
+    UnknownDevice {
+        /// The address.
+        address: PciAddress,
+    },
+    /// vfio-pci needs an IOMMU group.
+    #[error("{address} is in no IOMMU group: vfio-pci needs the IOMMU on (gpupass doctor); pci-stub does not")]
+    NoIommu {
+        /// The device.
+        address: PciAddress,
+    },
+    /// The target driver is not loaded.
+    #[error("driver {driver} is not loaded (modprobe {module})")]
+    DriverNotLoaded {
+        /// The driver.
+        driver: String,
+        /// The module to load.
+        module: String,
+    },
+    /// Refused for safety.
+    #[error("refusing to move the IOMMU group of {address}: {reason} (--force to do it anyway)")]
+    Refused {
+        /// The device asked for.
+        address: PciAddress,
+        /// Why.
+        reason: String,
+    },
+    /// Nothing recorded for a restore.
+    #[error("no binding of {address} recorded by gpupass (nothing to restore)")]
+    NoRecord {
+        /// The device.
+        address: PciAddress,
+    },
+    /// A sysfs write failed.
+    #[error("failed to write {value:?} to {path}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The value.
+        value: String,
+        /// The IO error.
+        #[source]
+        source: io::Error,
+    },
+    /// The kernel did not do what was asked; gpupass undid its writes.
+    #[error(
+        "{address} is on {got} after the writes, not {want}; the group was put back{rollback}"
+    )]
+    NotApplied {
+        /// The device.
+        address: PciAddress,
+        /// The wanted driver.
+        want: String,
+        /// The driver seen.
+        got: String,
+        /// What could not be undone, when anything.
+        rollback: String,
+    },
+    /// The state file.
+    #[error("failed to update the binding record {path}")]
+    State {
+        /// The file.
+        path: PathBuf,
+        /// The IO error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl BindError {
+    /// The documented exit code (the table in `gpupass --help`).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            BindError::UnknownDevice { .. } | BindError::NoRecord { .. } => 3,
+            BindError::NoIommu { .. } => 7,
+            BindError::NotApplied { rollback, .. } if rollback.is_empty() => 10,
+            BindError::NotApplied { .. } => 11,
+            BindError::Refused { .. } => 14,
+            _ => 1,
+        }
+    }
+}
+
+/// One device's record: what it was on before gpupass moved it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Binding {
+    /// Its driver before gpupass moved it (`None` = unbound).
+    pub original: Option<String>,
+    /// The driver gpupass moved it to (`None` = unbound).
+    pub driver: Option<String>,
+    /// The device gpupass was asked about (its group moved with it).
+    pub requested: PciAddress,
+    /// A driverctl-style record keeps the override across reboots.
+    pub persisted: bool,
+}
+
+/// The binding records: `<state-dir>/bindings.json`.
+#[derive(Debug, Clone)]
+pub struct BindState {
+    path: PathBuf,
+}
+
+impl BindState {
+    /// The records under `state_dir`.
+    pub fn new(state_dir: &Path) -> Self {
+        Self {
+            path: state_dir.join("bindings.json"),
+        }
+    }
+
+    fn err(&self, source: io::Error) -> BindError {
+        BindError::State {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Every record; none when the file is absent.
+    pub fn load(&self) -> Result<BTreeMap<PciAddress, Binding>, BindError> {
+        match fs::read(&self.path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| self.err(io::Error::other(e))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+            Err(e) => Err(self.err(e)),
+        }
+    }
+
+    /// Replaces the records atomically (temp file, fsync, rename).
+    pub fn save(&self, records: &BTreeMap<PciAddress, Binding>) -> Result<(), BindError> {
+        let dir = self.path.parent().expect("the state file has a directory");
+        fs::create_dir_all(dir).map_err(|e| self.err(e))?;
+        let tmp = dir.join(format!(".bindings.json.{}", std::process::id()));
+        let mut f = fs::File::create(&tmp).map_err(|e| self.err(e))?;
+        let body = serde_json::to_vec_pretty(records).expect("records serialize");
+        f.write_all(&body)
+            .and_then(|()| f.sync_all())
+            .map_err(|e| self.err(e))?;
+        fs::rename(&tmp, &self.path).map_err(|e| self.err(e))
+    }
+}
+
+/// Writes one sysfs value. Never creates a file: on a real host every attribute exists.
+fn write(root: &Path, w: &SysfsWrite) -> Result<(), BindError> {
+    let path = root.join(&w.path);
+    OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(w.value.as_bytes()))
+        .map_err(|source| BindError::Write {
+            path,
+            value: w.value.clone(),
+            source,
+        })
+}
+
+fn driver_now(sysfs: &Sysfs, a: PciAddress) -> Option<String> {
+    sysfs.driver(a).ok().flatten()
+}
+
+/// How long the kernel gets to finish a bind (it is synchronous on a real host; a slow device
+/// probe can take a moment).
+const SETTLE: Duration = Duration::from_secs(3);
+
+/// Carries out `moves` (the writes of [`writes`] in `mode`), checking each device is on its
+/// target before the next; when one is not, or a write fails, puts every device it touched back
+/// where it was.
+pub fn execute(sysfs: &Sysfs, moves: &[Move], mode: Mode) -> Result<(), BindError> {
+    let root = sysfs.root();
+    for m in moves {
+        if let Some(d) = &m.to {
+            if !root.join("sys/bus/pci/drivers").join(d).is_dir() {
+                return Err(BindError::DriverNotLoaded {
+                    driver: d.clone(),
+                    module: d.replace('-', "_"),
+                });
+            }
+        }
+    }
+    let mut done: Vec<Move> = Vec::new();
+    let fail = |cause: BindError, done: &[Move]| -> BindError {
+        let undo: Vec<Move> = done
+            .iter()
+            .map(|m| Move {
+                address: m.address,
+                from: driver_now(sysfs, m.address),
+                to: m.from.clone(),
+            })
+            .collect();
+        let mut left = Vec::new();
+        for w in writes(&undo, Mode::Restore) {
+            if let Err(e) = write(root, &w) {
+                left.push(e.to_string());
+            }
+        }
+        match cause {
+            BindError::NotApplied {
+                address, want, got, ..
+            } => BindError::NotApplied {
+                address,
+                want,
+                got,
+                rollback: if left.is_empty() {
+                    String::new()
+                } else {
+                    format!("; ROLLBACK INCOMPLETE: {}", left.join("; "))
+                },
+            },
+            other => other,
+        }
+    };
+    // One device at a time, each checked before the next is touched: a kernel that does not
+    // follow stops gpupass after one device, not after a whole group.
+    for m in moves {
+        for w in writes(std::slice::from_ref(m), mode) {
+            if let Err(e) = write(root, &w) {
+                let mut partial = done.clone();
+                partial.push(m.clone());
+                return Err(fail(e, &partial));
+            }
+        }
+        done.push(m.clone());
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            let now = driver_now(sysfs, m.address);
+            if now == m.to {
+                break;
+            }
+            if Instant::now() >= deadline {
+                let cause = BindError::NotApplied {
+                    address: m.address,
+                    want: m.to.clone().unwrap_or_else(|| "no driver".into()),
+                    got: now.unwrap_or_else(|| "no driver".into()),
+                    rollback: String::new(),
+                };
+                return Err(fail(cause, &done));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        tracing::info!(bdf = %m.address, from = ?m.from, to = ?m.to, "driver changed");
+    }
+    Ok(())
+}
+
+/// driverctl's record of an override: `etc/driverctl.d/pci-<bdf>` holding the driver's name.
+pub fn persist_path(a: PciAddress) -> String {
+    format!("etc/driverctl.d/pci-{a}")
+}

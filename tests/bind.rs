@@ -1,0 +1,329 @@
+//! `gpupass bind`/`unbind`/`restore` on writable copies of fixture hosts. Every write lands in
+//! the fixture. A small stand-in for the kernel (`FakeKernel`) reacts to those writes the way
+//! sysfs does — `unbind`, `bind`, and `drivers_probe` honouring `driver_override` — so the whole
+//! path, verification included, runs; without it the kernel "does nothing" and gpupass must
+//! notice and put everything back.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use common::{gpupass, host_copy, run, Run};
+
+/// Reacts to sysfs writes under `root` like the PCI core: unbind, bind, drivers_probe.
+struct FakeKernel {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+}
+
+fn take(path: &Path) -> Option<String> {
+    let text = fs::read_to_string(path).ok()?;
+    let v = text.trim().to_owned();
+    if v.is_empty() {
+        return None;
+    }
+    fs::write(path, "").ok()?;
+    Some(v)
+}
+
+fn link_driver(sys: &Path, bdf: &str, driver: &str) {
+    let dev = sys.join("bus/pci/devices").join(bdf);
+    let _ = fs::remove_file(dev.join("driver"));
+    std::os::unix::fs::symlink(sys.join("bus/pci/drivers").join(driver), dev.join("driver"))
+        .unwrap();
+}
+
+fn tick(sys: &Path) {
+    let drivers = sys.join("bus/pci/drivers");
+    let all: Vec<_> = fs::read_dir(&drivers).unwrap().flatten().collect();
+    // Unbinds before binds, as the writes were made.
+    for d in &all {
+        if let Some(bdf) = take(&d.path().join("unbind")) {
+            let _ = fs::remove_file(sys.join("bus/pci/devices").join(&bdf).join("driver"));
+            let _ = fs::remove_file(d.path().join(&bdf));
+        }
+    }
+    for d in &all {
+        if let Some(bdf) = take(&d.path().join("bind")) {
+            link_driver(sys, &bdf, &d.file_name().into_string().unwrap());
+        }
+    }
+    if let Some(bdf) = take(&sys.join("bus/pci/drivers_probe")) {
+        let dev = sys.join("bus/pci/devices").join(&bdf);
+        let ov = fs::read_to_string(dev.join("driver_override")).unwrap_or_default();
+        let ov = ov.trim();
+        let bound = fs::symlink_metadata(dev.join("driver")).is_ok();
+        if !bound && !ov.is_empty() && ov != "(null)" && drivers.join(ov).is_dir() {
+            link_driver(sys, &bdf, ov);
+        }
+    }
+}
+
+impl FakeKernel {
+    fn start(root: &Path) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sys = root.join("sys");
+        let s = stop.clone();
+        let handle = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                tick(&sys);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+        FakeKernel {
+            stop,
+            handle: Some(handle),
+        }
+    }
+}
+
+impl Drop for FakeKernel {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+struct Host {
+    root: tempfile::TempDir,
+    state: tempfile::TempDir,
+}
+
+impl Host {
+    fn new(fixture: &str) -> Self {
+        Host {
+            root: host_copy(fixture),
+            state: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn gp(&self, args: &[&str]) -> Run {
+        let mut c = gpupass(self.root.path(), &self.state.path().join("run"));
+        c.arg("--state-dir").arg(self.state.path()).args(args);
+        run(c)
+    }
+
+    fn driver(&self, bdf: &str) -> Option<String> {
+        fs::read_link(self.dev(bdf).join("driver"))
+            .ok()
+            .map(|t| t.file_name().unwrap().to_string_lossy().into_owned())
+    }
+
+    fn dev(&self, bdf: &str) -> PathBuf {
+        self.root.path().join("sys/bus/pci/devices").join(bdf)
+    }
+
+    fn read(&self, rel: &str) -> String {
+        fs::read_to_string(self.root.path().join(rel)).unwrap_or_default()
+    }
+
+    fn records(&self) -> serde_json::Value {
+        fs::read(self.state.path().join("bindings.json"))
+            .map(|b| serde_json::from_slice(&b).unwrap())
+            .unwrap_or(serde_json::json!({}))
+    }
+}
+
+#[test]
+fn dry_run_prints_the_exact_writes_in_order_and_changes_nothing() {
+    let h = Host::new("seeds-k4200");
+    let r = h.gp(&["bind", "0000:03:00.0", "--dry-run"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let root = h.root.path().display().to_string();
+    let want = [
+        format!("write \"vfio-pci\" to {root}/sys/bus/pci/devices/0000:03:00.0/driver_override"),
+        format!("write \"0000:03:00.0\" to {root}/sys/bus/pci/devices/0000:03:00.0/driver/unbind"),
+        format!("write \"0000:03:00.0\" to {root}/sys/bus/pci/drivers_probe"),
+        format!("write \"vfio-pci\" to {root}/sys/bus/pci/devices/0000:03:00.1/driver_override"),
+        format!("write \"0000:03:00.1\" to {root}/sys/bus/pci/devices/0000:03:00.1/driver/unbind"),
+        format!("write \"0000:03:00.1\" to {root}/sys/bus/pci/drivers_probe"),
+    ];
+    let lines: Vec<&str> = r
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("write "))
+        .collect();
+    assert_eq!(lines, want);
+    assert_eq!(
+        h.read("sys/bus/pci/devices/0000:03:00.0/driver_override"),
+        "(null)\n"
+    );
+    assert_eq!(h.driver("0000:03:00.0").as_deref(), Some("pci-stub"));
+    assert!(!h.state.path().join("bindings.json").exists());
+}
+
+#[test]
+fn bind_moves_the_whole_group_records_it_and_restore_puts_it_back() {
+    let h = Host::new("seeds-k4200");
+    let _k = FakeKernel::start(h.root.path());
+    let r = h.gp(&["bind", "0000:03:00.0", "--persist"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    for f in ["0000:03:00.0", "0000:03:00.1"] {
+        assert_eq!(h.driver(f).as_deref(), Some("vfio-pci"), "{f}");
+        assert_eq!(
+            h.read(&format!("sys/bus/pci/devices/{f}/driver_override")),
+            "vfio-pci"
+        );
+        assert_eq!(h.read(&format!("etc/driverctl.d/pci-{f}")), "vfio-pci\n");
+    }
+    assert_eq!(
+        h.driver("0000:82:00.0").as_deref(),
+        Some("pci-stub"),
+        "the other card stays"
+    );
+    let rec = h.records();
+    assert_eq!(rec["0000:03:00.1"]["original"], "pci-stub");
+    assert_eq!(rec["0000:03:00.1"]["driver"], "vfio-pci");
+    assert_eq!(rec["0000:03:00.1"]["requested"], "0000:03:00.0");
+
+    // Binding again keeps the original driver on record.
+    assert_eq!(h.gp(&["bind", "0000:03:00.1"]).code, 0);
+    assert_eq!(h.records()["0000:03:00.0"]["original"], "pci-stub");
+
+    let r = h.gp(&["restore", "0000:03:00.1"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    for f in ["0000:03:00.0", "0000:03:00.1"] {
+        assert_eq!(h.driver(f).as_deref(), Some("pci-stub"), "{f}");
+        assert_eq!(
+            h.read(&format!("sys/bus/pci/devices/{f}/driver_override")),
+            "\n",
+            "cleared"
+        );
+        assert!(!h
+            .root
+            .path()
+            .join(format!("etc/driverctl.d/pci-{f}"))
+            .exists());
+    }
+    assert_eq!(h.records(), serde_json::json!({}));
+    let r = h.gp(&["restore", "0000:03:00.0"]);
+    assert_eq!(r.code, 3, "nothing recorded any more: {}", r.stderr);
+}
+
+#[test]
+fn when_the_kernel_does_not_follow_every_write_is_undone() {
+    let h = Host::new("seeds-k4200");
+    // No FakeKernel: the writes land but no driver moves.
+    let r = h.gp(&["bind", "0000:82:00.0"]);
+    assert_eq!(r.code, 10, "{}", r.stderr);
+    assert_eq!(r.stderr.lines().count(), 1);
+    assert!(
+        r.stderr.contains(
+            "0000:82:00.0 is on pci-stub after the writes, not vfio-pci; the group was put back"
+        ),
+        "{}",
+        r.stderr
+    );
+    // gpupass's writes are in the fixture: the forward unbind and probe, then the undo, which
+    // cleared the override it had set. The device never left pci-stub (as sysfs still says),
+    // so nothing re-binds it. It stopped at the first device: 0000:82:00.1 was never touched.
+    assert_eq!(
+        h.read("sys/bus/pci/drivers/pci-stub/unbind"),
+        "0000:82:00.0"
+    );
+    assert_eq!(h.read("sys/bus/pci/drivers/pci-stub/bind"), "");
+    assert_eq!(h.read("sys/bus/pci/drivers_probe"), "0000:82:00.0");
+    assert_eq!(
+        h.read("sys/bus/pci/devices/0000:82:00.0/driver_override"),
+        "\n"
+    );
+    assert_eq!(
+        h.read("sys/bus/pci/devices/0000:82:00.1/driver_override"),
+        "(null)\n"
+    );
+    assert_eq!(
+        h.records(),
+        serde_json::json!({}),
+        "no record of a bind that did not happen"
+    );
+}
+
+#[test]
+fn unbind_leaves_the_group_on_no_driver_until_restore() {
+    let h = Host::new("amd-arc-multidomain");
+    let _k = FakeKernel::start(h.root.path());
+    let r = h.gp(&["unbind", "0001:04:00.0"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    // The Arc's audio names its card: both functions, on two buses, and the group's other
+    // non-bridge members (none here) move together.
+    assert_eq!(h.driver("0001:03:00.0"), None);
+    assert_eq!(h.driver("0001:04:00.0"), None);
+    assert_eq!(
+        h.driver("0001:02:01.0").as_deref(),
+        Some("pcieport"),
+        "bridges stay"
+    );
+    let r = h.gp(&["restore", "0001:03:00.0"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(h.driver("0001:03:00.0").as_deref(), Some("i915"));
+    assert_eq!(h.driver("0001:04:00.0").as_deref(), Some("snd_hda_intel"));
+}
+
+#[test]
+fn refusals_name_the_reason_and_force_goes_through() {
+    for (fixture, addr, needle) in [
+        ("hgx-8gpu", "0000:03:00.0", "is the host's boot VGA"),
+        (
+            "no-acs-shared",
+            "0000:04:00.0",
+            "0000:06:00.0 (Ethernet controller, class 020000) on host driver ixgbe",
+        ),
+        (
+            "hgx-8gpu",
+            "0000:ba:00.0",
+            "pid 4242 (nvidia-persistenced) holds /dev/nvidia6",
+        ),
+    ] {
+        let h = Host::new(fixture);
+        let r = h.gp(&["bind", addr]);
+        assert_eq!(r.code, 14, "{addr}: {}", r.stderr);
+        assert!(r.stdout.is_empty());
+        assert!(
+            r.stderr.contains(needle) && r.stderr.contains("--force"),
+            "{}",
+            r.stderr
+        );
+        assert_eq!(h.records(), serde_json::json!({}));
+    }
+    let h = Host::new("no-acs-shared");
+    let _k = FakeKernel::start(h.root.path());
+    let r = h.gp(&["bind", "0000:04:00.0", "--force"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("forced:"), "{}", r.stderr);
+    assert_eq!(
+        h.driver("0000:06:00.0").as_deref(),
+        Some("vfio-pci"),
+        "forced: the NIC went too"
+    );
+    assert_eq!(h.records()["0000:06:00.1"]["original"], "ixgbe");
+}
+
+#[test]
+fn missing_driver_unknown_device_and_no_iommu_are_clear_errors() {
+    let h = Host::new("consumer-4fn");
+    // No vfio-pci loaded on the desktop (and Xorg holds the card: --force past that).
+    let r = h.gp(&["bind", "0000:01:00.0", "--force"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("driver vfio-pci is not loaded (modprobe vfio_pci)"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(
+        h.read("sys/bus/pci/devices/0000:01:00.0/driver_override"),
+        "(null)\n",
+        "nothing written"
+    );
+    assert_eq!(h.gp(&["bind", "0000:09:00.0"]).code, 3);
+    let off = Host::new("iommu-off");
+    assert_eq!(off.gp(&["bind", "0000:3b:00.0"]).code, 7);
+    assert_eq!(off.gp(&["bind", "../../x"]).code, 2);
+}
