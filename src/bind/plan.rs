@@ -176,7 +176,7 @@ pub fn plan_bind(
         }
     }
     for (gpu, hs) in holders {
-        if unit.contains(gpu) && req.driver.as_deref() != Some("nvidia") {
+        if unit.contains(gpu) {
             for h in hs {
                 refusals.push(format!(
                     "pid {} ({}) holds {} of {gpu}: unbinding would hang until it lets go",
