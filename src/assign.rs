@@ -109,6 +109,10 @@ pub struct AssignOptions {
     /// Leases of transforms in flight (GPUs reserved for domains not started yet), which an
     /// attach must not take.
     pub leases: Option<LeaseStore>,
+    /// May move host drivers through libvirt's node devices for a live attach/detach. Only when
+    /// the inventory is this host's own (`--host-root /`): a fixture's address may name one of
+    /// the real host's devices.
+    pub manage_drivers: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -246,6 +250,15 @@ fn undo(
     failed
 }
 
+/// Gives functions gpupass moved to vfio-pci back to their host drivers. Returns what failed.
+fn reattach(hv: &dyn Hypervisor, functions: &[PciAddress]) -> Vec<String> {
+    functions
+        .iter()
+        .rev()
+        .filter_map(|f| hv.node_reattach(*f).err().map(|e| format!("{f}: {e}")))
+        .collect()
+}
+
 fn with_undo(cause: AssignError, failed: Vec<String>) -> AssignError {
     if failed.is_empty() {
         cause
@@ -338,10 +351,36 @@ fn attach_unlocked(
         }
     }
 
+    // A live hot-plug opens the function's IOMMU group in QEMU, and the kernel refuses while
+    // another function of the group (the GPU's HDMI audio) is still on a host driver. libvirt
+    // detaches a managed hostdev only as it plugs it, one by one; so first move every function
+    // of each GPU off its host driver. A cold start does not need this: libvirt detaches all
+    // hostdevs before QEMU starts.
+    let mut detached: Vec<PciAddress> = Vec::new();
+    if opts.manage_drivers && opts.template.managed() && steps.iter().any(|s| s.impact.live) {
+        for gpu_addr in &plan.gpus {
+            let functions = inv
+                .gpu(*gpu_addr)
+                .map(|g| g.functions.clone())
+                .unwrap_or_default();
+            for f in functions {
+                if hv.node_driver(f)?.as_deref() == Some("vfio-pci") {
+                    continue;
+                }
+                if let Err(e) = hv.node_detach(f) {
+                    let failed = reattach(hv, &detached);
+                    return Err(with_undo(e.into(), failed));
+                }
+                detached.push(f);
+            }
+        }
+    }
+
     let mut done: Vec<Step> = Vec::new();
     for s in &steps {
         if let Err(e) = hv.attach_device(name, &opts.template.render(s.addr), s.impact) {
-            let failed = undo(hv, name, &opts.template, &done, false);
+            let mut failed = undo(hv, name, &opts.template, &done, false);
+            failed.extend(reattach(hv, &detached));
             return Err(with_undo(e.into(), failed));
         }
         tracing::info!(domain = name, bdf = %s.addr, impact = s.impact.describe(), "attached");
@@ -367,7 +406,8 @@ fn attach_unlocked(
                 impact: applied(s),
             })
             .collect();
-        let failed = undo(hv, name, &opts.template, &appeared, false);
+        let mut failed = undo(hv, name, &opts.template, &appeared, false);
+        failed.extend(reattach(hv, &detached));
         return Err(with_undo(
             AssignError::NotApplied {
                 domain: name.to_owned(),
@@ -493,13 +533,30 @@ fn detach_unlocked(
     for s in &steps {
         tracing::info!(domain = name, bdf = %s.addr, impact = s.impact.describe(), "detached");
     }
+    // libvirt gives a managed function back to its host driver as it leaves the guest; for the
+    // first functions of a multi-function GPU the kernel refuses while the rest of the group is
+    // still in QEMU, and they stay on vfio-pci. Finish that now that the whole group is out.
+    let mut warnings = Vec::new();
+    if opts.manage_drivers && opts.template.managed() {
+        for s in steps.iter().filter(|s| s.impact.live) {
+            match hv.node_driver(s.addr) {
+                Ok(Some(d)) if d == "vfio-pci" => {
+                    if let Err(e) = hv.node_reattach(s.addr) {
+                        warnings.push(format!("{} stays on vfio-pci: {e}", s.addr));
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => warnings.push(format!("cannot read the driver of {}: {e}", s.addr)),
+            }
+        }
+    }
     Ok(AssignReport {
         action: "detach",
         domain: name.to_owned(),
         live: steps.iter().any(|s| s.impact.live),
         config: steps.iter().any(|s| s.impact.config),
         gpus: changes(inv, &steps),
-        warnings: Vec::new(),
+        warnings,
     })
 }
 
@@ -568,7 +625,70 @@ mod tests {
             impact,
             detach_timeout: Duration::from_millis(300),
             leases: None,
+            manage_drivers: true,
         }
+    }
+
+    fn two_function_group(hv: &FakeHypervisor) {
+        *hv.group.borrow_mut() = vec![a("0000:18:00.0"), a("0000:18:00.1")];
+        hv.drivers
+            .borrow_mut()
+            .insert(a("0000:18:00.0"), "bochs-drm".into());
+        hv.drivers
+            .borrow_mut()
+            .insert(a("0000:18:00.1"), "snd_hda_intel".into());
+    }
+
+    #[test]
+    fn a_live_attach_first_moves_the_whole_gpu_off_its_host_drivers() {
+        let hv = FakeHypervisor::default().with("vm", running());
+        two_function_group(&hv);
+        let live = Some(Impact {
+            live: true,
+            config: false,
+        });
+        let req = AttachRequest::Gpus(vec![a("0000:18:00.0")]);
+        attach_unlocked(&hv, &inv(), "vm", &req, &opts(live)).unwrap();
+        assert_eq!(
+            *hv.calls.borrow(),
+            [
+                "nodedev-detach 0000:18:00.0",
+                "nodedev-detach 0000:18:00.1",
+                "attach vm 0000:18:00.0 live",
+                "attach vm 0000:18:00.1 live"
+            ]
+        );
+        // And a live detach gives both back to their host drivers once the group is out.
+        detach_unlocked(&hv, &inv(), "vm", &DetachRequest::All, &opts(live)).unwrap();
+        assert!(hv.calls.borrow().ends_with(&[
+            "nodedev-reattach 0000:18:00.0".to_string(),
+            "nodedev-reattach 0000:18:00.1".to_string()
+        ]));
+        assert!(hv.drivers.borrow().values().all(|d| d == "host"));
+    }
+
+    #[test]
+    fn a_failed_live_attach_gives_the_functions_back_and_config_needs_no_detach() {
+        let hv = FakeHypervisor::default().with("vm", running());
+        two_function_group(&hv);
+        *hv.fail_attach.borrow_mut() = Some(a("0000:18:00.1"));
+        let live = Some(Impact {
+            live: true,
+            config: false,
+        });
+        let req = AttachRequest::Gpus(vec![a("0000:18:00.0")]);
+        attach_unlocked(&hv, &inv(), "vm", &req, &opts(live)).unwrap_err();
+        assert!(
+            hv.drivers.borrow().values().all(|d| d == "host"),
+            "{:?}",
+            hv.drivers.borrow()
+        );
+        assert!(hv.domains.borrow()["vm"].live.is_empty());
+        // Config only: libvirt detaches at start; gpupass leaves the drivers alone.
+        let hv = FakeHypervisor::default().with("vm", defined());
+        two_function_group(&hv);
+        attach_unlocked(&hv, &inv(), "vm", &req, &opts(None)).unwrap();
+        assert!(hv.calls.borrow().iter().all(|c| !c.starts_with("nodedev")));
     }
 
     #[test]
@@ -669,9 +789,18 @@ mod tests {
         assert!(err.to_string().contains("VFIO PCI passthrough"), "{err}");
         let d = hv.domains.borrow()["vm"].clone();
         assert!(d.live.is_empty() && d.config.is_empty(), "{d:?}");
+        let calls = hv.calls.borrow();
+        let undo = calls
+            .iter()
+            .position(|c| c == "detach vm 0000:18:00.0 live+config")
+            .expect("the first function is detached again");
         assert_eq!(
-            hv.calls.borrow().last().unwrap(),
-            "detach vm 0000:18:00.0 live+config"
+            calls[undo + 1..],
+            [
+                "nodedev-reattach 0000:18:00.1",
+                "nodedev-reattach 0000:18:00.0"
+            ],
+            "then both go back to their host drivers"
         );
     }
 

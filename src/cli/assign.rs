@@ -79,6 +79,7 @@ fn options(g: &Global, flags: &AssignFlags) -> anyhow::Result<AssignOptions> {
         impact: flags.impact(),
         detach_timeout: flags.detach_timeout,
         leases: Some(LeaseStore::new(&g.run_dir)),
+        manage_drivers: g.host_root == std::path::Path::new("/"),
     })
 }
 

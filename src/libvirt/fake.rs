@@ -36,6 +36,11 @@ pub struct FakeHypervisor {
     pub silent_attach: RefCell<bool>,
     /// Live detach reports success but the guest keeps the device (no OS to answer unplug).
     pub sticky_live: RefCell<bool>,
+    /// Host drivers of node devices (absent = unbound).
+    pub drivers: RefCell<BTreeMap<PciAddress, String>>,
+    /// A live attach of a function fails unless every function in this set is on vfio-pci
+    /// (an IOMMU group that must be whole, as the kernel demands).
+    pub group: RefCell<Vec<PciAddress>>,
 }
 
 impl FakeHypervisor {
@@ -63,6 +68,26 @@ impl FakeHypervisor {
 }
 
 impl Hypervisor for FakeHypervisor {
+    fn node_driver(&self, addr: PciAddress) -> Result<Option<String>, LibvirtError> {
+        Ok(self.drivers.borrow().get(&addr).cloned())
+    }
+
+    fn node_detach(&self, addr: PciAddress) -> Result<(), LibvirtError> {
+        self.calls
+            .borrow_mut()
+            .push(format!("nodedev-detach {addr}"));
+        self.drivers.borrow_mut().insert(addr, "vfio-pci".into());
+        Ok(())
+    }
+
+    fn node_reattach(&self, addr: PciAddress) -> Result<(), LibvirtError> {
+        self.calls
+            .borrow_mut()
+            .push(format!("nodedev-reattach {addr}"));
+        self.drivers.borrow_mut().insert(addr, "host".into());
+        Ok(())
+    }
+
     fn uri(&self) -> &str {
         "fake:///"
     }
@@ -138,6 +163,21 @@ impl Hypervisor for FakeHypervisor {
                 domain: name.into(),
                 message: "Requested operation is not valid: domain is not running".into(),
             });
+        }
+        if impact.live {
+            let drivers = self.drivers.borrow();
+            let group = self.group.borrow();
+            if group.contains(&addr)
+                && group
+                    .iter()
+                    .any(|g| drivers.get(g).map(String::as_str) != Some("vfio-pci") && *g != addr)
+            {
+                return Err(LibvirtError::Refused {
+                    action: "attach a device".into(),
+                    domain: name.into(),
+                    message: format!("internal error: unable to execute QEMU command 'device_add': vfio {addr}: group is not viable"),
+                });
+            }
         }
         if (impact.live && d.live.contains(&addr)) || (impact.config && d.config.contains(&addr)) {
             return Err(LibvirtError::Refused {

@@ -3,6 +3,8 @@
 //! imports the `virt` crate); `fake.rs` records calls and injects failures for unit tests;
 //! `files.rs` reads libvirt's own domain files instead, for the hook, which must never call it.
 
+use crate::model::PciAddress;
+
 #[cfg(test)]
 pub mod fake;
 pub mod files;
@@ -117,4 +119,18 @@ pub trait Hypervisor {
     fn attach_device(&self, name: &str, xml: &str, impact: Impact) -> Result<(), LibvirtError>;
     /// Detaches a device (`virDomainDetachDeviceFlags`).
     fn detach_device(&self, name: &str, xml: &str, impact: Impact) -> Result<(), LibvirtError>;
+    /// The host driver a PCI device is bound to now (`virNodeDeviceGetXMLDesc`).
+    fn node_driver(&self, addr: PciAddress) -> Result<Option<String>, LibvirtError>;
+    /// Moves a PCI device from its host driver to vfio-pci (`virNodeDeviceDetachFlags`).
+    fn node_detach(&self, addr: PciAddress) -> Result<(), LibvirtError>;
+    /// Gives a PCI device back to its host driver (`virNodeDeviceReAttach`).
+    fn node_reattach(&self, addr: PciAddress) -> Result<(), LibvirtError>;
+}
+
+/// libvirt's node-device name of a PCI function: `pci_0000_61_00_0`.
+pub fn nodedev_name(a: PciAddress) -> String {
+    format!(
+        "pci_{:04x}_{:02x}_{:02x}_{:x}",
+        a.domain, a.bus, a.slot, a.function
+    )
 }

@@ -5,7 +5,8 @@ use virt::domain::Domain;
 use virt::error::ErrorNumber;
 use virt::sys;
 
-use crate::libvirt::{DomainInfo, Hypervisor, Impact, LibvirtError, XmlView};
+use crate::libvirt::{nodedev_name, DomainInfo, Hypervisor, Impact, LibvirtError, XmlView};
+use crate::model::PciAddress;
 
 /// A libvirt connection.
 pub struct VirtHypervisor {
@@ -183,5 +184,47 @@ impl Hypervisor for VirtHypervisor {
 
     fn detach_device(&self, name: &str, xml: &str, impact: Impact) -> Result<(), LibvirtError> {
         self.change("detach", name, xml, impact, false)
+    }
+
+    fn node_driver(&self, addr: PciAddress) -> Result<Option<String>, LibvirtError> {
+        let xml = self
+            .node(addr)?
+            .xml_desc(0)
+            .map_err(|e| LibvirtError::Call {
+                action: format!("read node device {addr}"),
+                message: message(&e),
+            })?;
+        Ok(crate::xml::caps::nodedev_driver(&xml))
+    }
+
+    fn node_detach(&self, addr: PciAddress) -> Result<(), LibvirtError> {
+        self.node(addr)?
+            .detach_flags(Some("vfio"), 0)
+            .map_err(|e| LibvirtError::Refused {
+                action: format!("detach {addr} from its host driver"),
+                domain: "-".into(),
+                message: message(&e),
+            })
+    }
+
+    fn node_reattach(&self, addr: PciAddress) -> Result<(), LibvirtError> {
+        self.node(addr)?
+            .reattach()
+            .map_err(|e| LibvirtError::Refused {
+                action: format!("give {addr} back to its host driver"),
+                domain: "-".into(),
+                message: message(&e),
+            })
+    }
+}
+
+impl VirtHypervisor {
+    fn node(&self, addr: PciAddress) -> Result<virt::nodedev::NodeDevice, LibvirtError> {
+        self.conn
+            .lookup_node_device_by_name(&nodedev_name(addr))
+            .map_err(|e| LibvirtError::Call {
+                action: format!("look up node device {addr}"),
+                message: message(&e),
+            })
     }
 }

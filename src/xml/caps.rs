@@ -45,6 +45,28 @@ pub fn pci_backends(xml: &str) -> Result<Vec<String>, XmlError> {
     Ok(out)
 }
 
+/// The bound driver in a node device XML (`<device><driver><name>vfio-pci</name>`).
+pub fn nodedev_driver(xml: &str) -> Option<String> {
+    let mut reader = Reader::from_str(xml);
+    let mut path: Vec<Vec<u8>> = Vec::new();
+    loop {
+        match reader.read_event().ok()? {
+            Event::Start(e) => path.push(e.name().as_ref().to_vec()),
+            Event::End(_) => {
+                path.pop();
+            }
+            Event::Text(t) => {
+                let here: Vec<&[u8]> = path.iter().map(Vec::as_slice).collect();
+                if here == [b"device".as_slice(), b"driver", b"name"] {
+                    return Some(String::from_utf8_lossy(&t).trim().to_owned());
+                }
+            }
+            Event::Eof => return None,
+            _ => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -57,5 +79,12 @@ mod tests {
         let without = "<domainCapabilities><devices><hostdev supported='yes'><enum name='pciBackend'/></hostdev></devices></domainCapabilities>";
         assert!(pci_backends(without).unwrap().is_empty());
         assert!(pci_backends("<domainCapabilities><devices>").is_ok());
+    }
+
+    #[test]
+    fn reads_a_node_devices_driver() {
+        let x = "<device><name>pci_0000_00_06_1</name><driver><name>snd_hda_intel</name></driver><capability type='pci'><domain>0</domain></capability></device>";
+        assert_eq!(nodedev_driver(x).as_deref(), Some("snd_hda_intel"));
+        assert_eq!(nodedev_driver("<device><name>x</name></device>"), None);
     }
 }

@@ -78,6 +78,12 @@ impl HostdevTemplate {
         Ok(template)
     }
 
+    /// libvirt manages the host driver (`managed='yes'`): it moves the device to vfio-pci and
+    /// back itself, and gpupass may help it do so for a whole GPU.
+    pub fn managed(&self) -> bool {
+        self.text.contains("managed='yes'") || self.text.contains("managed=\"yes\"")
+    }
+
     /// The block for one function.
     pub fn render(&self, addr: PciAddress) -> String {
         // Values are formatted numbers: nothing here can inject markup.
