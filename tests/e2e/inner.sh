@@ -1,0 +1,177 @@
+#!/bin/bash
+# Runs inside the L1 guest (real kernel IOMMU, vfio-pci, libvirt, QEMU): drives gpupass itself
+# and checks by the kernel's and libvirt's own state, never by an exit code alone.
+# Prints "E2E-RESULT ok|FAIL NAME: detail" per check and "E2E-SUMMARY N passed, M failed".
+export PATH=/opt/gpupass:/usr/sbin:/usr/bin:/sbin:/bin
+gp() { gpupass --run-dir /run/gpupass --state-dir /var/lib/gpupass "$@"; }
+passed=0
+failed=0
+ok() { passed=$((passed + 1)); echo "E2E-RESULT ok $1"; }
+fail() { failed=$((failed + 1)); echo "E2E-RESULT FAIL $1: $2"; }
+check() { # NAME DETAIL COMMAND...
+    local name=$1 detail=$2
+    shift 2
+    if "$@"; then ok "$name"; else fail "$name" "$detail"; fi
+}
+driver() { basename "$(readlink "/sys/bus/pci/devices/$1/driver" 2>/dev/null)" 2>/dev/null || echo none; }
+wait_driver() { # BDF DRIVER: the kernel may take a moment after libvirt returns
+    for _ in $(seq 1 100); do [ "$(driver "$1")" = "$2" ] && return 0; sleep 0.1; done
+    return 1
+}
+
+GPU=0000:00:06.0
+AUDIO=0000:00:06.1
+NIC=0000:00:03.0
+gpu_driver=$(driver $GPU)
+audio_driver=$(driver $AUDIO)
+nic_driver=$(driver $NIC)
+echo "E2E-INFO drivers before: $GPU=$gpu_driver $AUDIO=$audio_driver $NIC=$nic_driver"
+
+# 1. doctor: the IOMMU and vfio are ready, libvirt offers vfio.
+doc=$(gp doctor 2>&1)
+echo "$doc" | sed 's/^/E2E-INFO doctor: /'
+for c in "iommu" "vfio modules" "/dev/vfio/vfio" "libvirt vfio backend" "gpu $GPU passable"; do
+    check "doctor: $c ok" "$(echo "$doc" | grep -F " $c " | head -1)" \
+        sh -c 'echo "$1" | grep -qE "^ok +$2  "' sh "$doc" "$(echo "$c" | sed 's#[/.]#\\&#g')"
+done
+
+# 2. list: the stand-in GPU with both functions and its IOMMU group.
+list=$(gp list --json 2>/dev/null | tr -d ' \n')
+check "list finds the GPU with both functions" "$list" \
+    sh -c "echo '$list' | grep -q '\"address\":\"$GPU\"' && echo '$list' | grep -q '\"address\":\"$AUDIO\"'"
+check "list: the GPU is passable" "$list" sh -c "echo '$list' | grep -q '\"viable\":true'"
+
+# 3. Cold: gpupass attach --count 1 to a defined domain, start it, see the device in L2.
+cat >/tmp/l2.xml <<XML
+<domain type='qemu'>
+  <name>l2</name>
+  <memory unit='MiB'>96</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='q35'>hvm</type></os>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <controller type='pci' index='0' model='pcie-root'/>
+    <controller type='pci' index='1' model='pcie-root-port'/>
+    <controller type='pci' index='2' model='pcie-root-port'/>
+    <controller type='pci' index='3' model='pcie-root-port'/>
+    <controller type='pci' index='4' model='pcie-root-port'/>
+    <controller type='pci' index='5' model='pcie-root-port'/>
+    <controller type='pci' index='6' model='pcie-root-port'/>
+    <controller type='pci' index='7' model='pcie-root-port'/>
+    <controller type='pci' index='8' model='pcie-root-port'/>
+    <!-- QEMU's VGA and HDA are conventional PCI: libvirt hot-plugs them only into a
+         conventional bus (SHPC hot-plug in the guest). -->
+    <controller type='pci' index='9' model='pcie-to-pci-bridge'/>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+XML
+virsh -q define /tmp/l2.xml >/dev/null
+out=$(gp attach l2 --count 1 2>&1)
+n=$(virsh dumpxml --inactive l2 | grep -c "<hostdev ")
+check "attach --count 1 puts both functions in the config" "$out; hostdevs=$n" [ "$n" = 2 ]
+out=$(virsh start l2 2>&1)
+check "virsh start with the GPU" "$out" sh -c "virsh domstate l2 | grep -q running"
+check "libvirt moved the GPU to vfio-pci" "$(driver $GPU)" wait_driver $GPU vfio-pci
+check "libvirt moved its audio to vfio-pci" "$(driver $AUDIO)" wait_driver $AUDIO vfio-pci
+pci=$(virsh qemu-monitor-command l2 --hmp 'info pci' 2>&1)
+check "L2's QEMU shows the VGA device" "$(echo "$pci" | head -c 400)" \
+    sh -c "echo '$pci' | grep -q 'VGA controller: PCI device 1234:1111'"
+out=$(virsh destroy l2 2>&1)
+check "destroy gives the GPU back to $gpu_driver" "$(driver $GPU)" wait_driver $GPU "$gpu_driver"
+check "destroy gives the audio back to $audio_driver" "$(driver $AUDIO)" wait_driver $AUDIO "$audio_driver"
+
+# 4. The qemu hook: a domain asking for more GPUs than exist is blocked with gpupass's line; a
+#    domain whose request is met starts.
+out=$(gp install-hook --binary /opt/gpupass/gpupass-hook 2>&1)
+kill -HUP "$(pidof libvirtd)"
+sleep 2
+sed "s#<name>l2</name>#<name>greedy</name><metadata><g:gpus xmlns:g='https://gpupass.dev/xmlns/1' count='3'/></metadata>#" \
+    /tmp/l2.xml >/tmp/greedy.xml
+virsh -q define /tmp/greedy.xml >/dev/null
+out=$(virsh start greedy 2>&1)
+check "the hook blocks a start asking for 3 GPUs" "$out" \
+    sh -c "echo \"\$1\" | grep -q \"gpupass: prepare greedy: domain 'greedy' asks for 3 GPU(s), its XML has 0\"" sh "$out"
+virsh dumpxml --inactive l2 | sed "s#<name>l2</name>#<name>l2</name><metadata><g:gpus xmlns:g='https://gpupass.dev/xmlns/1' count='1'/></metadata>#" >/tmp/l2-meta.xml
+virsh -q define /tmp/l2-meta.xml >/dev/null
+out=$(virsh start l2 2>&1)
+check "the hook lets a satisfied request start" "$out" sh -c "virsh domstate l2 | grep -q running"
+virsh destroy l2 >/dev/null 2>&1
+wait_driver $GPU "$gpu_driver"
+# The GPU stays in l2's definition: free it, so another domain may have it.
+out=$(gp detach l2 --all 2>&1)
+n=$(virsh dumpxml --inactive l2 | grep -c "<hostdev ")
+check "detach --all frees the GPU from l2's definition" "$out; hostdevs=$n" [ "$n" = 0 ]
+
+# 5. Live: attach into a running L2 whose guest OS answers the unplug request (its own kernel
+#    with a busybox initrd), then detach, confirmed by the domain XML and the drivers.
+kernel=$(ls /boot/vmlinuz-* | head -1)
+mkdir -p /tmp/l2init/bin /tmp/l2init/proc /tmp/l2init/sys /tmp/l2init/dev
+cp /bin/busybox /tmp/l2init/bin/
+for lib in $(ldd /bin/busybox | grep -o '/[^ ]*'); do
+    mkdir -p "/tmp/l2init$(dirname "$lib")"; cp "$lib" "/tmp/l2init$lib"
+done
+cat >/tmp/l2init/init <<'L2'
+#!/bin/busybox sh
+/bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t sysfs sysfs /sys
+echo L2-READY
+while true; do /bin/busybox sleep 3600; done
+L2
+chmod +x /tmp/l2init/init
+(cd /tmp/l2init && find . | busybox cpio -o -H newc 2>/dev/null | gzip >/tmp/l2-initrd.gz)
+# i440fx: its root bus hot-plugs conventional PCI devices through ACPI, which the guest kernel
+# answers (acpiphp) — QEMU's VGA and HDA are conventional PCI.
+cat >/tmp/l2live.xml <<XML
+<domain type='qemu'>
+  <name>l2live</name>
+  <memory unit='MiB'>256</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>$kernel</kernel>
+    <initrd>/tmp/l2-initrd.gz</initrd>
+    <cmdline>console=ttyS0 panic=-1 loglevel=7</cmdline>
+  </os>
+  <features><acpi/><apic/></features>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <serial type='file'><source path='/tmp/l2live.log'/></serial>
+    <console type='file'><source path='/tmp/l2live.log'/></console>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+XML
+virsh -q define /tmp/l2live.xml >/dev/null
+out=$(virsh start l2live 2>&1)
+for _ in $(seq 1 300); do grep -q L2-READY /tmp/l2live.log 2>/dev/null && break; sleep 1; done
+check "an L2 guest OS boots" "$out; $(tail -c 300 /tmp/l2live.log 2>/dev/null)" grep -q L2-READY /tmp/l2live.log
+out=$(gp attach l2live --gpu $GPU --live 2>&1)
+n=$(virsh dumpxml l2live | grep -c "<hostdev ")
+[ "$n" = 2 ] || virsh dumpxml l2live | grep -E "<controller|<address type='pci'" | sed 's/^/E2E-INFO l2live: /'
+check "live attach: both functions in the running domain" "$out; hostdevs=$n" [ "$n" = 2 ]
+check "live attach: the GPU is on vfio-pci" "$(driver $GPU)" wait_driver $GPU vfio-pci
+pci=$(virsh qemu-monitor-command l2live --hmp 'info pci' 2>&1)
+check "live attach: L2's QEMU shows the VGA device" "$(echo "$pci" | tail -c 400)" \
+    sh -c 'echo "$1" | grep -q "VGA controller: PCI device 1234:1111"' sh "$pci"
+out=$(gp detach l2live --gpu $GPU --live --timeout 120 2>&1); rc=$?
+n=$(virsh dumpxml l2live | grep -c "<hostdev ")
+[ "$n" = 0 ] || grep -iE "hotplug|acpiphp|shpc|pciehp|eject|remov" /tmp/l2live.log | tail -20 | sed 's/^/E2E-INFO l2live: /'
+check "live detach: the guest released both functions" "rc=$rc $out; hostdevs=$n" [ "$n" = 0 ]
+check "live detach: the GPU is back on $gpu_driver" "$(driver $GPU)" wait_driver $GPU "$gpu_driver"
+check "live detach: the audio is back on $audio_driver" "$(driver $AUDIO)" wait_driver $AUDIO "$audio_driver"
+virsh destroy l2live >/dev/null 2>&1
+
+# 6. bind/restore on the single-function NIC.
+out=$(gp bind $NIC 2>&1)
+check "bind moves the NIC to vfio-pci" "$out; driver=$(driver $NIC)" wait_driver $NIC vfio-pci
+out=$(gp restore $NIC 2>&1)
+check "restore puts the NIC back on $nic_driver" "$out; driver=$(driver $NIC)" wait_driver $NIC "$nic_driver"
+
+# 7. A device behind a conventional PCI bridge shares its group with a NIC the host uses.
+BRIDGED=$(for d in /sys/bus/pci/devices/*; do
+    [ "$(cat "$d/vendor")" = 0x1234 ] && [ "$(cat "$d/device")" = 0x11e8 ] && basename "$d"; done | head -1)
+out=$(gp bind "$BRIDGED" 2>&1); rc=$?
+check "bind refuses a group shared with a host NIC" "rc=$rc $out" [ "$rc" = 14 ]
+
+echo "E2E-SUMMARY $passed passed, $failed failed"
