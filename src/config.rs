@@ -75,6 +75,31 @@ pub struct RuleConfig {
     /// Or these GPU addresses.
     #[serde(default)]
     pub gpus: Vec<String>,
+    /// Who the matching domains belong to (a CloudStack account…), for limits and usage.
+    #[serde(default)]
+    pub owner: Option<String>,
+}
+
+/// Nova's `pci_alias` entry, accepted as a JSON string: `{"name":"K4200","vendor_id":"10de",
+/// "product_id":"11b4"}`. Nova's other keys are accepted and have no effect here.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NovaAlias {
+    name: String,
+    vendor_id: String,
+    product_id: String,
+    #[serde(default, rename = "device_type")]
+    _device_type: Option<serde::de::IgnoredAny>,
+    #[serde(default, rename = "numa_policy")]
+    _numa_policy: Option<serde::de::IgnoredAny>,
+}
+
+/// What one owner may hold.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitConfig {
+    /// GPUs held at once by all the owner's domains (running, or defined with GPUs).
+    pub max_gpus: u32,
 }
 
 /// The configuration.
@@ -89,6 +114,12 @@ pub struct GpupassConfig {
     /// Requests for domains that carry no gpupass metadata; the first match wins.
     #[serde(default)]
     pub rules: Vec<RuleConfig>,
+    /// Aliases in Nova's `pci_alias` JSON form, one per string.
+    #[serde(default)]
+    pub pci_alias: Vec<String>,
+    /// Limits per owner.
+    #[serde(default)]
+    pub limits: BTreeMap<String, LimitConfig>,
 }
 
 impl GpupassConfig {
@@ -105,14 +136,36 @@ impl GpupassConfig {
             }
             Err(source) => return Err(ConfigError::Read { path, source }),
         };
-        let config: Self = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
-            message: e.message().to_owned(),
-            path: path.clone(),
-        })?;
-        config
-            .validate()
-            .map_err(|message| ConfigError::Invalid { path, message })?;
+        Self::parse(&text).map_err(|message| ConfigError::Invalid { path, message })
+    }
+
+    /// Parses and checks a config text (pure): Nova-form aliases are folded into `aliases`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut config: Self = toml::from_str(text).map_err(|e| e.message().to_owned())?;
+        for (i, json) in std::mem::take(&mut config.pci_alias).iter().enumerate() {
+            let a: NovaAlias =
+                serde_json::from_str(json).map_err(|e| format!("pci_alias[{i}]: {e}"))?;
+            if config.aliases.contains_key(&a.name) {
+                return Err(format!("pci_alias[{i}]: alias {} is defined twice", a.name));
+            }
+            config.aliases.insert(
+                a.name,
+                AliasConfig {
+                    vendor_id: a.vendor_id,
+                    product_id: a.product_id,
+                },
+            );
+        }
+        config.validate()?;
         Ok(config)
+    }
+
+    /// The owner of a domain without metadata: the first rule matching its name that names one.
+    pub fn rule_owner(&self, domain: &str) -> Option<&str> {
+        self.rules
+            .iter()
+            .filter(|r| glob::Pattern::new(&r.domain).is_ok_and(|p| p.matches(domain)))
+            .find_map(|r| r.owner.as_deref())
     }
 
     /// Checks fields that serde cannot (pure).
@@ -124,9 +177,17 @@ impl GpupassConfig {
                 ));
             }
         }
+        for owner in self.limits.keys() {
+            if owner.trim().is_empty() {
+                return Err("limits: an owner name is empty".into());
+            }
+        }
         for (i, r) in self.rules.iter().enumerate() {
             glob::Pattern::new(&r.domain)
                 .map_err(|e| format!("rules[{i}].domain '{}': {e}", r.domain))?;
+            if r.owner.as_deref().is_some_and(|o| o.trim().is_empty()) {
+                return Err(format!("rules[{i}].owner is empty"));
+            }
             crate::request::from_rule(r, self).map_err(|e| format!("rules[{i}]: {e}"))?;
         }
         Ok(())
@@ -178,5 +239,34 @@ alias = "K4200"
         .unwrap();
         assert!(GpupassConfig::load(Some(&bad)).is_err());
         assert!(GpupassConfig::load(Some(&dir.path().join("missing.toml"))).is_err());
+    }
+
+    #[test]
+    fn nova_aliases_owners_and_limits() {
+        let c = GpupassConfig::parse(
+            r#"pci_alias = ['{"name": "A100", "vendor_id": "10de", "product_id": "20b0", "device_type": "type-PCI"}']
+[[rules]]
+domain = "i-2-*-VM"
+count = 1
+alias = "A100"
+owner = "account-2"
+[limits]
+account-2 = { max_gpus = 2 }
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.aliases["A100"].id().unwrap().to_string(), "10de:20b0");
+        assert_eq!(c.rule_owner("i-2-9-VM"), Some("account-2"));
+        assert_eq!(c.rule_owner("i-3-9-VM"), None);
+        assert_eq!(c.limits["account-2"].max_gpus, 2);
+        for (bad, why) in [
+            ("pci_alias = ['{\"name\": \"x\"}']", "missing field"),
+            ("pci_alias = ['{\"name\":\"x\",\"vendor_id\":\"10de\",\"product_id\":\"1\",\"colour\":1}']", "unknown field"),
+            ("[limits]\nacct = { max_gpu = 1 }", "unknown field"),
+            ("[[rules]]\ndomain = \"x\"\ncount = 1\nowner = \" \"", "owner is empty"),
+        ] {
+            let err = GpupassConfig::parse(bad).unwrap_err();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
     }
 }

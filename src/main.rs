@@ -201,6 +201,14 @@ enum LibvirtCommand {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Check the gpupass config file (unknown keys, aliases, rules, limits) and summarise it.
+    #[command(
+        after_help = "Example:\n  gpupass --config-file /etc/gpupass/gpupass.toml config check"
+    )]
+    Config {
+        #[command(subcommand)]
+        what: ConfigCommand,
+    },
     /// Print the <hostdev> blocks for every function of each GPU (for virsh attach-device or
     /// virsh edit).
     #[command(after_help = "Example:\n  gpupass xml 0000:01:00.0 > gpu.xml")]
@@ -252,6 +260,12 @@ enum LibvirtCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate the config; exit 2 with the first problem when it is invalid.
+    Check,
+}
+
 #[derive(Debug, clap::Args)]
 struct CommonFlags {
     /// Change the running domain only (with --config: both).
@@ -284,6 +298,30 @@ fn run(g: &Global, command: LibvirtCommand) -> anyhow::Result<()> {
             no_libvirt,
         } => cli::list::show(g, address, json, no_libvirt),
         LibvirtCommand::Xml { addresses } => cli::xml::xml(g, &addresses),
+        LibvirtCommand::Config {
+            what: ConfigCommand::Check,
+        } => {
+            let path = g
+                .config
+                .clone()
+                .unwrap_or_else(|| gpupass::config::DEFAULT_CONFIG.into());
+            let c = gpupass::config::GpupassConfig::load(g.config.as_deref())?;
+            g.template()?;
+            let what = if path.exists() {
+                format!("{}: ok", path.display())
+            } else {
+                format!("no config at {}: built-in defaults", path.display())
+            };
+            cli::print_all(&format!(
+                "{what} ({} aliases, {} rules, {} owner limits, template {})\n",
+                c.aliases.len(),
+                c.rules.len(),
+                c.limits.len(),
+                c.templates_dir
+                    .as_ref()
+                    .map_or("built in".to_owned(), |d| d.display().to_string())
+            ))
+        }
         LibvirtCommand::Bind {
             address,
             driver,

@@ -149,6 +149,7 @@ mod tests {
             model: None,
             alias: Some("K4200".into()),
             gpus: vec![],
+            owner: None,
         });
         c
     }
