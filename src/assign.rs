@@ -10,13 +10,15 @@ use serde::Serialize;
 use crate::alloc::lease::{self, LeaseStore};
 use crate::alloc::lock::HostLock;
 use crate::alloc::plan::{
-    plan_attach, plan_detach, AttachRequest, DetachRequest, DetachUnit, Holdings,
+    check_limit, plan_attach, plan_detach, AttachRequest, DetachRequest, DetachUnit, Holdings,
 };
 use crate::alloc::AllocError;
+use crate::config::GpupassConfig;
 use crate::cpuset;
 use crate::host::discover::Inventory;
 use crate::libvirt::{DomainInfo, Hypervisor, Impact, LibvirtError, XmlView};
 use crate::model::{NumaNode, PciAddress};
+use crate::request;
 use crate::xml::compose::HostdevTemplate;
 use crate::xml::domain::{self, DomainFacts};
 use crate::xml::XmlError;
@@ -113,6 +115,8 @@ pub struct AssignOptions {
     /// the inventory is this host's own (`--host-root /`): a fixture's address may name one of
     /// the real host's devices.
     pub manage_drivers: bool,
+    /// Owners' limits and the rules that name owners.
+    pub config: GpupassConfig,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -167,7 +171,9 @@ pub fn read_holdings(hv: &dyn Hypervisor) -> Result<Holdings, AssignError> {
                 Err(LibvirtError::UnknownDomain { .. }) => continue,
                 Err(e) => return Err(e.into()),
             };
-            for a in parse_xml(&d.name, &xml)?.pci_hostdevs {
+            let facts = parse_xml(&d.name, &xml)?;
+            holdings.set_owner(&d.name, facts.owner.as_deref());
+            for a in facts.pci_hostdevs {
                 holdings.add(a, &d.name, running);
             }
         }
@@ -321,6 +327,22 @@ fn attach_unlocked(
         store.holdings_except(&lease::key(facts.uuid.as_deref(), name), now, &mut holdings);
     }
     let plan = plan_attach(inv, &holdings, name, request, &preferred_nodes(inv, &facts))?;
+    let owner = request::owner_for(name, facts.owner.as_deref(), &opts.config);
+    if let Some((o, limit)) = owner
+        .as_deref()
+        .and_then(|o| opts.config.limits.get(o).map(|l| (o, l)))
+    {
+        let rule_owner = |d: &str| opts.config.rule_owner(d).map(str::to_owned);
+        check_limit(
+            inv,
+            &holdings,
+            name,
+            o,
+            limit.max_gpus,
+            &plan.gpus,
+            &rule_owner,
+        )?;
+    }
     let (live, config) = present(hv, name, impact)?;
 
     let mut steps = Vec::new();
@@ -626,6 +648,7 @@ mod tests {
             detach_timeout: Duration::from_millis(300),
             leases: None,
             manage_drivers: true,
+            config: GpupassConfig::default(),
         }
     }
 
@@ -692,6 +715,36 @@ mod tests {
     }
 
     #[test]
+    fn an_owners_limit_counts_all_its_domains() {
+        let mut config = GpupassConfig::parse(
+            "[[rules]]\ndomain = \"acct-*\"\ncount = 1\nowner = \"acct\"\n[limits]\nacct = { max_gpus = 1 }\n",
+        )
+        .unwrap();
+        let mut held = defined();
+        held.config = BTreeSet::from([a("0000:18:00.0"), a("0000:18:00.1")]);
+        let hv = FakeHypervisor::default()
+            .with("acct-a", held)
+            .with("acct-b", defined())
+            .with("other", defined());
+        let mut o = opts(None);
+        o.config = config.clone();
+        let req = AttachRequest::Count {
+            count: 1,
+            model: None,
+        };
+        let err = attach_unlocked(&hv, &inv(), "acct-b", &req, &o).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "owner 'acct' may hold 1 GPU(s) at once and holds 1 (domains: acct-a); 1 more would exceed the limit"
+        );
+        assert_eq!(err.root().to_string(), err.to_string());
+        // A raised limit lets acct-b through.
+        config.limits.get_mut("acct").unwrap().max_gpus = 2;
+        o.config = config;
+        attach_unlocked(&hv, &inv(), "acct-b", &req, &o).unwrap();
+    }
+
+    #[test]
     fn count_skips_gpus_leased_to_a_transform_in_flight() {
         let run = tempfile::tempdir().unwrap();
         let store = LeaseStore::new(run.path());
@@ -703,6 +756,7 @@ mod tests {
                     uuid: None,
                     functions: vec![a("0000:18:00.0"), a("0000:18:00.1")],
                     expires: u64::MAX,
+                    owner: None,
                 },
             )
             .unwrap();

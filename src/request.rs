@@ -41,6 +41,8 @@ pub struct RequestSpec {
     pub alias: Option<String>,
     /// Explicit GPU addresses.
     pub gpus: Vec<String>,
+    /// Who the domain belongs to (limits, usage).
+    pub owner: Option<String>,
 }
 
 fn invalid(msg: impl Into<String>) -> RequestError {
@@ -103,9 +105,22 @@ pub fn from_rule(rule: &RuleConfig, config: &GpupassConfig) -> Result<AttachRequ
             model: rule.model.clone(),
             alias: rule.alias.clone(),
             gpus: rule.gpus.clone(),
+            owner: rule.owner.clone(),
         },
         config,
     )
+}
+
+/// A domain's owner: its metadata's `owner`, else the first config rule for its name that names
+/// one.
+pub fn owner_for(
+    name: &str,
+    metadata_owner: Option<&str>,
+    config: &GpupassConfig,
+) -> Option<String> {
+    metadata_owner
+        .map(str::to_owned)
+        .or_else(|| config.rule_owner(name).map(str::to_owned))
 }
 
 /// A domain's request: its own metadata when present, else the first config rule matching its
@@ -165,6 +180,7 @@ mod tests {
             model: model.map(Into::into),
             alias: alias.map(Into::into),
             gpus: gpus.iter().map(|s| s.to_string()).collect(),
+            owner: None,
         }
     }
 

@@ -386,3 +386,78 @@ fn install_hook_writes_a_shim_that_runs_the_hook() {
     assert_eq!(r.code, 0);
     assert!(!shim.exists());
 }
+
+/// Owner limits in the hook path: a running domain of owner `acct` holds one GPU; acct may hold
+/// one at a time.
+#[test]
+fn owner_limits_refuse_transform_and_block_prepare() {
+    let owned = "<metadata><g:gpus xmlns:g='https://gpupass.dev/xmlns/1' count='1' owner='acct'/></metadata>";
+    let root = Root::new("hgx-8gpu", &[]);
+    fs::write(
+        root.path().join("run/libvirt/qemu/acct-a.xml"),
+        format!(
+            "<domstatus state='running'>{}</domstatus>",
+            domain_xml("acct-a", owned, &["0000:18:00.0"])
+        ),
+    )
+    .unwrap();
+    let conf = root.path().join("gpupass.toml");
+    fs::write(&conf, "[limits]\nacct = { max_gpus = 1 }\n").unwrap();
+    let c = conf.to_str().unwrap();
+    let r = root.gpupass(
+        &["--config-file", c, "transform"],
+        &domain_xml("acct-b", owned, &[]),
+    );
+    assert_eq!(r.code, 15, "{}", r.stderr);
+    assert!(r.stdout.is_empty());
+    assert!(
+        r.stderr.contains("owner 'acct' may hold 1 GPU(s) at once and holds 1 (domains: acct-a); 1 more would exceed the limit"),
+        "{}",
+        r.stderr
+    );
+    blocked(
+        &root.gpupass(
+            &[
+                "--config-file",
+                c,
+                "hook",
+                "qemu",
+                "acct-b",
+                "prepare",
+                "begin",
+                "-",
+            ],
+            &domain_xml("acct-b", owned, &["0000:2a:00.0"]),
+        ),
+        "owner 'acct' may hold 1 GPU(s)",
+    );
+    // The same domain restarting with its own GPU is within the limit; another owner is not
+    // limited by acct's use.
+    let ok = root.gpupass(
+        &[
+            "--config-file",
+            c,
+            "hook",
+            "qemu",
+            "acct-a",
+            "prepare",
+            "begin",
+            "-",
+        ],
+        &domain_xml("acct-a", owned, &["0000:18:00.0"]),
+    );
+    assert_eq!(ok.code, 0, "{}", ok.stderr);
+    let other = owned.replace("owner='acct'", "owner='other'");
+    let r = root.gpupass(
+        &["--config-file", c, "transform"],
+        &domain_xml("other-a", &other, &[]),
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    // A raised limit lets acct-b through.
+    fs::write(&conf, "[limits]\nacct = { max_gpus = 2 }\n").unwrap();
+    let r = root.gpupass(
+        &["--config-file", c, "transform"],
+        &domain_xml("acct-b", owned, &[]),
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+}

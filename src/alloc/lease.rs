@@ -37,6 +37,9 @@ pub struct Lease {
     pub functions: Vec<PciAddress>,
     /// Unix time (seconds) after which the lease is void.
     pub expires: u64,
+    /// The domain's owner, for limits.
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 /// The file-name key of a domain: its UUID when it is one, else its name, hex-encoded when it
@@ -100,8 +103,10 @@ impl LeaseStore {
                 let _ = fs::remove_file(&p);
                 continue;
             }
+            let holder = format!("lease:{}", lease.domain);
+            into.set_owner(&holder, lease.owner.as_deref());
             for f in &lease.functions {
-                into.add(*f, &format!("lease:{}", lease.domain), false);
+                into.add(*f, &holder, false);
             }
         }
     }
@@ -151,6 +156,7 @@ mod tests {
             uuid: None,
             functions: vec!["0000:18:00.0".parse().unwrap()],
             expires: 1000,
+            owner: None,
         };
         store.put(&a, &lease).unwrap();
         let mut h = Holdings::default();

@@ -58,6 +58,20 @@ pub enum AllocError {
         /// Which definitions were looked at.
         impact: &'static str,
     },
+    /// The owner's limit would be exceeded.
+    #[error("owner '{owner}' may hold {max} GPU(s) at once and holds {held} (domains: {domains}); {wanted} more would exceed the limit")]
+    LimitExceeded {
+        /// The owner.
+        owner: String,
+        /// The limit.
+        max: u32,
+        /// GPUs held now.
+        held: usize,
+        /// GPUs asked for.
+        wanted: usize,
+        /// The owner's domains holding GPUs.
+        domains: String,
+    },
     /// Not enough free, passable GPUs.
     #[error("no free GPU: {wanted} wanted{model}, {free} free and passable ({detail})")]
     NoFreeGpu {
@@ -80,6 +94,7 @@ impl AllocError {
             AllocError::InUse { .. } | AllocError::AlreadyAttached { .. } => 5,
             AllocError::NoFreeGpu { .. } => 6,
             AllocError::IommuOff | AllocError::NotPassable { .. } => 7,
+            AllocError::LimitExceeded { .. } => 15,
         }
     }
 

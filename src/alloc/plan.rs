@@ -22,6 +22,7 @@ pub struct Holder {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Holdings {
     by_address: BTreeMap<PciAddress, BTreeSet<Holder>>,
+    owners: BTreeMap<String, String>,
 }
 
 impl Holdings {
@@ -31,6 +32,18 @@ impl Holdings {
             domain: domain.to_owned(),
             running,
         });
+    }
+
+    /// Records a domain's owner.
+    pub fn set_owner(&mut self, domain: &str, owner: Option<&str>) {
+        if let Some(o) = owner {
+            self.owners.insert(domain.to_owned(), o.to_owned());
+        }
+    }
+
+    /// A domain's recorded owner.
+    pub fn owner(&self, domain: &str) -> Option<&str> {
+        self.owners.get(domain).map(String::as_str)
     }
 
     /// Domains referencing any of `functions`, running ones first, each once.
@@ -213,6 +226,45 @@ pub fn plan_attach(
             })
         }
     }
+}
+
+/// Checks an owner's limit: the GPUs its domains hold (`owner_of` says whose a domain is),
+/// with `domain`'s own counted as the owner's, plus `adding`, must not exceed `max`.
+pub fn check_limit(
+    inv: &Inventory,
+    holdings: &Holdings,
+    domain: &str,
+    owner: &str,
+    max: u32,
+    adding: &[PciAddress],
+    owner_of: &dyn Fn(&str) -> Option<String>,
+) -> Result<(), AllocError> {
+    let mut held: BTreeSet<PciAddress> = BTreeSet::new();
+    let mut holders: BTreeSet<String> = BTreeSet::new();
+    for gpu in &inv.gpus {
+        for h in holdings.holders(&gpu.functions) {
+            let whose = holdings
+                .owner(&h.domain)
+                .map(str::to_owned)
+                .or_else(|| owner_of(&h.domain));
+            if h.domain == domain || whose.as_deref() == Some(owner) {
+                held.insert(gpu.address);
+                holders.insert(h.domain.clone());
+            }
+        }
+    }
+    let before = held.len();
+    held.extend(adding.iter().copied());
+    if held.len() > max as usize {
+        return Err(AllocError::LimitExceeded {
+            owner: owner.to_owned(),
+            max,
+            held: before,
+            wanted: held.len() - before,
+            domains: holders.into_iter().collect::<Vec<_>>().join(", "),
+        });
+    }
+    Ok(())
 }
 
 /// What a detach asks for.

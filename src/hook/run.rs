@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::alloc::lease::{self, Lease, LeaseStore};
 use crate::alloc::lock::HostLock;
-use crate::alloc::plan::{AttachRequest, Holdings};
+use crate::alloc::plan::{check_limit, AttachRequest, Holdings};
 use crate::assign::preferred_nodes_of;
 use crate::config::GpupassConfig;
 use crate::hook::resolve::resolve;
@@ -81,6 +81,19 @@ pub fn transform(
         pin.vcpu_cpuset.iter().chain(&pin.vcpupin_cpusets),
     );
     let res = resolve(&inv, &holdings, &doc, &request, &prefer)?;
+    let owner = request::owner_for(
+        &doc.name,
+        doc.request.as_ref().and_then(|r| r.owner.as_deref()),
+        &env.config,
+    );
+    check_owner_limit(
+        env,
+        &inv,
+        &holdings,
+        &doc.name,
+        owner.as_deref(),
+        &res.functions_after,
+    )?;
     if !res.functions_after.is_empty() {
         store.put(
             &key,
@@ -89,6 +102,7 @@ pub fn transform(
                 uuid: doc.uuid.clone(),
                 functions: res.functions_after.clone(),
                 expires: t + env.lease_ttl.as_secs(),
+                owner: owner.clone(),
             },
         )?;
     }
@@ -110,6 +124,38 @@ pub fn transform(
         tracing::info!(domain = %doc.name, bdf = %f, "hostdev added");
     }
     Ok(Some(apply(input, &edits)))
+}
+
+/// Refuses when the owner's limit would be exceeded by the domain holding the GPUs of
+/// `functions` (its own GPUs are counted once).
+fn check_owner_limit(
+    env: &HookEnv,
+    inv: &crate::host::discover::Inventory,
+    holdings: &Holdings,
+    domain: &str,
+    owner: Option<&str>,
+    functions: &[PciAddress],
+) -> Result<(), HookError> {
+    let Some((owner, limit)) = owner.and_then(|o| env.config.limits.get(o).map(|l| (o, l))) else {
+        return Ok(());
+    };
+    let gpus: Vec<PciAddress> = functions
+        .iter()
+        .filter_map(|f| inv.gpu(*f).map(|g| g.address))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let rule_owner = |d: &str| env.config.rule_owner(d).map(str::to_owned);
+    check_limit(
+        inv,
+        holdings,
+        domain,
+        owner,
+        limit.max_gpus,
+        &gpus,
+        &rule_owner,
+    )?;
+    Ok(())
 }
 
 /// `prepare begin`: every hostdev must exist here, be passable, and be free of other running
@@ -184,6 +230,21 @@ pub fn prepare(env: &HookEnv, input: &str) -> Result<Vec<String>, HookError> {
         if v.boot_vga {
             warnings.push(format!("GPU {} is the host's boot VGA", gpu.address));
         }
+    }
+    let owner = request::owner_for(
+        &doc.name,
+        doc.request.as_ref().and_then(|r| r.owner.as_deref()),
+        &env.config,
+    );
+    if owner
+        .as_deref()
+        .is_some_and(|o| env.config.limits.contains_key(o))
+    {
+        // Judging a limit needs every GPU the owner's other running domains hold: read them all
+        // (only when the owner has a limit, so the hook stays fast otherwise).
+        let all = discover_with(&Sysfs::new(&env.host_root), &Scope::Gpus, false)?;
+        check_owner_limit(env, &all, &running, &doc.name, owner.as_deref(), &sources)
+            .map_err(|e| blocked(e.to_string()))?;
     }
     if let Some(req) = request {
         let have: Vec<PciAddress> = inv

@@ -60,6 +60,7 @@ fn add_from(dir: &Path, running: bool, skip: &str, h: &mut Holdings) -> Result<(
         }
         match domain::parse(&text) {
             Ok(facts) if facts.name != skip => {
+                h.set_owner(&facts.name, facts.owner.as_deref());
                 for a in facts.pci_hostdevs {
                     h.add(a, &facts.name, running);
                 }

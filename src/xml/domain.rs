@@ -2,7 +2,8 @@
 //! references, and where it is pinned (numatune, vcpu cpuset). Read-only; never rewrites XML.
 
 use quick_xml::events::{BytesStart, Event};
-use quick_xml::Reader;
+use quick_xml::name::ResolveResult;
+use quick_xml::NsReader;
 
 use crate::model::PciAddress;
 use crate::xml::XmlError;
@@ -22,6 +23,8 @@ pub struct DomainFacts {
     pub vcpu_cpuset: Option<String>,
     /// `<cputune><vcpupin cpuset=…>` values.
     pub vcpupin_cpusets: Vec<String>,
+    /// `owner` of the gpupass request in `<metadata>`.
+    pub owner: Option<String>,
 }
 
 /// Parses a libvirt number the way libvirt does (`strtoul` base 0): `0x..` hex, leading `0`
@@ -86,15 +89,23 @@ fn relative(path: &[Vec<u8>]) -> Vec<&[u8]> {
 
 /// Reads the facts of a domain XML.
 pub fn parse(xml: &str) -> Result<DomainFacts, XmlError> {
-    let mut reader = Reader::from_str(xml);
+    let mut reader = NsReader::from_str(xml);
     let mut facts = DomainFacts::default();
     let mut path: Vec<Vec<u8>> = Vec::new();
     // Inside a PCI subsystem hostdev directly under <devices>.
     let mut in_pci_hostdev = false;
     loop {
-        let event = reader.read_event().map_err(|e| XmlError::MalformedDomain {
-            reason: e.to_string(),
-        })?;
+        let (gp, event) = match reader.read_resolved_event() {
+            Ok((ns, ev)) => (
+                matches!(ns, ResolveResult::Bound(n) if n.as_ref() == crate::request::XMLNS.as_bytes()),
+                ev,
+            ),
+            Err(e) => {
+                return Err(XmlError::MalformedDomain {
+                    reason: e.to_string(),
+                })
+            }
+        };
         match event {
             Event::Start(ref e) | Event::Empty(ref e) => {
                 let is_empty = matches!(event, Event::Empty(_));
@@ -122,6 +133,9 @@ pub fn parse(xml: &str) -> Result<DomainFacts, XmlError> {
                         if let Some(a) = pci_address_of(e)? {
                             facts.pci_hostdevs.push(a);
                         }
+                    }
+                    ([b"domain", b"metadata"], _) if gp && e.local_name().as_ref() == b"gpus" => {
+                        facts.owner = attr(e, b"owner")?;
                     }
                     ([b"domain", b"numatune"], b"memory") => {
                         facts.numa_nodeset = attr(e, b"nodeset")?;

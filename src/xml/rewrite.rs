@@ -255,6 +255,7 @@ pub fn scan(text: &str) -> Result<DomainDoc<'_>, XmlError> {
                             model: attr(e, b"model")?,
                             alias: attr(e, b"alias")?,
                             gpus: Vec::new(),
+                            owner: attr(e, b"owner")?,
                         });
                         in_request = !empty;
                     }
