@@ -44,6 +44,9 @@ pub enum Record {
         key: String,
         /// The GPUs (display functions).
         gpus: Vec<PciAddress>,
+        /// The domain's owner, when it has one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner: Option<String>,
     },
     /// The domain was released.
     Stop {
@@ -165,6 +168,7 @@ impl Ledger {
         domain: &str,
         key: &str,
         gpus: &[PciAddress],
+        owner: Option<&str>,
         ts: u64,
     ) -> Result<bool, UsageError> {
         let (mut f, read) = self.locked()?;
@@ -178,6 +182,7 @@ impl Ledger {
                 domain: domain.to_owned(),
                 key: key.to_owned(),
                 gpus: gpus.to_vec(),
+                owner: owner.map(str::to_owned),
             },
         )?;
         Ok(true)
@@ -215,6 +220,8 @@ pub struct DomainUsage {
     pub gpus: BTreeMap<PciAddress, u64>,
     /// A session is open now (counted up to `now`).
     pub running: bool,
+    /// The domain's owner, when it has one.
+    pub owner: Option<String>,
 }
 
 /// The usage summary.
@@ -226,6 +233,8 @@ pub struct UsageReport {
     pub until: u64,
     /// Per domain, by key.
     pub domains: Vec<DomainUsage>,
+    /// GPU-seconds per owner.
+    pub owners: BTreeMap<String, u64>,
     /// All GPU-seconds.
     pub total_gpu_seconds: u64,
     /// Ledger lines skipped as torn or unreadable.
@@ -236,6 +245,7 @@ pub struct UsageReport {
 pub fn summarize(read: &LedgerRead, since: u64, now: u64) -> UsageReport {
     let mut by_key: BTreeMap<String, DomainUsage> = BTreeMap::new();
     let mut open: BTreeMap<String, (u64, Vec<PciAddress>)> = BTreeMap::new();
+    let mut owner_of: BTreeMap<String, Option<String>> = BTreeMap::new();
     let charge = |by_key: &mut BTreeMap<String, DomainUsage>,
                   key: &str,
                   domain: &str,
@@ -260,8 +270,10 @@ pub fn summarize(read: &LedgerRead, since: u64, now: u64) -> UsageReport {
                 domain,
                 key,
                 gpus,
+                owner,
             } => {
                 names.insert(key.clone(), domain.clone());
+                owner_of.insert(key.clone(), owner.clone());
                 open.insert(key.clone(), (*ts, gpus.clone()));
             }
             Record::Stop { ts, domain, key } => {
@@ -278,10 +290,18 @@ pub fn summarize(read: &LedgerRead, since: u64, now: u64) -> UsageReport {
             u.running = true;
         }
     }
+    let mut owners: BTreeMap<String, u64> = BTreeMap::new();
+    for (key, u) in by_key.iter_mut() {
+        u.owner = owner_of.get(key).cloned().flatten();
+        if let Some(o) = &u.owner {
+            *owners.entry(o.clone()).or_default() += u.gpu_seconds;
+        }
+    }
     let domains: Vec<DomainUsage> = by_key.into_values().collect();
     UsageReport {
         since,
         until: now,
+        owners,
         total_gpu_seconds: domains.iter().map(|d| d.gpu_seconds).sum(),
         domains,
         skipped_lines: read.skipped,
@@ -305,21 +325,32 @@ mod tests {
             "release after a blocked start writes nothing"
         );
         assert!(l
-            .start("vm", "k1", &[g("0000:18:00.0"), g("0000:2a:00.0")], 100)
+            .start(
+                "vm",
+                "k1",
+                &[g("0000:18:00.0"), g("0000:2a:00.0")],
+                Some("acct"),
+                100
+            )
             .unwrap());
         assert!(
-            !l.start("vm", "k1", &[g("0000:18:00.0")], 150).unwrap(),
+            !l.start("vm", "k1", &[g("0000:18:00.0")], Some("acct"), 150)
+                .unwrap(),
             "repeated start"
         );
         assert!(l.stop("vm", "k1", 160).unwrap());
         assert!(!l.stop("vm", "k1", 170).unwrap(), "release twice");
-        assert!(l.start("other", "k2", &[g("0000:9a:00.0")], 200).unwrap());
+        assert!(l
+            .start("other", "k2", &[g("0000:9a:00.0")], None, 200)
+            .unwrap());
         let r = summarize(&l.read().unwrap(), 0, 300);
         assert_eq!(r.total_gpu_seconds, 2 * 60 + 100);
         let vm = r.domains.iter().find(|d| d.key == "k1").unwrap();
         assert_eq!(vm.gpus[&g("0000:2a:00.0")], 60);
         assert!(!vm.running);
         assert!(r.domains.iter().find(|d| d.key == "k2").unwrap().running);
+        assert_eq!(r.owners["acct"], 120, "per owner");
+        assert_eq!(r.owners.len(), 1);
         let windowed = summarize(&l.read().unwrap(), 150, 250);
         assert_eq!(windowed.total_gpu_seconds, 2 * 10 + 50);
     }
@@ -328,7 +359,8 @@ mod tests {
     fn a_torn_last_line_is_skipped_and_never_glued_to_the_next_record() {
         let dir = tempfile::tempdir().unwrap();
         let l = Ledger::new(dir.path());
-        l.start("vm", "k1", &[g("0000:18:00.0")], 100).unwrap();
+        l.start("vm", "k1", &[g("0000:18:00.0")], None, 100)
+            .unwrap();
         // A crash in the middle of a write.
         let mut f = OpenOptions::new()
             .append(true)

@@ -326,3 +326,32 @@ fn used_by_comes_from_libvirt_domain_xml() {
     );
     assert_one_line_error(&r, 5, "already attached to domain 'vm-holding-9a'");
 }
+
+#[test]
+fn the_example_config_is_valid() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/gpupass.toml");
+    let r = gp(
+        "hgx-8gpu",
+        &[
+            "--config-file",
+            example.to_str().unwrap(),
+            "config",
+            "check",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout
+            .contains("ok (2 aliases, 2 rules, 2 owner limits, template built in)"),
+        "{}",
+        r.stdout
+    );
+    let t = tmp();
+    let bad = t.path().join("bad.toml");
+    fs::write(&bad, "[limits]\nacct = { max_gpus = -1 }\n").unwrap();
+    let r = gp(
+        "hgx-8gpu",
+        &["--config-file", bad.to_str().unwrap(), "config", "check"],
+    );
+    assert_one_line_error(&r, 2, "invalid config");
+}

@@ -321,7 +321,7 @@ fn usage(dirs: &Dirs, json: bool, since: Option<&str>) -> Result<(), HookError> 
         ));
     }
     out.push_str(&format!(
-        "total                             {:>11}  {:>9.2}\n",
+        "total                                               {:>11}  {:>9.2}\n",
         report.total_gpu_seconds,
         report.total_gpu_seconds as f64 / 3600.0
     ));

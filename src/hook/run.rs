@@ -305,7 +305,12 @@ pub fn started(env: &HookEnv, input: &str) -> Result<(), HookError> {
     LeaseStore::new(&env.run_dir).remove(&key)?;
     let gpus = gpu_sources(env, &doc);
     if !gpus.is_empty() {
-        Ledger::new(&env.state_dir).start(&doc.name, &key, &gpus, now())?;
+        let owner = request::owner_for(
+            &doc.name,
+            doc.request.as_ref().and_then(|r| r.owner.as_deref()),
+            &env.config,
+        );
+        Ledger::new(&env.state_dir).start(&doc.name, &key, &gpus, owner.as_deref(), now())?;
     }
     Ok(())
 }
