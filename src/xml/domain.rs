@@ -1,12 +1,12 @@
-//! Reads what gpupass needs from a libvirt domain XML: its name and UUID, the PCI hostdevs it
-//! references, and where it is pinned (numatune, vcpu cpuset). Read-only; never rewrites XML.
+//! The facts gpupass needs from a libvirt domain XML (or libvirt's status XML): name, UUID, the
+//! PCI hostdevs it references, where it is pinned, its owner. Read through the same scanner
+//! that `transform` uses (`xml::rewrite`); read-only.
 
-use quick_xml::events::{BytesStart, Event};
-use quick_xml::name::ResolveResult;
-use quick_xml::NsReader;
+use quick_xml::events::BytesStart;
 
 use crate::model::PciAddress;
-use crate::xml::XmlError;
+use crate::xml::rewrite::scan_status;
+use crate::xml::{attr, XmlError};
 
 /// The facts of one domain XML.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -27,6 +27,20 @@ pub struct DomainFacts {
     pub owner: Option<String>,
 }
 
+/// Reads the facts of a domain XML, or of libvirt's status XML (`<domstatus>`).
+pub fn parse(xml: &str) -> Result<DomainFacts, XmlError> {
+    let doc = scan_status(xml)?;
+    Ok(DomainFacts {
+        pci_hostdevs: doc.pci_sources(),
+        owner: doc.request.as_ref().and_then(|r| r.owner.clone()),
+        numa_nodeset: doc.pinning.numa_nodeset,
+        vcpu_cpuset: doc.pinning.vcpu_cpuset,
+        vcpupin_cpusets: doc.pinning.vcpupin_cpusets,
+        name: doc.name,
+        uuid: doc.uuid,
+    })
+}
+
 /// Parses a libvirt number the way libvirt does (`strtoul` base 0): `0x..` hex, leading `0`
 /// octal, otherwise decimal.
 fn c_uint(s: &str) -> Option<u32> {
@@ -38,23 +52,6 @@ fn c_uint(s: &str) -> Option<u32> {
     } else {
         s.parse().ok()
     }
-}
-
-fn attr(e: &BytesStart<'_>, name: &[u8]) -> Result<Option<String>, XmlError> {
-    for a in e.attributes() {
-        let a = a.map_err(|err| XmlError::MalformedDomain {
-            reason: err.to_string(),
-        })?;
-        if a.key.as_ref() == name {
-            let v = a
-                .unescape_value()
-                .map_err(|err| XmlError::MalformedDomain {
-                    reason: err.to_string(),
-                })?;
-            return Ok(Some(v.into_owned()));
-        }
-    }
-    Ok(None)
 }
 
 /// The PCI address in an `<address domain bus slot function>` element, when complete and in range.
@@ -76,116 +73,8 @@ pub(crate) fn pci_address_of(e: &BytesStart<'_>) -> Result<Option<PciAddress>, X
 
 /// The PCI source address of a single `<hostdev>` fragment (as composed from a template).
 pub fn hostdev_source(fragment: &str) -> Result<Option<PciAddress>, XmlError> {
-    let wrapped = format!("<domain><devices>{fragment}</devices></domain>");
+    let wrapped = format!("<domain><name>fragment</name><devices>{fragment}</devices></domain>");
     Ok(parse(&wrapped)?.pci_hostdevs.first().copied())
-}
-
-/// The element path below the `<domain>`'s parent: libvirt's status XML (`/run/libvirt/qemu/*.xml`)
-/// wraps the domain in `<domstatus>`, read the same way as a plain domain.
-fn relative(path: &[Vec<u8>]) -> Vec<&[u8]> {
-    let skip = usize::from(path.first().is_some_and(|p| p == b"domstatus"));
-    path[skip..].iter().map(Vec::as_slice).collect()
-}
-
-/// Reads the facts of a domain XML.
-pub fn parse(xml: &str) -> Result<DomainFacts, XmlError> {
-    let mut reader = NsReader::from_str(xml);
-    let mut facts = DomainFacts::default();
-    let mut path: Vec<Vec<u8>> = Vec::new();
-    // Inside a PCI subsystem hostdev directly under <devices>.
-    let mut in_pci_hostdev = false;
-    loop {
-        let (gp, event) = match reader.read_resolved_event() {
-            Ok((ns, ev)) => (
-                matches!(ns, ResolveResult::Bound(n) if n.as_ref() == crate::request::XMLNS.as_bytes()),
-                ev,
-            ),
-            Err(e) => {
-                return Err(XmlError::MalformedDomain {
-                    reason: e.to_string(),
-                })
-            }
-        };
-        match event {
-            Event::Start(ref e) | Event::Empty(ref e) => {
-                let is_empty = matches!(event, Event::Empty(_));
-                let name = e.name().as_ref().to_vec();
-                if path.is_empty() && name != b"domain" && name != b"domstatus" {
-                    return Err(XmlError::MalformedDomain {
-                        reason: format!(
-                            "root element is <{}>, not <domain>",
-                            String::from_utf8_lossy(&name)
-                        ),
-                    });
-                }
-                let parent = relative(&path);
-                match (parent.as_slice(), name.as_slice()) {
-                    ([b"domain", b"devices"], b"hostdev") => {
-                        let mode = attr(e, b"mode")?;
-                        let ty = attr(e, b"type")?;
-                        in_pci_hostdev = !is_empty
-                            && mode.as_deref().unwrap_or("subsystem") == "subsystem"
-                            && ty.as_deref() == Some("pci");
-                    }
-                    ([b"domain", b"devices", b"hostdev", b"source"], b"address")
-                        if in_pci_hostdev =>
-                    {
-                        if let Some(a) = pci_address_of(e)? {
-                            facts.pci_hostdevs.push(a);
-                        }
-                    }
-                    ([b"domain", b"metadata"], _) if gp && e.local_name().as_ref() == b"gpus" => {
-                        facts.owner = attr(e, b"owner")?;
-                    }
-                    ([b"domain", b"numatune"], b"memory") => {
-                        facts.numa_nodeset = attr(e, b"nodeset")?;
-                    }
-                    ([b"domain"], b"vcpu") => {
-                        facts.vcpu_cpuset = attr(e, b"cpuset")?;
-                    }
-                    ([b"domain", b"cputune"], b"vcpupin") => {
-                        if let Some(c) = attr(e, b"cpuset")? {
-                            facts.vcpupin_cpusets.push(c);
-                        }
-                    }
-                    _ => {}
-                }
-                if !is_empty {
-                    path.push(name);
-                }
-            }
-            Event::End(e) => {
-                if e.name().as_ref() == b"hostdev" && relative(&path).len() == 3 {
-                    in_pci_hostdev = false;
-                }
-                path.pop();
-            }
-            Event::Text(t) => {
-                let here = relative(&path);
-                let text = || -> Result<String, XmlError> {
-                    Ok(t.unescape()
-                        .map_err(|e| XmlError::MalformedDomain {
-                            reason: e.to_string(),
-                        })?
-                        .trim()
-                        .to_owned())
-                };
-                match here.as_slice() {
-                    [b"domain", b"name"] => facts.name = text()?,
-                    [b"domain", b"uuid"] => facts.uuid = Some(text()?),
-                    _ => {}
-                }
-            }
-            Event::Eof if path.is_empty() => break,
-            Event::Eof => {
-                return Err(XmlError::MalformedDomain {
-                    reason: "unexpected end of document (an element is not closed)".into(),
-                })
-            }
-            _ => {}
-        }
-    }
-    Ok(facts)
 }
 
 #[cfg(test)]

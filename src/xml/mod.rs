@@ -9,6 +9,8 @@ pub mod rewrite;
 
 use std::path::PathBuf;
 
+use quick_xml::events::BytesStart;
+
 /// Errors from composing or reading XML.
 #[derive(Debug, thiserror::Error)]
 pub enum XmlError {
@@ -35,4 +37,22 @@ pub enum XmlError {
         /// The parser's message.
         reason: String,
     },
+}
+
+/// An attribute's unescaped value, `None` when absent.
+pub(crate) fn attr(e: &BytesStart<'_>, name: &[u8]) -> Result<Option<String>, XmlError> {
+    for a in e.attributes() {
+        let a = a.map_err(|err| XmlError::MalformedDomain {
+            reason: err.to_string(),
+        })?;
+        if a.key.as_ref() == name {
+            let v = a
+                .unescape_value()
+                .map_err(|err| XmlError::MalformedDomain {
+                    reason: err.to_string(),
+                })?;
+            return Ok(Some(v.into_owned()));
+        }
+    }
+    Ok(None)
 }

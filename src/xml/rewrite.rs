@@ -5,14 +5,14 @@
 
 use std::ops::Range;
 
-use quick_xml::events::{BytesStart, Event};
+use quick_xml::events::Event;
 use quick_xml::name::ResolveResult;
 use quick_xml::NsReader;
 
 use crate::model::PciAddress;
 use crate::request::{RequestSpec, XMLNS};
 use crate::xml::compose::HostdevTemplate;
-use crate::xml::XmlError;
+use crate::xml::{attr, XmlError};
 
 /// The user-alias prefix that marks a hostdev gpupass injected (libvirt keeps `ua-` aliases).
 pub const ALIAS_PREFIX: &str = "ua-gpupass-";
@@ -91,19 +91,6 @@ fn malformed(reason: impl Into<String>) -> XmlError {
     }
 }
 
-fn attr(e: &BytesStart<'_>, name: &[u8]) -> Result<Option<String>, XmlError> {
-    for a in e.attributes() {
-        let a = a.map_err(|err| malformed(err.to_string()))?;
-        if a.key.as_ref() == name {
-            let v = a
-                .unescape_value()
-                .map_err(|err| malformed(err.to_string()))?;
-            return Ok(Some(v.into_owned()));
-        }
-    }
-    Ok(None)
-}
-
 /// The whitespace before `pos` on its line, when only whitespace precedes it there.
 fn line_indent(text: &str, pos: usize) -> Option<&str> {
     let line_start = text[..pos].rfind('\n')? + 1;
@@ -121,6 +108,22 @@ fn is_gpupass(ns: &ResolveResult<'_>) -> bool {
 /// Scans a domain XML. Fails on malformed XML, a root other than `<domain>`, or a document over
 /// [`MAX_XML_BYTES`].
 pub fn scan(text: &str) -> Result<DomainDoc<'_>, XmlError> {
+    scan_root(text, false)
+}
+
+/// Like [`scan`], and also accepts libvirt's status XML (`/run/libvirt/qemu/<name>.xml`),
+/// which wraps the domain in `<domstatus>`. For reading, never for rewriting.
+pub fn scan_status(text: &str) -> Result<DomainDoc<'_>, XmlError> {
+    scan_root(text, true)
+}
+
+/// The element path below the root wrapper: `<domstatus>`'s children are read as a domain's.
+fn relative(path: &[Vec<u8>], status: bool) -> Vec<&[u8]> {
+    let skip = usize::from(status && path.first().is_some_and(|p| p == b"domstatus"));
+    path[skip..].iter().map(Vec::as_slice).collect()
+}
+
+fn scan_root(text: &str, status: bool) -> Result<DomainDoc<'_>, XmlError> {
     if text.len() > MAX_XML_BYTES {
         return Err(malformed(format!(
             "{} bytes is over the {MAX_XML_BYTES}-byte limit",
@@ -173,23 +176,24 @@ pub fn scan(text: &str) -> Result<DomainDoc<'_>, XmlError> {
                 let qname = e.name();
                 let local = e.local_name();
                 let name = local.as_ref();
-                let here: Vec<&[u8]> = path.iter().map(Vec::as_slice).collect();
-                match here.as_slice() {
-                    [] => {
-                        if seen_root {
-                            return Err(malformed("more than one root element"));
-                        }
-                        seen_root = true;
-                        if qname.as_ref() != b"domain" {
-                            return Err(malformed(format!(
-                                "root element is <{}>, not <domain>",
-                                String::from_utf8_lossy(qname.as_ref())
-                            )));
-                        }
-                        if empty {
-                            return Err(malformed("<domain/> is empty"));
-                        }
+                if path.is_empty() {
+                    if seen_root {
+                        return Err(malformed("more than one root element"));
                     }
+                    seen_root = true;
+                    let root = qname.as_ref();
+                    if root != b"domain" && !(status && root == b"domstatus") {
+                        return Err(malformed(format!(
+                            "root element is <{}>, not <domain>",
+                            String::from_utf8_lossy(root)
+                        )));
+                    }
+                    if empty {
+                        return Err(malformed("the root element is empty"));
+                    }
+                }
+                let here = relative(&path, status);
+                match here.as_slice() {
                     [b"domain"] if qname.as_ref() == b"vcpu" => {
                         doc.pinning.vcpu_cpuset = attr(e, b"cpuset")?;
                     }
@@ -271,7 +275,7 @@ pub fn scan(text: &str) -> Result<DomainDoc<'_>, XmlError> {
                 }
             }
             Event::End(_) => {
-                let here: Vec<&[u8]> = path.iter().map(Vec::as_slice).collect();
+                let here = relative(&path, status);
                 match here.as_slice() {
                     [b"domain"] => doc.domain_close = before,
                     [b"domain", b"devices"] => doc.devices = Devices::Open { close: before },
@@ -289,17 +293,16 @@ pub fn scan(text: &str) -> Result<DomainDoc<'_>, XmlError> {
                 path.pop();
             }
             Event::Text(t) => {
-                let here: Vec<&[u8]> = path.iter().map(Vec::as_slice).collect();
+                if path.is_empty() && !t.iter().all(u8::is_ascii_whitespace) {
+                    return Err(malformed("text outside the root element"));
+                }
                 // An unknown entity makes the document not well-formed: refuse it.
                 let value = t
                     .unescape()
                     .map_err(|err| malformed(format!("at byte {before}: {err}")))?;
-                match here.as_slice() {
+                match relative(&path, status).as_slice() {
                     [b"domain", b"name"] => doc.name = value.trim().to_owned(),
                     [b"domain", b"uuid"] => doc.uuid = Some(value.trim().to_owned()),
-                    [] if !t.iter().all(u8::is_ascii_whitespace) => {
-                        return Err(malformed("text outside the root element"));
-                    }
                     _ => {}
                 }
             }
@@ -552,6 +555,10 @@ mod tests {
                 "more than one root",
             ),
             ("<domain type='kvm'><devices/></domain>", "no <name>"),
+            (
+                "<domstatus><domain><name>x</name></domain></domstatus>",
+                "not <domain>",
+            ),
             ("junk<domain><name>x</name></domain>", "outside"),
         ] {
             let err = scan(bad).unwrap_err().to_string();
