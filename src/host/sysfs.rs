@@ -173,26 +173,6 @@ impl Sysfs {
         Ok(out)
     }
 
-    /// Members of every IOMMU group: `sys/kernel/iommu_groups/<N>/devices/<bdf>`.
-    /// Empty when the IOMMU is off.
-    pub fn iommu_groups(&self) -> Result<Vec<(IommuGroupId, Vec<PciAddress>)>, SysfsError> {
-        let dir = self.path("sys/kernel/iommu_groups");
-        let mut out = Vec::new();
-        for name in list_dir(&dir)? {
-            let Ok(id) = name.parse::<u32>() else {
-                continue;
-            };
-            let mut members: Vec<PciAddress> = list_dir(&dir.join(&name).join("devices"))?
-                .iter()
-                .filter_map(|m| m.parse().ok())
-                .collect();
-            members.sort();
-            out.push((IommuGroupId(id), members));
-        }
-        out.sort();
-        Ok(out)
-    }
-
     /// Names under `sys/class/iommu` (`dmar0`, `ivhd0`…): the IOMMU units the kernel drives.
     pub fn iommu_units(&self) -> Result<Vec<String>, SysfsError> {
         let mut units = list_dir(&self.path("sys/class/iommu"))?;
