@@ -112,7 +112,8 @@ pub fn scan(text: &str) -> Result<DomainDoc<'_>, XmlError> {
 }
 
 /// Like [`scan`], and also accepts libvirt's status XML (`/run/libvirt/qemu/<name>.xml`),
-/// which wraps the domain in `<domstatus>`. For reading, never for rewriting.
+/// which wraps the domain in `<domstatus>`. For reading what libvirt wrote, never for rewriting:
+/// it skips the well-formedness checks of attributes and text that only an edit needs.
 pub fn scan_status(text: &str) -> Result<DomainDoc<'_>, XmlError> {
     scan_root(text, true)
 }
@@ -167,8 +168,9 @@ fn scan_root(text: &str, status: bool) -> Result<DomainDoc<'_>, XmlError> {
             Event::Start(ref e) | Event::Empty(ref e) => {
                 let empty = matches!(event, Event::Empty(_));
                 // quick-xml checks attributes only when they are read: read them all, so a
-                // document that is not well-formed is refused rather than edited.
-                for a in e.attributes() {
+                // document that is not well-formed is refused rather than edited. (Reading
+                // libvirt's own files, which are never edited, skips this.)
+                for a in e.attributes().filter(|_| !status) {
                     let a = a.map_err(|err| malformed(format!("at byte {before}: {err}")))?;
                     a.unescape_value()
                         .map_err(|err| malformed(format!("at byte {before}: {err}")))?;
@@ -296,14 +298,18 @@ fn scan_root(text: &str, status: bool) -> Result<DomainDoc<'_>, XmlError> {
                 if path.is_empty() && !t.iter().all(u8::is_ascii_whitespace) {
                     return Err(malformed("text outside the root element"));
                 }
-                // An unknown entity makes the document not well-formed: refuse it.
-                let value = t
-                    .unescape()
-                    .map_err(|err| malformed(format!("at byte {before}: {err}")))?;
-                match relative(&path, status).as_slice() {
-                    [b"domain", b"name"] => doc.name = value.trim().to_owned(),
-                    [b"domain", b"uuid"] => doc.uuid = Some(value.trim().to_owned()),
-                    _ => {}
+                let here = relative(&path, status);
+                let wanted = matches!(here.as_slice(), [b"domain", b"name"] | [b"domain", b"uuid"]);
+                if wanted || !status {
+                    // An unknown entity makes the document not well-formed: refuse it.
+                    let value = t
+                        .unescape()
+                        .map_err(|err| malformed(format!("at byte {before}: {err}")))?;
+                    match here.as_slice() {
+                        [b"domain", b"name"] => doc.name = value.trim().to_owned(),
+                        [b"domain", b"uuid"] => doc.uuid = Some(value.trim().to_owned()),
+                        _ => {}
+                    }
                 }
             }
             Event::Eof => break,
