@@ -46,7 +46,8 @@ impl Holdings {
         self.owners.get(domain).map(String::as_str)
     }
 
-    /// Domains referencing any of `functions`, running ones first, each once.
+    /// Domains referencing any of `functions`, running ones first, each once (the first is the
+    /// GPU's `used_by`).
     pub fn holders(&self, functions: &[PciAddress]) -> Vec<Holder> {
         let mut seen: BTreeMap<String, bool> = BTreeMap::new();
         for f in functions {
@@ -60,14 +61,6 @@ impl Holdings {
             .collect();
         out.sort_by(|a, b| b.running.cmp(&a.running).then(a.domain.cmp(&b.domain)));
         out
-    }
-
-    /// The domain shown as a GPU's user: the running holder, else the first that defines it.
-    pub fn used_by(&self, gpu: &Gpu) -> Option<String> {
-        self.holders(&gpu.functions)
-            .into_iter()
-            .next()
-            .map(|h| h.domain)
     }
 }
 
