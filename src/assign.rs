@@ -10,15 +10,17 @@ use serde::Serialize;
 use crate::alloc::lease::{self, LeaseStore};
 use crate::alloc::lock::HostLock;
 use crate::alloc::plan::{
-    check_limit, plan_attach, plan_detach, AttachRequest, DetachRequest, DetachUnit, Holdings,
+    plan_attach, plan_detach, AttachRequest, DetachRequest, DetachUnit, Holdings,
 };
 use crate::alloc::AllocError;
 use crate::config::GpupassConfig;
 use crate::cpuset;
 use crate::host::discover::Inventory;
 use crate::libvirt::{DomainInfo, Hypervisor, Impact, LibvirtError, XmlView};
+use crate::limits;
 use crate::model::{NumaNode, PciAddress};
 use crate::request;
+use crate::usage::{Ledger, UsageError};
 use crate::xml::compose::HostdevTemplate;
 use crate::xml::domain::{self, DomainFacts};
 use crate::xml::XmlError;
@@ -52,6 +54,9 @@ pub enum AssignError {
         /// What is missing or still there.
         detail: String,
     },
+    /// The usage ledger (for a GPU-hours limit) could not be read.
+    #[error(transparent)]
+    Usage(#[from] UsageError),
     /// The operation failed and undoing it failed too: the domain may hold part of a GPU.
     #[error("{cause}; ROLLBACK INCOMPLETE, check the domain by hand: {leftover}")]
     RollbackIncomplete {
@@ -63,6 +68,22 @@ pub enum AssignError {
 }
 
 impl AssignError {
+    /// The documented exit code (the table in `gpupass --help`).
+    pub fn exit_code(&self) -> u8 {
+        if matches!(self, AssignError::RollbackIncomplete { .. }) {
+            return 11;
+        }
+        match self.root() {
+            AssignError::Alloc(a) => a.exit_code(),
+            AssignError::Libvirt(l) => l.exit_code(),
+            AssignError::Impact(_) => 2,
+            AssignError::NotApplied { .. } => 10,
+            AssignError::Xml { .. }
+            | AssignError::Usage(_)
+            | AssignError::RollbackIncomplete { .. } => 1,
+        }
+    }
+
     /// The failure that started it all (for exit codes).
     pub fn root(&self) -> &AssignError {
         match self {
@@ -117,6 +138,14 @@ pub struct AssignOptions {
     pub manage_drivers: bool,
     /// Owners' limits and the rules that name owners.
     pub config: GpupassConfig,
+    /// The usage ledger, for GPU-hours limits (`None`: hours are not checked).
+    pub ledger: Option<Ledger>,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -321,25 +350,25 @@ fn attach_unlocked(
     let facts = parse_xml(name, &hv.domain_xml(name, own_view)?)?;
     let mut holdings = holdings;
     if let Some(store) = &opts.leases {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        store.holdings_except(&lease::key(facts.uuid.as_deref(), name), now, &mut holdings);
+        store.holdings_except(
+            &lease::key(facts.uuid.as_deref(), name),
+            unix_now(),
+            &mut holdings,
+        );
     }
     let plan = plan_attach(inv, &holdings, name, request, &preferred_nodes(inv, &facts))?;
     let owner = request::owner_for(name, facts.owner.as_deref(), &opts.config);
-    if let Some((o, limit)) = owner
-        .as_deref()
-        .and_then(|o| opts.config.limits.get(o).map(|l| (o, l)))
-    {
+    if let Some((o, limit)) = limits::owner_limit(&opts.config, owner.as_deref()) {
+        let used = limits::period_use(limit, o, opts.ledger.as_ref(), unix_now())?;
         let rule_owner = |d: &str| opts.config.rule_owner(d).map(str::to_owned);
-        check_limit(
+        limits::check(
             inv,
             &holdings,
             name,
             o,
-            limit.max_gpus,
+            limit,
             &plan.gpus,
+            used,
             &rule_owner,
         )?;
     }
@@ -649,6 +678,7 @@ mod tests {
             leases: None,
             manage_drivers: true,
             config: GpupassConfig::default(),
+            ledger: None,
         }
     }
 
@@ -739,7 +769,7 @@ mod tests {
         );
         assert_eq!(err.root().to_string(), err.to_string());
         // A raised limit lets acct-b through.
-        config.limits.get_mut("acct").unwrap().max_gpus = 2;
+        config.limits.get_mut("acct").unwrap().max_gpus = Some(2);
         o.config = config;
         attach_unlocked(&hv, &inv(), "acct-b", &req, &o).unwrap();
     }

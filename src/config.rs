@@ -1,6 +1,7 @@
-//! gpupass's own configuration file (TOML, default `/etc/gpupass/gpupass.toml`): the template
-//! directory, GPU aliases, and rules that give a GPU request to domains by name. Unknown keys are
-//! errors, so a typo is caught instead of silently ignored.
+//! gpupass's own configuration file (TOML, default `/etc/gpupass/gpupass.toml`): directories,
+//! the template directory, GPU aliases, rules that give a GPU request (and an owner) to domains
+//! by name, owners' limits, and the agent's API settings. Unknown keys are errors, so a typo is
+//! caught instead of silently ignored.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -94,16 +95,76 @@ struct NovaAlias {
     _numa_policy: Option<serde::de::IgnoredAny>,
 }
 
-/// What one owner may hold.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+/// The window a GPU-hours limit counts in: calendar periods in UTC.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Period {
+    /// Since 00:00 UTC today.
+    Day,
+    /// Since Monday 00:00 UTC.
+    Week,
+    /// Since the 1st of the month, 00:00 UTC.
+    #[default]
+    Month,
+}
+
+impl Period {
+    /// `day`, `week` or `month`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Period::Day => "day",
+            Period::Week => "week",
+            Period::Month => "month",
+        }
+    }
+}
+
+/// What one owner may hold and use.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct LimitConfig {
     /// GPUs held at once by all the owner's domains (running, or defined with GPUs).
-    pub max_gpus: u32,
+    #[serde(default)]
+    pub max_gpus: Option<u32>,
+    /// GPU-hours the owner's domains may use per `period` (from the usage ledger); once used
+    /// up, no new GPU is given to the owner until the next period.
+    #[serde(default)]
+    pub max_gpu_hours: Option<f64>,
+    /// The window of `max_gpu_hours`.
+    #[serde(default)]
+    pub period: Period,
+}
+
+/// Where gpupass keeps its files; command-line flags and environment variables win.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PathsConfig {
+    /// Host root (`--host-root`).
+    pub host_root: Option<PathBuf>,
+    /// Run dir: host lock, leases (`--run-dir`).
+    pub run_dir: Option<PathBuf>,
+    /// State dir: usage ledger, binding records (`--state-dir`).
+    pub state_dir: Option<PathBuf>,
+}
+
+/// `gpupass serve`'s API settings; flags win.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    /// The API's unix socket (`--socket`).
+    pub socket: Option<PathBuf>,
+    /// Group that may use the socket (mode 0660); default: root's.
+    pub socket_group: Option<String>,
+    /// Also listen on this loopback TCP address (`127.0.0.1:7070`), with a bearer token.
+    pub tcp: Option<String>,
+    /// File holding the bearer token for TCP (must be readable by root only).
+    pub token_file: Option<PathBuf>,
+    /// Seconds between full reconciles with libvirt.
+    pub reconcile_seconds: Option<u64>,
 }
 
 /// The configuration.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct GpupassConfig {
     /// A directory with a `hostdev-pci.xml` that replaces the built-in template.
@@ -120,6 +181,12 @@ pub struct GpupassConfig {
     /// Limits per owner.
     #[serde(default)]
     pub limits: BTreeMap<String, LimitConfig>,
+    /// Directories.
+    #[serde(default)]
+    pub paths: PathsConfig,
+    /// The agent (`gpupass serve`).
+    #[serde(default)]
+    pub serve: ServeConfig,
 }
 
 impl GpupassConfig {
@@ -177,10 +244,38 @@ impl GpupassConfig {
                 ));
             }
         }
-        for owner in self.limits.keys() {
+        for (owner, l) in &self.limits {
             if owner.trim().is_empty() {
                 return Err("limits: an owner name is empty".into());
             }
+            if l.max_gpus.is_none() && l.max_gpu_hours.is_none() {
+                return Err(format!(
+                    "limits.{owner}: set max_gpus, max_gpu_hours, or both"
+                ));
+            }
+            if let Some(h) = l.max_gpu_hours {
+                if !h.is_finite() || h < 0.0 {
+                    return Err(format!(
+                        "limits.{owner}.max_gpu_hours must be a number of hours >= 0"
+                    ));
+                }
+            }
+        }
+        if let Some(addr) = &self.serve.tcp {
+            let a: std::net::SocketAddr = addr
+                .parse()
+                .map_err(|_| format!("serve.tcp '{addr}': give IP:PORT, e.g. 127.0.0.1:7070"))?;
+            if !a.ip().is_loopback() {
+                return Err(format!(
+                    "serve.tcp '{addr}': only a loopback address is allowed (the API can change domains)"
+                ));
+            }
+            if self.serve.token_file.is_none() {
+                return Err("serve.tcp needs serve.token_file (the bearer token)".into());
+            }
+        }
+        if self.serve.reconcile_seconds == Some(0) {
+            return Err("serve.reconcile_seconds must be at least 1".into());
         }
         for (i, r) in self.rules.iter().enumerate() {
             glob::Pattern::new(&r.domain)
@@ -197,6 +292,49 @@ impl GpupassConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paths_serve_and_limits_are_checked() {
+        let c = GpupassConfig::parse(
+            "[paths]\nstate_dir = \"/srv/gp\"\n[serve]\nsocket = \"/run/x.sock\"\nsocket_group = \"gpupass\"\ntcp = \"127.0.0.1:7070\"\ntoken_file = \"/etc/gpupass/token\"\n[limits]\nacct = { max_gpu_hours = 12.5, period = \"week\" }\n",
+        )
+        .unwrap();
+        assert_eq!(c.paths.state_dir.unwrap(), PathBuf::from("/srv/gp"));
+        assert_eq!(c.serve.socket_group.as_deref(), Some("gpupass"));
+        assert_eq!(c.limits["acct"].period, Period::Week);
+        assert_eq!(c.limits["acct"].max_gpus, None);
+        for (bad, want) in [
+            (
+                "[serve]\ntcp = \"0.0.0.0:7070\"\ntoken_file = \"/t\"\n",
+                "only a loopback",
+            ),
+            (
+                "[serve]\ntcp = \"127.0.0.1:7070\"\n",
+                "needs serve.token_file",
+            ),
+            (
+                "[serve]\ntcp = \"localhost\"\ntoken_file = \"/t\"\n",
+                "give IP:PORT",
+            ),
+            (
+                "[limits]\nacct = {}\n",
+                "set max_gpus, max_gpu_hours, or both",
+            ),
+            (
+                "[limits]\nacct = { max_gpu_hours = -1.0 }\n",
+                "max_gpu_hours must be",
+            ),
+            (
+                "[limits]\nacct = { max_gpus = 1, period = \"year\" }\n",
+                "unknown variant `year`",
+            ),
+            ("[paths]\nrundir = \"/x\"\n", "unknown field `rundir`"),
+            ("[serve]\nreconcile_seconds = 0\n", "at least 1"),
+        ] {
+            let err = GpupassConfig::parse(bad).unwrap_err();
+            assert!(err.contains(want), "{bad}: {err}");
+        }
+    }
 
     #[test]
     fn loads_and_rejects_unknown_keys() {
@@ -258,7 +396,7 @@ account-2 = { max_gpus = 2 }
         assert_eq!(c.aliases["A100"].id().unwrap().to_string(), "10de:20b0");
         assert_eq!(c.rule_owner("i-2-9-VM"), Some("account-2"));
         assert_eq!(c.rule_owner("i-3-9-VM"), None);
-        assert_eq!(c.limits["account-2"].max_gpus, 2);
+        assert_eq!(c.limits["account-2"].max_gpus, Some(2));
         for (bad, why) in [
             ("pci_alias = ['{\"name\": \"x\"}']", "missing field"),
             ("pci_alias = ['{\"name\":\"x\",\"vendor_id\":\"10de\",\"product_id\":\"1\",\"colour\":1}']", "unknown field"),

@@ -22,6 +22,7 @@ pub mod hook;
 pub mod host;
 pub mod hostcfg;
 pub mod libvirt;
+pub mod limits;
 pub mod model;
 pub mod observability;
 pub mod report;

@@ -6,7 +6,7 @@ mod cli;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{ArgGroup, Parser, Subcommand};
+use clap::{ArgGroup, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use gpupass::alloc::lock::LockError;
 use gpupass::alloc::plan::{AttachRequest, DetachRequest};
@@ -412,16 +412,7 @@ fn run(g: &Global, command: LibvirtCommand) -> anyhow::Result<()> {
 fn exit_code(err: &anyhow::Error) -> u8 {
     for cause in err.chain() {
         if let Some(e) = cause.downcast_ref::<AssignError>() {
-            if matches!(e, AssignError::RollbackIncomplete { .. }) {
-                return 11;
-            }
-            return match e.root() {
-                AssignError::Alloc(a) => a.exit_code(),
-                AssignError::Libvirt(l) => l.exit_code(),
-                AssignError::Impact(_) => 2,
-                AssignError::NotApplied { .. } => 10,
-                AssignError::Xml { .. } | AssignError::RollbackIncomplete { .. } => 1,
-            };
+            return e.exit_code();
         }
         if let Some(e) = cause.downcast_ref::<AllocError>() {
             return e.exit_code();
@@ -462,10 +453,20 @@ fn exit_code(err: &anyhow::Error) -> u8 {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let parsed = Cli::command()
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m).map(|c| (c, m)));
+    let (mut cli, matches) = match parsed {
         Ok(c) => c,
         Err(e) => return gpupass::hook::cli::exit_on_parse_error(&e, "gpupass"),
     };
+    if let Err(e) = cli.dirs.apply_config(&matches) {
+        eprintln!(
+            "gpupass: error: {}",
+            gpupass::hook::cli::one_line(&format!("{:#}", anyhow::Error::from(e)))
+        );
+        return ExitCode::from(2);
+    }
     gpupass::observability::init(cli.verbose, cli.dirs.log_file.as_deref());
     let command = match cli.command {
         Command::HookMode(cmd) => return gpupass::hook::cli::run(&cli.dirs, &cmd),

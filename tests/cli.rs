@@ -355,3 +355,34 @@ fn the_example_config_is_valid() {
     );
     assert_one_line_error(&r, 2, "invalid config");
 }
+
+/// `[paths]` in the config file sets the directories a command uses; a flag wins over it.
+#[test]
+fn config_paths_set_directories_and_flags_win() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    fs::create_dir_all(&state).unwrap();
+    fs::write(
+        state.join("usage.jsonl"),
+        "{\"event\":\"start\",\"ts\":1,\"domain\":\"from-config\",\"key\":\"k\",\"gpus\":[\"0000:18:00.0\"]}\n",
+    )
+    .unwrap();
+    let conf = dir.path().join("gpupass.toml");
+    fs::write(
+        &conf,
+        format!("[paths]\nstate_dir = \"{}\"\n", state.display()),
+    )
+    .unwrap();
+    let usage = |extra: &[&str]| {
+        let mut c = common::gpupass(&common::host("hgx-8gpu"), dir.path());
+        c.arg("--config-file").arg(&conf).args(extra).arg("usage");
+        common::run(c)
+    };
+    let r = usage(&[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("from-config"), "{}", r.stdout);
+    let elsewhere = dir.path().join("elsewhere");
+    let r = usage(&["--state-dir", elsewhere.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(!r.stdout.contains("from-config"), "{}", r.stdout);
+}

@@ -461,3 +461,83 @@ fn owner_limits_refuse_transform_and_block_prepare() {
     );
     assert_eq!(r.code, 0, "{}", r.stderr);
 }
+
+/// GPU-hours per period: an owner whose usage this period (from the hook's own ledger) has
+/// reached `max_gpu_hours` gets no new GPU from transform and cannot start a domain with GPUs;
+/// a domain without GPUs still starts, and a larger allowance lets the owner through.
+#[test]
+fn gpu_hours_limit_refuses_once_the_period_is_used_up() {
+    let owned = "<metadata><g:gpus xmlns:g='https://gpupass.dev/xmlns/1' count='1' owner='acct'/></metadata>";
+    let root = Root::new("hgx-8gpu", &[]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    // A session of acct's that has been running for two hours (counted from the period start
+    // when that is later; the allowance below is 36 seconds).
+    fs::create_dir_all(root.state_dir()).unwrap();
+    fs::write(
+        root.state_dir().join("usage.jsonl"),
+        format!(
+            "{{\"event\":\"start\",\"ts\":{},\"domain\":\"acct-a\",\"key\":\"acct-a\",\"gpus\":[\"0000:18:00.0\"],\"owner\":\"acct\"}}\n",
+            now - 7200
+        ),
+    )
+    .unwrap();
+    let conf = root.path().join("gpupass.toml");
+    fs::write(
+        &conf,
+        "[limits]\nacct = { max_gpu_hours = 0.01, period = \"month\" }\n",
+    )
+    .unwrap();
+    let c = conf.to_str().unwrap();
+    let r = root.gpupass(
+        &["--config-file", c, "transform"],
+        &domain_xml("acct-b", owned, &[]),
+    );
+    assert_eq!(r.code, 15, "{}", r.stderr);
+    assert!(r.stdout.is_empty());
+    assert!(
+        r.stderr
+            .contains("owner 'acct' may use 0.01 GPU-hour(s) per month and has used")
+            && r.stderr.contains("no more GPUs until the next month"),
+        "{}",
+        r.stderr
+    );
+    blocked(
+        &root.gpupass(
+            &[
+                "--config-file",
+                c,
+                "hook",
+                "qemu",
+                "acct-b",
+                "prepare",
+                "begin",
+                "-",
+            ],
+            &domain_xml("acct-b", owned, &["0000:2a:00.0"]),
+        ),
+        "owner 'acct' may use 0.01 GPU-hour(s) per month",
+    );
+    let plain = root.gpupass(
+        &[
+            "--config-file",
+            c,
+            "hook",
+            "qemu",
+            "acct-c",
+            "prepare",
+            "begin",
+            "-",
+        ],
+        &domain_xml("acct-c", "", &[]),
+    );
+    assert_eq!(plain.code, 0, "{}", plain.stderr);
+    fs::write(&conf, "[limits]\nacct = { max_gpu_hours = 1000 }\n").unwrap();
+    let r = root.gpupass(
+        &["--config-file", c, "transform"],
+        &domain_xml("acct-b", owned, &[]),
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+}

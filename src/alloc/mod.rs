@@ -9,7 +9,7 @@ pub mod plan;
 use crate::model::{PciAddress, PciId};
 
 /// Why an allocation request cannot be met.
-#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error, Clone, PartialEq)]
 pub enum AllocError {
     /// The host has no IOMMU groups.
     #[error("the IOMMU is off on this host: no GPU can be passed through (run `gpupass show ADDR` for the fix)")]
@@ -72,6 +72,20 @@ pub enum AllocError {
         /// The owner's domains holding GPUs.
         domains: String,
     },
+    /// The owner's GPU-hours for the period are used up.
+    #[error("owner '{owner}' may use {max_hours} GPU-hour(s) per {period} and has used {used_hours:.2} since {since}; no more GPUs until the next {period}")]
+    HoursExceeded {
+        /// The owner.
+        owner: String,
+        /// The limit.
+        max_hours: f64,
+        /// GPU-hours used in the period.
+        used_hours: f64,
+        /// `day`, `week` or `month`.
+        period: &'static str,
+        /// The period's start (RFC 3339).
+        since: String,
+    },
     /// Not enough free, passable GPUs.
     #[error("no free GPU: {wanted} wanted{model}, {free} free and passable ({detail})")]
     NoFreeGpu {
@@ -94,7 +108,7 @@ impl AllocError {
             AllocError::InUse { .. } | AllocError::AlreadyAttached { .. } => 5,
             AllocError::NoFreeGpu { .. } => 6,
             AllocError::IommuOff | AllocError::NotPassable { .. } => 7,
-            AllocError::LimitExceeded { .. } => 15,
+            AllocError::LimitExceeded { .. } | AllocError::HoursExceeded { .. } => 15,
         }
     }
 

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::alloc::plan::AttachRequest;
-use crate::config::GpupassConfig;
+use crate::config::{ConfigError, GpupassConfig};
 use crate::hook::args::HookOp;
 use crate::hook::run::{self, HookEnv};
 use crate::hook::{install, HookError};
@@ -59,6 +59,42 @@ pub struct Dirs {
     /// hook's stderr). Errors still go to stderr.
     #[arg(long, env = "GPUPASS_LOG_FILE", global = true, value_name = "FILE")]
     pub log_file: Option<PathBuf>,
+}
+
+impl Dirs {
+    /// Takes the directories left at their built-in defaults from the config file's `[paths]`
+    /// (flags and environment variables win over the file).
+    pub fn apply_config(&mut self, matches: &clap::ArgMatches) -> Result<(), ConfigError> {
+        use clap::parser::ValueSource;
+        let defaulted = |id: &str| {
+            matches!(
+                matches
+                    .try_get_raw(id)
+                    .ok()
+                    .flatten()
+                    .map(|_| matches.value_source(id)),
+                Some(Some(ValueSource::DefaultValue))
+            )
+        };
+        let (root, run, state) = (
+            defaulted("host_root"),
+            defaulted("run_dir"),
+            defaulted("state_dir"),
+        );
+        if !(root || run || state) {
+            return Ok(());
+        }
+        let paths = GpupassConfig::load(self.config_file.as_deref())?.paths;
+        let pick = |flag: bool, from: Option<PathBuf>, to: &mut PathBuf| {
+            if let (true, Some(p)) = (flag, from) {
+                *to = p;
+            }
+        };
+        pick(root, paths.host_root, &mut self.host_root);
+        pick(run, paths.run_dir, &mut self.run_dir);
+        pick(state, paths.state_dir, &mut self.state_dir);
+        Ok(())
+    }
 }
 
 /// `transform` flags.

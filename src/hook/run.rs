@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::alloc::lease::{self, Lease, LeaseStore};
 use crate::alloc::lock::HostLock;
-use crate::alloc::plan::{check_limit, AttachRequest, Holdings};
+use crate::alloc::plan::{AttachRequest, Holdings};
 use crate::assign::preferred_nodes_of;
 use crate::config::GpupassConfig;
 use crate::hook::resolve::resolve;
@@ -17,6 +17,7 @@ use crate::host::discover::{discover_with, Scope};
 use crate::host::readiness::verdict;
 use crate::host::sysfs::Sysfs;
 use crate::libvirt::files;
+use crate::limits;
 use crate::model::PciAddress;
 use crate::request;
 use crate::usage::Ledger;
@@ -136,7 +137,7 @@ fn check_owner_limit(
     owner: Option<&str>,
     functions: &[PciAddress],
 ) -> Result<(), HookError> {
-    let Some((owner, limit)) = owner.and_then(|o| env.config.limits.get(o).map(|l| (o, l))) else {
+    let Some((owner, limit)) = limits::owner_limit(&env.config, owner) else {
         return Ok(());
     };
     let gpus: Vec<PciAddress> = functions
@@ -145,14 +146,16 @@ fn check_owner_limit(
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
+    let used = limits::period_use(limit, owner, Some(&Ledger::new(&env.state_dir)), now())?;
     let rule_owner = |d: &str| env.config.rule_owner(d).map(str::to_owned);
-    check_limit(
+    limits::check(
         inv,
         holdings,
         domain,
         owner,
-        limit.max_gpus,
+        limit,
         &gpus,
+        used,
         &rule_owner,
     )?;
     Ok(())

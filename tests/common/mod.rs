@@ -48,6 +48,8 @@ pub fn gpupass(host_root: &Path, run_dir: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_gpupass"));
     c.env_remove("GPUPASS_HOST_ROOT")
         .env_remove("GPUPASS_CONFIG")
+        .env_remove("GPUPASS_STATE_DIR")
+        .env_remove("GPUPASS_RUN_DIR")
         .env_remove("GPUPASS_LOG")
         .env_remove("LIBVIRT_DEFAULT_URI")
         .arg("--host-root")
