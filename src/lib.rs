@@ -13,6 +13,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod agent;
 pub mod alloc;
 pub mod assign;
 pub mod bind;

@@ -239,6 +239,18 @@ enum LibvirtCommand {
         #[command(flatten)]
         common: CommonFlags,
     },
+    /// Run the host agent: live inventory from libvirt events, usage, limits, a local HTTP/JSON
+    /// API and Prometheus metrics.
+    ///
+    /// Keeps who-holds-which-GPU current from libvirt's events and a periodic reconcile, writes
+    /// the usage records the hook could not (live attach/detach, a missed event), and serves
+    /// GET /v1/gpus, /v1/gpus/ADDR, /v1/domains, /v1/usage, /v1/limits, /v1/health, /metrics and
+    /// POST /v1/domains/NAME/attach|detach on a unix socket. When libvirtd goes away it keeps
+    /// answering with the last known state marked stale and reconnects. The CLI never needs it.
+    #[command(
+        after_help = "Examples:\n  gpupass serve\n  curl --unix-socket /run/gpupass/gpupass.sock http://gpupass/v1/gpus\n  curl --unix-socket /run/gpupass/gpupass.sock -H 'Content-Type: application/json' \\\n       -d '{\"count\":1}' http://gpupass/v1/domains/vm1/attach"
+    )]
+    Serve(ServeFlags),
     /// Detach whole GPUs from a domain.
     #[command(
         group(ArgGroup::new("what").required(true).args(["gpus", "all"])),
@@ -259,6 +271,29 @@ enum LibvirtCommand {
         #[command(flatten)]
         common: CommonFlags,
     },
+}
+
+/// `gpupass serve` flags; each wins over the config file's `[serve]`.
+#[derive(Debug, clap::Args)]
+struct ServeFlags {
+    /// The API's unix socket (mode 0660) [default: serve.socket, else /run/gpupass/gpupass.sock].
+    #[arg(long, env = "GPUPASS_SOCKET", value_name = "PATH")]
+    socket: Option<std::path::PathBuf>,
+    /// Group allowed to use the socket [default: serve.socket_group, else root's].
+    #[arg(long, value_name = "GROUP")]
+    socket_group: Option<String>,
+    /// Also serve on this loopback TCP address, e.g. 127.0.0.1:7070 (needs --token-file).
+    #[arg(long, value_name = "IP:PORT")]
+    tcp: Option<std::net::SocketAddr>,
+    /// File with the bearer token TCP clients must send (mode 0600 or stricter).
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<std::path::PathBuf>,
+    /// Seconds between full reconciles with libvirt [default: serve.reconcile_seconds, else 60].
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    reconcile_seconds: Option<u64>,
+    /// Seconds an API attach/detach waits for the host lock.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    lock_timeout: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -292,6 +327,17 @@ fn run(g: &Global, command: LibvirtCommand) -> anyhow::Result<()> {
         detach_timeout: Duration::from_secs(detach_timeout),
     };
     match command {
+        LibvirtCommand::Serve(f) => cli::serve::serve(
+            g,
+            cli::serve::ServeFlags {
+                socket: f.socket,
+                socket_group: f.socket_group,
+                tcp: f.tcp,
+                token_file: f.token_file,
+                reconcile_seconds: f.reconcile_seconds,
+                lock_timeout: Duration::from_secs(f.lock_timeout),
+            },
+        ),
         LibvirtCommand::List { json, no_libvirt } => cli::list::list(g, json, no_libvirt),
         LibvirtCommand::Show {
             address,

@@ -223,6 +223,10 @@ pub struct LibvirtReport {
     pub connected: bool,
     /// Why not, when not.
     pub error: Option<String>,
+    /// The agent's API only: unix seconds since which `used_by` is the last known state
+    /// (libvirt away).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stale_since: Option<u64>,
 }
 
 /// A short state word for the table.

@@ -207,6 +207,23 @@ impl Ledger {
     }
 }
 
+/// Parses `--since` (and the API's `?since=`): unix seconds, or `<n>[smhd]` ago.
+pub fn parse_since(s: &str, now: u64) -> Option<u64> {
+    if let Ok(t) = s.parse::<u64>() {
+        return Some(t);
+    }
+    let (num, unit) = s.split_at(s.len().checked_sub(1)?);
+    let n: u64 = num.parse().ok()?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n.checked_mul(60)?,
+        "h" => n.checked_mul(3600)?,
+        "d" => n.checked_mul(86_400)?,
+        _ => return None,
+    };
+    Some(now.saturating_sub(secs))
+}
+
 /// GPU-seconds of one domain.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct DomainUsage {
@@ -235,6 +252,8 @@ pub struct UsageReport {
     pub domains: Vec<DomainUsage>,
     /// GPU-seconds per owner.
     pub owners: BTreeMap<String, u64>,
+    /// GPU-seconds per GPU.
+    pub gpus: BTreeMap<PciAddress, u64>,
     /// All GPU-seconds.
     pub total_gpu_seconds: u64,
     /// Ledger lines skipped as torn or unreadable.
@@ -298,10 +317,15 @@ pub fn summarize(read: &LedgerRead, since: u64, now: u64) -> UsageReport {
         }
     }
     let domains: Vec<DomainUsage> = by_key.into_values().collect();
+    let mut gpus: BTreeMap<PciAddress, u64> = BTreeMap::new();
+    for (g, secs) in domains.iter().flat_map(|d| d.gpus.iter()) {
+        *gpus.entry(*g).or_default() += secs;
+    }
     UsageReport {
         since,
         until: now,
         owners,
+        gpus,
         total_gpu_seconds: domains.iter().map(|d| d.gpu_seconds).sum(),
         domains,
         skipped_lines: read.skipped,

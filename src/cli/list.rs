@@ -18,6 +18,7 @@ fn holdings(g: &Global, offline: bool) -> (Option<Holdings>, LibvirtReport) {
                 uri: g.uri.clone(),
                 connected: false,
                 error: Some("not asked (--no-libvirt)".into()),
+                stale_since: None,
             },
         );
     }
@@ -31,6 +32,7 @@ fn holdings(g: &Global, offline: bool) -> (Option<Holdings>, LibvirtReport) {
                 uri: g.uri.clone(),
                 connected: true,
                 error: None,
+                stale_since: None,
             },
         ),
         Err(e) => {
@@ -41,6 +43,7 @@ fn holdings(g: &Global, offline: bool) -> (Option<Holdings>, LibvirtReport) {
                     uri: g.uri.clone(),
                     connected: false,
                     error: Some(e.to_string()),
+                    stale_since: None,
                 },
             )
         }

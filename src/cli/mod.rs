@@ -6,6 +6,7 @@ pub mod bind;
 pub mod doctor;
 pub mod host_config;
 pub mod list;
+pub mod serve;
 pub mod xml;
 
 use std::path::PathBuf;

@@ -13,7 +13,7 @@ use crate::hook::args::HookOp;
 use crate::hook::run::{self, HookEnv};
 use crate::hook::{install, HookError};
 use crate::model::{PciAddress, PciId};
-use crate::usage::{summarize, Ledger};
+use crate::usage::{parse_since, summarize, Ledger};
 use crate::xml::compose::HostdevTemplate;
 use crate::xml::rewrite::MAX_XML_BYTES;
 
@@ -178,23 +178,6 @@ fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-/// Parses `--since`: unix seconds, or `<n>[smhd]` ago.
-fn parse_since(s: &str, now: u64) -> Option<u64> {
-    if let Ok(t) = s.parse::<u64>() {
-        return Some(t);
-    }
-    let (num, unit) = s.split_at(s.len().checked_sub(1)?);
-    let n: u64 = num.parse().ok()?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n.checked_mul(60)?,
-        "h" => n.checked_mul(3600)?,
-        "d" => n.checked_mul(86_400)?,
-        _ => return None,
-    };
-    Some(now.saturating_sub(secs))
 }
 
 fn read_stdin() -> Result<String, HookError> {

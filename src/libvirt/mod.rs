@@ -1,10 +1,11 @@
 //! The domain-level operations gpupass needs from a hypervisor, as a trait: list domains, read
-//! their XML, attach and detach a device. `virt.rs` is the real libvirt (the only file that
-//! imports the `virt` crate); `fake.rs` records calls and injects failures for unit tests;
+//! their XML, attach and detach a device. `virt.rs` is the real libvirt (with `events.rs`, its event
+//! loop and domain events, the only files that import the `virt` crate); `fake.rs` records calls and injects failures for unit tests;
 //! `files.rs` reads libvirt's own domain files instead, for the hook, which must never call it.
 
 use crate::model::PciAddress;
 
+pub mod events;
 #[cfg(test)]
 pub mod fake;
 pub mod files;

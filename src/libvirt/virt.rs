@@ -1,4 +1,5 @@
-//! The real hypervisor: libvirt through the `virt` crate. The only file that imports `virt`.
+//! The real hypervisor: libvirt through the `virt` crate. With `events.rs`, the only file that
+//! imports `virt`.
 
 use virt::connect::Connect;
 use virt::domain::Domain;
@@ -116,6 +117,11 @@ impl VirtHypervisor {
 }
 
 impl VirtHypervisor {
+    /// The connection, for event registration (`events.rs`).
+    pub(crate) fn connection(&self) -> &Connect {
+        &self.conn
+    }
+
     /// The hypervisor's domain capabilities XML (`virsh domcapabilities`).
     pub fn domain_capabilities(&self) -> Result<String, LibvirtError> {
         self.conn

@@ -1,0 +1,202 @@
+//! `/metrics`: the agent's state in Prometheus/OpenMetrics text, built with `prometheus-client`
+//! from one snapshot per scrape (a fresh registry each time, so a metric never outlives the
+//! domain or owner it describes).
+
+use std::collections::BTreeMap;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::agent::state::Snapshot;
+use crate::host::readiness::verdict;
+use crate::usage::UsageReport;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DomainLabels {
+    domain: String,
+    owner: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OwnerLabels {
+    owner: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GpuLabels {
+    gpu: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    action: String,
+    result: String,
+}
+
+fn counter(registry: &mut Registry, name: &str, help: &str, value: u64) {
+    let c: Counter = Counter::default();
+    c.inc_by(value);
+    registry.register(name, help, c);
+}
+
+fn gauge(registry: &mut Registry, name: &str, help: &str, value: i64) {
+    let g: Gauge = Gauge::default();
+    g.set(value);
+    registry.register(name, help, g);
+}
+
+/// Renders the metrics text.
+pub fn render(
+    s: &Snapshot,
+    usage: Option<&UsageReport>,
+    decisions: &BTreeMap<(String, String), u64>,
+) -> Result<String, std::fmt::Error> {
+    let mut r = Registry::with_prefix("gpupass");
+    let holdings = s.holdings();
+    let gpus = Family::<StateLabels, Gauge>::default();
+    for st in ["free", "assigned", "not_passable"] {
+        gpus.get_or_create(&StateLabels { state: st.into() }).set(0);
+    }
+    for g in &s.inventory.gpus {
+        let state = if !holdings.holders(&g.functions).is_empty() {
+            "assigned"
+        } else if !verdict(&s.inventory, g).viable {
+            "not_passable"
+        } else {
+            "free"
+        };
+        gpus.get_or_create(&StateLabels {
+            state: state.into(),
+        })
+        .inc();
+    }
+    r.register(
+        "gpus",
+        "GPUs of the host by state (assigned: referenced by a domain)",
+        gpus,
+    );
+    let per_domain = Family::<DomainLabels, Gauge>::default();
+    for d in s.domains.values() {
+        let n = s
+            .inventory
+            .gpus
+            .iter()
+            .filter(|g| {
+                g.functions
+                    .iter()
+                    .any(|f| d.live.contains(f) || d.config.contains(f))
+            })
+            .count();
+        if n > 0 {
+            per_domain
+                .get_or_create(&DomainLabels {
+                    domain: d.name.clone(),
+                    owner: d.owner.clone().unwrap_or_default(),
+                })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+    r.register(
+        "domain_gpus",
+        "GPUs each domain references (running or defined)",
+        per_domain,
+    );
+    if let Some(u) = usage {
+        let owners = Family::<OwnerLabels, Counter>::default();
+        for (o, secs) in &u.owners {
+            owners
+                .get_or_create(&OwnerLabels { owner: o.clone() })
+                .inc_by(*secs);
+        }
+        r.register(
+            "owner_gpu_seconds",
+            "GPU-seconds used per owner (usage ledger)",
+            owners,
+        );
+        let per_gpu = Family::<GpuLabels, Counter>::default();
+        for (g, secs) in &u.gpus {
+            per_gpu
+                .get_or_create(&GpuLabels { gpu: g.to_string() })
+                .inc_by(*secs);
+        }
+        r.register(
+            "gpu_seconds",
+            "GPU-seconds used per GPU (usage ledger)",
+            per_gpu,
+        );
+        counter(
+            &mut r,
+            "usage_gpu_seconds",
+            "GPU-seconds used in all",
+            u.total_gpu_seconds,
+        );
+    }
+    let c = &s.counters;
+    counter(
+        &mut r,
+        "reconciles",
+        "Full reconciles with libvirt",
+        c.reconciles,
+    );
+    counter(
+        &mut r,
+        "reconcile_failures",
+        "Reconciles that failed (libvirt went away)",
+        c.reconcile_failures,
+    );
+    counter(
+        &mut r,
+        "libvirt_reconnects",
+        "Connections to libvirt after the first",
+        c.reconnects,
+    );
+    counter(
+        &mut r,
+        "libvirt_events",
+        "libvirt domain events received",
+        c.events,
+    );
+    counter(
+        &mut r,
+        "usage_records_written",
+        "Usage records the agent wrote (the hook wrote the rest)",
+        c.usage_records,
+    );
+    gauge(
+        &mut r,
+        "libvirt_connected",
+        "1 when libvirt is connected and the state is fresh",
+        i64::from(s.fresh()),
+    );
+    gauge(
+        &mut r,
+        "last_reconcile_milliseconds",
+        "Duration of the last full reconcile",
+        i64::try_from(c.last_reconcile_ms).unwrap_or(i64::MAX),
+    );
+    let d = Family::<DecisionLabels, Counter>::default();
+    for ((action, result), n) in decisions {
+        d.get_or_create(&DecisionLabels {
+            action: action.clone(),
+            result: result.clone(),
+        })
+        .inc_by(*n);
+    }
+    r.register(
+        "api_decisions",
+        "API attach/detach outcomes by result code",
+        d,
+    );
+    let mut out = String::new();
+    encode(&mut out, &r)?;
+    Ok(out)
+}

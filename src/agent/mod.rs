@@ -1,0 +1,292 @@
+//! `gpupass serve`: the host agent. A watcher thread keeps a derived state from libvirt's
+//! events and periodic reconciles (`watch`, `state`); an HTTP/JSON API on a unix socket, and
+//! optionally on loopback TCP with a bearer token, serves it (`api`, `metrics`) on tokio.
+
+pub mod api;
+pub mod metrics;
+pub mod state;
+pub mod watch;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::agent::api::Api;
+use crate::agent::state::Snapshot;
+use crate::agent::watch::{Msg, WatchOptions};
+use crate::config::GpupassConfig;
+use crate::libvirt::events;
+use crate::libvirt::LibvirtError;
+use crate::usage::Ledger;
+use crate::xml::compose::HostdevTemplate;
+
+/// The default API socket.
+pub const DEFAULT_SOCKET: &str = "/run/gpupass/gpupass.sock";
+
+/// Seconds since the epoch.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Errors that stop the agent from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The socket could not be set up.
+    #[error("API socket {path}: {message}")]
+    Socket {
+        /// The socket path.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// Another agent answers on the socket.
+    #[error("another gpupass serve is answering on {path}")]
+    AlreadyServing {
+        /// The socket path.
+        path: PathBuf,
+    },
+    /// The TCP listener or its token is not usable.
+    #[error("TCP API: {0}")]
+    Tcp(String),
+    /// libvirt's event loop could not start.
+    #[error(transparent)]
+    Libvirt(#[from] LibvirtError),
+    /// The async runtime or a thread could not start.
+    #[error("starting the agent: {0}")]
+    Runtime(#[source] io::Error),
+}
+
+/// How `gpupass serve` runs.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// libvirt URI.
+    pub uri: String,
+    /// Host root.
+    pub host_root: PathBuf,
+    /// Run dir.
+    pub run_dir: PathBuf,
+    /// State dir (usage ledger).
+    pub state_dir: PathBuf,
+    /// Config.
+    pub config: GpupassConfig,
+    /// Hostdev template.
+    pub template: HostdevTemplate,
+    /// The unix socket.
+    pub socket: PathBuf,
+    /// Its group (mode 0660).
+    pub socket_group: Option<String>,
+    /// Loopback TCP address.
+    pub tcp: Option<SocketAddr>,
+    /// Bearer token file for TCP.
+    pub token_file: Option<PathBuf>,
+    /// Time between full reconciles.
+    pub reconcile_every: Duration,
+    /// Host-lock wait for attach/detach.
+    pub lock_timeout: Duration,
+}
+
+fn socket_err(path: &Path, message: impl Into<String>) -> AgentError {
+    AgentError::Socket {
+        path: path.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// Binds the unix socket: parent made, a stale socket file replaced (a live one refused),
+/// mode 0660, group set.
+fn bind_socket(
+    path: &Path,
+    group: Option<&str>,
+) -> Result<std::os::unix::net::UnixListener, AgentError> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir)
+            .map_err(|e| socket_err(path, format!("creating its directory: {e}")))?;
+    }
+    match fs::symlink_metadata(path) {
+        Ok(m) => {
+            use std::os::unix::fs::FileTypeExt;
+            if !m.file_type().is_socket() {
+                return Err(socket_err(
+                    path,
+                    "exists and is not a socket; not replacing it",
+                ));
+            }
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(AgentError::AlreadyServing {
+                    path: path.to_owned(),
+                });
+            }
+            fs::remove_file(path)
+                .map_err(|e| socket_err(path, format!("removing a stale socket: {e}")))?;
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(socket_err(path, e.to_string())),
+    }
+    let gid = match group {
+        None => None,
+        Some(g) => Some(
+            nix::unistd::Group::from_name(g)
+                .map_err(|e| socket_err(path, format!("looking up group '{g}': {e}")))?
+                .ok_or_else(|| socket_err(path, format!("group '{g}' does not exist")))?
+                .gid
+                .as_raw(),
+        ),
+    };
+    let listener = std::os::unix::net::UnixListener::bind(path)
+        .map_err(|e| socket_err(path, format!("bind: {e}")))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o660))
+        .map_err(|e| socket_err(path, format!("chmod 0660: {e}")))?;
+    if let Some(gid) = gid {
+        std::os::unix::fs::chown(path, None, Some(gid))
+            .map_err(|e| socket_err(path, format!("chown to group {gid}: {e}")))?;
+    }
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| socket_err(path, e.to_string()))?;
+    Ok(listener)
+}
+
+/// Reads the bearer token: the file must be readable by its owner only, and not empty.
+pub fn read_token(path: &Path) -> Result<String, AgentError> {
+    let m = fs::metadata(path)
+        .map_err(|e| AgentError::Tcp(format!("token file {}: {e}", path.display())))?;
+    if m.mode() & 0o077 != 0 {
+        return Err(AgentError::Tcp(format!(
+            "token file {} is readable by others (mode {:o}); chmod 600 it",
+            path.display(),
+            m.mode() & 0o777
+        )));
+    }
+    let token = fs::read_to_string(path)
+        .map_err(|e| AgentError::Tcp(format!("token file {}: {e}", path.display())))?
+        .trim()
+        .to_owned();
+    if token.len() < 16 {
+        return Err(AgentError::Tcp(format!(
+            "token in {} is shorter than 16 characters",
+            path.display()
+        )));
+    }
+    Ok(token)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the agent runs until killed.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    tracing::info!("shutting down");
+}
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub fn serve(opts: ServeOptions) -> Result<(), AgentError> {
+    let token = match (&opts.tcp, &opts.token_file) {
+        (Some(a), _) if !a.ip().is_loopback() => {
+            return Err(AgentError::Tcp(format!("{a} is not a loopback address")))
+        }
+        (Some(_), None) => return Err(AgentError::Tcp("--tcp needs --token-file".into())),
+        (Some(_), Some(f)) => Some(Arc::new(read_token(f)?)),
+        (None, _) => None,
+    };
+    events::start_event_loop()?;
+    let listener = bind_socket(&opts.socket, opts.socket_group.as_deref())?;
+    let shared = Arc::new(RwLock::new(Snapshot::default()));
+    let (tx, rx) = mpsc::channel();
+    let ledger = Ledger::new(&opts.state_dir);
+    let watch_opts = WatchOptions {
+        uri: opts.uri.clone(),
+        host_root: opts.host_root.clone(),
+        ledger: ledger.clone(),
+        config: opts.config.clone(),
+        reconcile_every: opts.reconcile_every,
+        max_backoff: Duration::from_secs(30),
+    };
+    let watcher = {
+        let (shared, tx) = (Arc::clone(&shared), tx.clone());
+        std::thread::Builder::new()
+            .name("gpupass-watch".into())
+            .spawn(move || watch::run(watch_opts, shared, tx, rx))
+            .map_err(AgentError::Runtime)?
+    };
+    let api = Arc::new(Api {
+        shared,
+        tx: Mutex::new(tx.clone()),
+        uri: opts.uri.clone(),
+        host_root: opts.host_root.clone(),
+        run_dir: opts.run_dir.clone(),
+        ledger,
+        config: opts.config.clone(),
+        template: opts.template.clone(),
+        lock_timeout: opts.lock_timeout,
+        manage_drivers: opts.host_root == Path::new("/"),
+        decisions: Mutex::new(BTreeMap::new()),
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("gpupass-api")
+        .enable_all()
+        .build()
+        .map_err(AgentError::Runtime)?;
+    let result = runtime.block_on(async {
+        let unix = tokio::net::UnixListener::from_std(listener)
+            .map_err(|e| socket_err(&opts.socket, e.to_string()))?;
+        let (stop_tx, _) = tokio::sync::broadcast::channel::<()>(1);
+        let mut servers = tokio::task::JoinSet::new();
+        {
+            let app = api::router(Arc::clone(&api), None);
+            let mut stop = stop_tx.subscribe();
+            servers.spawn(async move {
+                axum::serve(unix, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = stop.recv().await;
+                    })
+                    .await
+            });
+        }
+        if let (Some(addr), Some(token)) = (opts.tcp, token) {
+            let tcp = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| AgentError::Tcp(format!("bind {addr}: {e}")))?;
+            let app = api::router(Arc::clone(&api), Some(token));
+            let mut stop = stop_tx.subscribe();
+            servers.spawn(async move {
+                axum::serve(tcp, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = stop.recv().await;
+                    })
+                    .await
+            });
+            tracing::info!(%addr, "API also on TCP (bearer token)");
+        }
+        tracing::info!(socket = %opts.socket.display(), uri = %opts.uri, "gpupass agent serving");
+        shutdown_signal().await;
+        let _ = stop_tx.send(());
+        while let Some(r) = servers.join_next().await {
+            if let Ok(Err(e)) = r {
+                tracing::warn!(error = %e, "API listener ended with an error");
+            }
+        }
+        Ok::<(), AgentError>(())
+    });
+    let _ = tx.send(Msg::Shutdown);
+    let _ = watcher.join();
+    let _ = fs::remove_file(&opts.socket);
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    result
+}

@@ -1,0 +1,363 @@
+//! The watcher: one thread that owns the agent's libvirt connection. It connects (with
+//! backoff), subscribes to events, rebuilds the state from libvirt and the host root, keeps it
+//! current from events and a periodic reconcile, writes the usage records the ledger is
+//! missing, and marks the state stale while libvirt is away. All of it blocking, off the async
+//! runtime.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use crate::agent::state::{open_sessions, usage_ops, DomainView, Snapshot, UsageOp};
+use crate::agent::unix_now;
+use crate::config::GpupassConfig;
+use crate::host::discover::discover;
+use crate::host::sysfs::Sysfs;
+use crate::libvirt::events::{self, LibvirtEvent};
+use crate::libvirt::virt::VirtHypervisor;
+use crate::libvirt::{DomainInfo, Hypervisor, LibvirtError, XmlView};
+use crate::request;
+use crate::usage::Ledger;
+use crate::xml::domain;
+
+/// A message to the watcher.
+#[derive(Debug)]
+pub enum Msg {
+    /// An event from connection number `generation`.
+    Event {
+        /// Which connection sent it (events of an old one are ignored).
+        generation: u64,
+        /// The event.
+        event: LibvirtEvent,
+    },
+    /// Re-read one domain now (after an API attach/detach).
+    Refresh(String),
+    /// Reconcile everything now.
+    Reconcile,
+    /// Stop.
+    Shutdown,
+}
+
+/// How the watcher runs.
+#[derive(Debug, Clone)]
+pub struct WatchOptions {
+    /// libvirt URI.
+    pub uri: String,
+    /// Host root.
+    pub host_root: PathBuf,
+    /// The usage ledger.
+    pub ledger: Ledger,
+    /// Config (owners' rules).
+    pub config: GpupassConfig,
+    /// Time between full reconciles.
+    pub reconcile_every: Duration,
+    /// Longest wait between reconnection attempts.
+    pub max_backoff: Duration,
+}
+
+/// The shared state.
+pub type Shared = Arc<RwLock<Snapshot>>;
+
+fn read_lock(s: &Shared) -> std::sync::RwLockReadGuard<'_, Snapshot> {
+    s.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write_lock(s: &Shared) -> std::sync::RwLockWriteGuard<'_, Snapshot> {
+    s.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Why the current connection has to be given up.
+#[derive(Debug)]
+struct Lost(String);
+
+/// The watcher's loop; returns on `Msg::Shutdown`.
+pub fn run(opts: WatchOptions, shared: Shared, tx: Sender<Msg>, rx: Receiver<Msg>) {
+    let mut generation: u64 = 0;
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        generation += 1;
+        let result = connect(&opts, &shared, &tx, generation)
+            .and_then(|(hv, sub)| serve_connection(&opts, &shared, &rx, &hv, sub, generation));
+        match result {
+            Ok(()) => return,
+            Err(Lost(why)) => {
+                mark_stale(&shared, &why);
+                tracing::warn!(uri = %opts.uri, "libvirt: {why}; retrying in {backoff:?}");
+            }
+        }
+        // Wait out the backoff, but stop at once when asked.
+        let until = Instant::now() + backoff;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match rx.recv_timeout(left) {
+                Ok(Msg::Shutdown) | Err(RecvTimeoutError::Disconnected) => return,
+                Ok(_) | Err(RecvTimeoutError::Timeout) => {}
+            }
+        }
+        backoff = (backoff * 2).min(opts.max_backoff);
+        if read_lock(&shared).connected {
+            backoff = Duration::from_millis(250);
+        }
+    }
+}
+
+fn mark_stale(shared: &Shared, why: &str) {
+    let mut s = write_lock(shared);
+    if s.connected || s.stale_since.is_none() {
+        s.stale_since = Some(unix_now());
+    }
+    s.connected = false;
+    s.last_error = Some(why.to_owned());
+}
+
+fn connect(
+    opts: &WatchOptions,
+    shared: &Shared,
+    tx: &Sender<Msg>,
+    generation: u64,
+) -> Result<(VirtHypervisor, events::Subscription), Lost> {
+    let hv = VirtHypervisor::open(&opts.uri).map_err(|e| Lost(e.to_string()))?;
+    let tx = tx.clone();
+    let sink: events::EventSink = Arc::new(move |event| {
+        // The receiver only goes away at shutdown.
+        let _ = tx.send(Msg::Event { generation, event });
+    });
+    let sub = events::subscribe(&hv, sink).map_err(|e| Lost(e.to_string()))?;
+    if generation > 1 {
+        write_lock(shared).counters.reconnects += 1;
+    }
+    tracing::info!(uri = %opts.uri, "libvirt connected; reconciling");
+    Ok((hv, sub))
+}
+
+fn serve_connection(
+    opts: &WatchOptions,
+    shared: &Shared,
+    rx: &Receiver<Msg>,
+    hv: &VirtHypervisor,
+    sub: events::Subscription,
+    generation: u64,
+) -> Result<(), Lost> {
+    // Registrations go before the connection does.
+    let _sub = sub;
+    reconcile(opts, shared, hv)?;
+    let mut next = Instant::now() + opts.reconcile_every;
+    loop {
+        let wait = next.saturating_duration_since(Instant::now());
+        let msg = match rx.recv_timeout(wait) {
+            Ok(m) => m,
+            Err(RecvTimeoutError::Timeout) => Msg::Reconcile,
+            Err(RecvTimeoutError::Disconnected) => Msg::Shutdown,
+        };
+        match msg {
+            Msg::Shutdown => return Ok(()),
+            Msg::Reconcile => {
+                reconcile(opts, shared, hv)?;
+                next = Instant::now() + opts.reconcile_every;
+            }
+            Msg::Event { generation: g, .. } if g != generation => {}
+            Msg::Event {
+                event: LibvirtEvent::Closed { reason },
+                ..
+            } => return Err(Lost(format!("connection closed (reason {reason})"))),
+            Msg::Event {
+                event: LibvirtEvent::Domain { name, kind },
+                ..
+            } => {
+                tracing::debug!(domain = %name, ?kind, "libvirt event");
+                write_lock(shared).counters.events += 1;
+                refresh(opts, shared, hv, &name)?;
+            }
+            Msg::Refresh(name) => refresh(opts, shared, hv, &name)?,
+        }
+    }
+}
+
+/// Errors that mean the connection is gone, as opposed to one domain being odd.
+fn lost(e: &LibvirtError) -> bool {
+    matches!(e, LibvirtError::Connect { .. } | LibvirtError::Call { .. })
+}
+
+fn read_view(
+    hv: &dyn Hypervisor,
+    info: &DomainInfo,
+    config: &GpupassConfig,
+) -> Result<Option<DomainView>, LibvirtError> {
+    let mut view = DomainView {
+        name: info.name.clone(),
+        active: info.active,
+        persistent: info.persistent,
+        ..DomainView::default()
+    };
+    let mut owner = None;
+    let mut read = |v: XmlView| -> Result<Option<Vec<crate::model::PciAddress>>, LibvirtError> {
+        let xml = match hv.domain_xml(&info.name, v) {
+            Ok(x) => x,
+            Err(LibvirtError::UnknownDomain { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        match domain::parse(&xml) {
+            Ok(f) => {
+                view.uuid = f.uuid.clone();
+                owner = owner.take().or(f.owner);
+                Ok(Some(f.pci_hostdevs))
+            }
+            Err(e) => {
+                tracing::warn!(domain = %info.name, error = %e, "unreadable domain XML; skipped");
+                Ok(Some(Vec::new()))
+            }
+        }
+    };
+    if info.active {
+        match read(XmlView::Live)? {
+            Some(live) => view.live = live,
+            None => return Ok(None),
+        }
+    }
+    if info.persistent {
+        match read(XmlView::Config)? {
+            Some(config) => view.config = config,
+            None => return Ok(None),
+        }
+    }
+    view.owner = request::owner_for(&view.name, owner.as_deref(), config);
+    Ok(Some(view))
+}
+
+/// Rebuilds everything from libvirt and the host root.
+fn reconcile(opts: &WatchOptions, shared: &Shared, hv: &VirtHypervisor) -> Result<(), Lost> {
+    let t0 = Instant::now();
+    let fail = |shared: &Shared, e: String| {
+        write_lock(shared).counters.reconcile_failures += 1;
+        Lost(e)
+    };
+    let inventory = match discover(&Sysfs::new(&opts.host_root)) {
+        Ok(i) => Arc::new(i),
+        Err(e) => {
+            // The host root is not libvirt: keep the last inventory and say so.
+            tracing::warn!(error = %e, "reading the host root failed; keeping the last inventory");
+            Arc::clone(&read_lock(shared).inventory)
+        }
+    };
+    let infos = hv.domains().map_err(|e| fail(shared, e.to_string()))?;
+    let mut domains = BTreeMap::new();
+    for info in &infos {
+        match read_view(hv, info, &opts.config) {
+            Ok(Some(v)) => {
+                domains.insert(v.name.clone(), v);
+            }
+            Ok(None) => {}
+            Err(e) if lost(&e) => return Err(fail(shared, e.to_string())),
+            Err(e) => tracing::warn!(domain = %info.name, error = %e, "skipped"),
+        }
+    }
+    let written = sync_usage(opts, &domains, &inventory, None);
+    let mut s = write_lock(shared);
+    s.inventory = inventory;
+    s.domains = domains;
+    s.connected = true;
+    s.stale_since = None;
+    s.last_error = None;
+    s.reconciled_at = Some(unix_now());
+    s.counters.reconciles += 1;
+    s.counters.usage_records += written;
+    s.counters.last_reconcile_ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
+    tracing::debug!(
+        domains = s.domains.len(),
+        ms = s.counters.last_reconcile_ms,
+        "reconciled"
+    );
+    Ok(())
+}
+
+/// Re-reads one domain after an event.
+fn refresh(
+    opts: &WatchOptions,
+    shared: &Shared,
+    hv: &VirtHypervisor,
+    name: &str,
+) -> Result<(), Lost> {
+    let view = match hv.domain(name) {
+        Ok(info) => read_view(hv, &info, &opts.config),
+        Err(LibvirtError::UnknownDomain { .. }) => Ok(None),
+        Err(e) => Err(e),
+    };
+    let view = match view {
+        Ok(v) => v,
+        Err(e) if lost(&e) => {
+            // One domain's call failed: a full reconcile tells a dead connection from a domain
+            // that vanished mid-read.
+            tracing::debug!(domain = %name, error = %e, "refresh failed; reconciling");
+            return reconcile(opts, shared, hv);
+        }
+        Err(e) => {
+            tracing::warn!(domain = %name, error = %e, "refresh failed");
+            return Ok(());
+        }
+    };
+    let (domains, inventory) = {
+        let mut s = write_lock(shared);
+        let old_key = s.domains.get(name).map(DomainView::key);
+        match view {
+            Some(v) => {
+                s.domains.insert(name.to_owned(), v);
+            }
+            None => {
+                s.domains.remove(name);
+            }
+        }
+        let mut scope: BTreeSet<String> = [name.to_owned()].into();
+        scope.extend(old_key);
+        if let Some(v) = s.domains.get(name) {
+            scope.insert(v.key());
+        }
+        ((s.domains.clone(), scope), Arc::clone(&s.inventory))
+    };
+    let written = sync_usage(opts, &domains.0, &inventory, Some(&domains.1));
+    write_lock(shared).counters.usage_records += written;
+    Ok(())
+}
+
+/// Writes the usage records the ledger lacks; failures are logged (the hook's records stand,
+/// and the next reconcile tries again).
+fn sync_usage(
+    opts: &WatchOptions,
+    domains: &BTreeMap<String, DomainView>,
+    inv: &crate::host::discover::Inventory,
+    scope: Option<&BTreeSet<String>>,
+) -> u64 {
+    let open = match opts.ledger.read() {
+        Ok(r) => open_sessions(&r.records),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the usage ledger");
+            return 0;
+        }
+    };
+    let now = unix_now();
+    let mut written = 0;
+    for op in usage_ops(domains, inv, &open, scope) {
+        let r = match &op {
+            UsageOp::Start {
+                domain,
+                key,
+                gpus,
+                owner,
+            } => opts.ledger.start(domain, key, gpus, owner.as_deref(), now),
+            UsageOp::Stop { domain, key } => opts.ledger.stop(domain, key, now),
+        };
+        match r {
+            Ok(true) => {
+                written += 1;
+                tracing::info!(?op, "usage record written");
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "usage record not written"),
+        }
+    }
+    written
+}
