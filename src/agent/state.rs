@@ -248,26 +248,28 @@ mod tests {
         domains.insert("vm1".into(), view("vm1", true, &fns));
         // vm2 is defined, not running: no session.
         domains.insert("vm2".into(), view("vm2", false, &[]));
+        let key = domains["vm1"].key();
+        assert_eq!(key, "name-vm1");
         let mut open = BTreeMap::new();
         let ops = usage_ops(&domains, &inv, &open, None);
         assert_eq!(
             ops,
             vec![UsageOp::Start {
                 domain: "vm1".into(),
-                key: "vm1".into(),
+                key: key.clone(),
                 gpus: vec![g1],
                 owner: Some("acct".into()),
             }]
         );
         // The hook already opened it: nothing to write.
-        open.insert("vm1".to_string(), ("vm1".to_string(), vec![g1]));
+        open.insert(key.clone(), ("vm1".to_string(), vec![g1]));
         assert!(usage_ops(&domains, &inv, &open, None).is_empty());
         // A live attach of a second GPU: the session is closed and reopened with both.
         let g2 = inv.gpus[1].address;
         domains.get_mut("vm1").unwrap().live.push(g2);
         let ops = usage_ops(&domains, &inv, &open, None);
         assert_eq!(ops.len(), 2);
-        assert!(matches!(&ops[0], UsageOp::Stop { key, .. } if key == "vm1"));
+        assert!(matches!(&ops[0], UsageOp::Stop { key: k, .. } if *k == key));
         assert!(matches!(&ops[1], UsageOp::Start { gpus, .. } if *gpus == vec![g1, g2]));
         // Stopped (or undefined): the open session is closed; out of scope it is left alone.
         domains.get_mut("vm1").unwrap().active = false;
@@ -278,7 +280,7 @@ mod tests {
             usage_ops(&domains, &inv, &open, None),
             vec![UsageOp::Stop {
                 domain: "vm1".into(),
-                key: "vm1".into()
+                key
             }]
         );
     }
