@@ -67,6 +67,16 @@ cat >/tmp/l2.xml <<XML
 </domain>
 XML
 virsh -q define /tmp/l2.xml >/dev/null
+# The agent watches from here on; the hook is not installed yet, so the usage records of this
+# section can only come from the agent's events.
+gp serve --socket /run/gpupass/api.sock --reconcile-seconds 2 >/tmp/agent.log 2>&1 &
+agent_pid=$!
+api() { curl -s --max-time 10 --unix-socket /run/gpupass/api.sock "http://gpupass$1"; }
+wait_api() { # PATH PATTERN: up to 20 s for the answer to match
+    for _ in $(seq 1 100); do api "$1" | tr -d ' \n' | grep -q "$2" && return 0; sleep 0.2; done
+    return 1
+}
+check "agent: healthy" "$(api /v1/health; tail -3 /tmp/agent.log)" wait_api /v1/health '"status":"ok"'
 out=$(gp attach l2 --count 1 2>&1)
 n=$(virsh dumpxml --inactive l2 | grep -c "<hostdev ")
 check "attach --count 1 puts both functions in the config" "$out; hostdevs=$n" [ "$n" = 2 ]
@@ -77,7 +87,18 @@ check "libvirt moved its audio to vfio-pci" "$(driver $AUDIO)" wait_driver $AUDI
 pci=$(virsh qemu-monitor-command l2 --hmp 'info pci' 2>&1)
 check "L2's QEMU shows the VGA device" "$(echo "$pci" | head -c 400)" \
     sh -c "echo '$pci' | grep -q 'VGA controller: PCI device 1234:1111'"
+check "agent: /v1/gpus shows the GPU used by l2" "$(api /v1/gpus/$GPU)" \
+    wait_api /v1/gpus/$GPU '"used_by":"l2"'
+check "agent: a usage session for l2 is open" "$(api /v1/usage)" \
+    wait_api /v1/usage '"domain":"l2","key":"[^"]*","gpu_seconds":[0-9]*,"gpus":{"'$GPU'":[0-9]*},"running":true'
 out=$(virsh destroy l2 2>&1)
+check "agent: the session closes when l2 stops" "$(api /v1/usage)" \
+    wait_api /v1/usage '"domain":"l2","key":"[^"]*","gpu_seconds":[0-9]*,"gpus":{"'$GPU'":[0-9]*},"running":false'
+check "agent: the ledger has one start and one stop, both the agent's" "$(cat /var/lib/gpupass/usage.jsonl)" \
+    sh -c '[ "$(grep -c "\"event\":\"start\"" /var/lib/gpupass/usage.jsonl)" = 1 ] && [ "$(grep -c "\"event\":\"stop\"" /var/lib/gpupass/usage.jsonl)" = 1 ]'
+m=$(api /metrics)
+check "agent: metrics count the GPU assigned to l2" "$(echo "$m" | grep -E 'gpus\{|usage_records')" \
+    sh -c 'echo "$1" | grep -q "gpupass_usage_records_written_total 2"' sh "$m"
 check "destroy gives the GPU back to $gpu_driver" "$(driver $GPU)" wait_driver $GPU "$gpu_driver"
 check "destroy gives the audio back to $audio_driver" "$(driver $AUDIO)" wait_driver $AUDIO "$audio_driver"
 
@@ -173,5 +194,9 @@ BRIDGED=$(for d in /sys/bus/pci/devices/*; do
     [ "$(cat "$d/vendor")" = 0x1234 ] && [ "$(cat "$d/device")" = 0x11e8 ] && basename "$d"; done | head -1)
 out=$(gp bind "$BRIDGED" 2>&1); rc=$?
 check "bind refuses a group shared with a host NIC" "rc=$rc $out" [ "$rc" = 14 ]
+
+kill "$agent_pid" 2>/dev/null
+wait "$agent_pid" 2>/dev/null
+check "agent: SIGTERM removes its socket" "$(tail -3 /tmp/agent.log)" test ! -e /run/gpupass/api.sock
 
 echo "E2E-SUMMARY $passed passed, $failed failed"

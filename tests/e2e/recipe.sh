@@ -16,7 +16,7 @@ unshare -m -- sh -ec '
     chroot "$root" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
     chroot "$root" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
         linux-image-amd64 qemu-system-x86 libvirt-daemon-system libvirt-clients \
-        libvirt-daemon-driver-qemu kmod pciutils procps iproute2 busybox util-linux
+        libvirt-daemon-driver-qemu kmod pciutils procps iproute2 busybox util-linux curl
     chroot "$root" apt-get clean
 ' sh "$root.wip"
 rm -rf "$root.wip/var/lib/apt/lists/"*
