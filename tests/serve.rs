@@ -276,8 +276,25 @@ fn inventory_and_usage_follow_libvirt() {
     let cli_usage: Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(cli_usage["domains"], usage["domains"]);
     assert_eq!(cli_usage["owners"]["acct"], usage["owners"]["acct"]);
+    // A decision the hook (here: transform) made in its own process shows in the agent's metrics.
+    let mut cli = common::gpupass(&common::host("hgx-8gpu"), &agent.dir.path().join("run"));
+    cli.arg("transform")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    let mut child = cli.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(common::tiny_domain_xml("gpupass-t-tr", "").as_bytes())
+        .unwrap();
+    assert!(child.wait_with_output().unwrap().status.success());
     let (_, m) = agent.get("/metrics");
     let m = m.as_str().unwrap().to_owned();
+    assert!(
+        m.contains("gpupass_hook_decisions_total{op=\"transform\",result=\"ok\"} 1"),
+        "{m}"
+    );
     assert!(m.contains("gpupass_usage_records_written_total 1"), "{m}");
     assert!(m.contains("gpupass_libvirt_connected 1"), "{m}");
 }

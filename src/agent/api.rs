@@ -708,9 +708,11 @@ async fn metrics_route(State(api): State<Arc<Api>>) -> Result<Response, ApiError
         .unwrap_or_else(|e| e.into_inner())
         .clone();
     let ledger = api.ledger.clone();
+    let run_dir = api.run_dir.clone();
     let text = tokio::task::spawn_blocking(move || {
         let usage = ledger.read().map(|r| summarize(&r, 0, unix_now()));
-        metrics::render(&s, usage.ok().as_ref(), &decisions)
+        let hook = crate::hook::decisions::read(&run_dir);
+        metrics::render(&s, usage.ok().as_ref(), &decisions, &hook)
     })
     .await
     .map_err(|e| ApiError::from_exit(1, e.to_string()))?

@@ -37,6 +37,12 @@ struct GpuLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HookLabels {
+    op: String,
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DecisionLabels {
     action: String,
     result: String,
@@ -59,6 +65,7 @@ pub fn render(
     s: &Snapshot,
     usage: Option<&UsageReport>,
     decisions: &BTreeMap<(String, String), u64>,
+    hook: &BTreeMap<String, u64>,
 ) -> Result<String, std::fmt::Error> {
     let mut r = Registry::with_prefix("gpupass");
     let holdings = s.holdings();
@@ -195,6 +202,20 @@ pub fn render(
         "api_decisions",
         "API attach/detach outcomes by result code",
         d,
+    );
+    let h = Family::<HookLabels, Counter>::default();
+    for (key, n) in hook {
+        let (op, result) = key.split_once('/').unwrap_or((key.as_str(), ""));
+        h.get_or_create(&HookLabels {
+            op: op.to_owned(),
+            result: result.to_owned(),
+        })
+        .inc_by(*n);
+    }
+    r.register(
+        "hook_decisions",
+        "qemu hook and transform decisions (prepare allowed/blocked, migrate/restore rewritten/unchanged/failed, transform ok/refused)",
+        h,
     );
     let mut out = String::new();
     encode(&mut out, &r)?;

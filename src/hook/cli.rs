@@ -11,7 +11,7 @@ use crate::alloc::plan::AttachRequest;
 use crate::config::{ConfigError, GpupassConfig};
 use crate::hook::args::HookOp;
 use crate::hook::run::{self, HookEnv};
-use crate::hook::{install, HookError};
+use crate::hook::{decisions, install, HookError};
 use crate::model::{PciAddress, PciId};
 use crate::usage::{parse_since, summarize, Ledger};
 use crate::xml::compose::HostdevTemplate;
@@ -284,6 +284,18 @@ fn hook(dirs: &Dirs, a: &HookArgs) -> ExitCode {
         Ok(Err(e)) => tracing::info!("{what}: refused: {}", error_line(e)),
         Err(_) => tracing::error!("{what}: panic"),
     }
+    if fails {
+        let outcome = match (&result, op) {
+            (Ok(Ok(_)), HookOp::Prepare) => "allowed",
+            (Ok(Err(_)) | Err(_), HookOp::Prepare) => "blocked",
+            (Ok(Ok(Some(_))), _) => "rewritten",
+            (Ok(Ok(None)), _) => "unchanged",
+            (Ok(Err(_)) | Err(_), _) => "failed",
+        };
+        if let Err(e) = decisions::record(&dirs.run_dir, &a.op, outcome) {
+            tracing::debug!(error = %e, "hook decision not counted");
+        }
+    }
     match result {
         Ok(Ok(Some(xml))) => match print_stdout(&xml) {
             Ok(()) => ExitCode::SUCCESS,
@@ -433,7 +445,14 @@ pub fn exit_on_parse_error(e: &clap::Error, program: &str) -> ExitCode {
 pub fn run(dirs: &Dirs, cmd: &HookCommand) -> ExitCode {
     let result = match cmd {
         HookCommand::Hook(a) => return hook(dirs, a),
-        HookCommand::Transform(a) => transform(dirs, a),
+        HookCommand::Transform(a) => {
+            let r = transform(dirs, a);
+            let outcome = if r.is_ok() { "ok" } else { "refused" };
+            if let Err(e) = decisions::record(&dirs.run_dir, "transform", outcome) {
+                tracing::debug!(error = %e, "transform decision not counted");
+            }
+            r
+        }
         HookCommand::Usage { json, since } => usage(dirs, *json, since.as_deref()),
         HookCommand::InstallHook {
             root,

@@ -5,6 +5,7 @@
 
 pub mod args;
 pub mod cli;
+pub mod decisions;
 pub mod install;
 pub mod resolve;
 pub mod run;
