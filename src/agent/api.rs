@@ -65,11 +65,8 @@ pub struct Api {
 }
 
 impl Api {
-    fn snapshot(&self) -> Snapshot {
-        self.shared
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+    fn snapshot(&self) -> Arc<Snapshot> {
+        crate::agent::watch::current(&self.shared)
     }
 
     fn count(&self, action: &str, code: &str) {

@@ -206,7 +206,7 @@ pub fn serve(opts: ServeOptions) -> Result<(), AgentError> {
     };
     events::start_event_loop()?;
     let listener = bind_socket(&opts.socket, opts.socket_group.as_deref())?;
-    let shared = Arc::new(RwLock::new(Snapshot::default()));
+    let shared = Arc::new(RwLock::new(Arc::new(Snapshot::default())));
     let (tx, rx) = mpsc::channel();
     let ledger = Ledger::new(&opts.state_dir);
     let watch_opts = WatchOptions {

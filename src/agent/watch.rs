@@ -57,15 +57,19 @@ pub struct WatchOptions {
     pub max_backoff: Duration,
 }
 
-/// The shared state.
-pub type Shared = Arc<RwLock<Snapshot>>;
+/// The shared state: readers take the current snapshot (an `Arc` clone, no copy); the watcher
+/// changes it copy-on-write, so a reader never sees half an update.
+pub type Shared = Arc<RwLock<Arc<Snapshot>>>;
 
-fn read_lock(s: &Shared) -> std::sync::RwLockReadGuard<'_, Snapshot> {
-    s.read().unwrap_or_else(|e| e.into_inner())
+/// The current snapshot.
+pub fn current(s: &Shared) -> Arc<Snapshot> {
+    Arc::clone(&s.read().unwrap_or_else(|e| e.into_inner()))
 }
 
-fn write_lock(s: &Shared) -> std::sync::RwLockWriteGuard<'_, Snapshot> {
-    s.write().unwrap_or_else(|e| e.into_inner())
+/// Changes the snapshot.
+fn update<R>(s: &Shared, f: impl FnOnce(&mut Snapshot) -> R) -> R {
+    let mut g = s.write().unwrap_or_else(|e| e.into_inner());
+    f(Arc::make_mut(&mut g))
 }
 
 /// Why the current connection has to be given up.
@@ -100,19 +104,20 @@ pub fn run(opts: WatchOptions, shared: Shared, tx: Sender<Msg>, rx: Receiver<Msg
             }
         }
         backoff = (backoff * 2).min(opts.max_backoff);
-        if read_lock(&shared).connected {
+        if current(&shared).connected {
             backoff = Duration::from_millis(250);
         }
     }
 }
 
 fn mark_stale(shared: &Shared, why: &str) {
-    let mut s = write_lock(shared);
-    if s.connected || s.stale_since.is_none() {
-        s.stale_since = Some(unix_now());
-    }
-    s.connected = false;
-    s.last_error = Some(why.to_owned());
+    update(shared, |s| {
+        if s.connected || s.stale_since.is_none() {
+            s.stale_since = Some(unix_now());
+        }
+        s.connected = false;
+        s.last_error = Some(why.to_owned());
+    });
 }
 
 fn connect(
@@ -129,7 +134,7 @@ fn connect(
     });
     let sub = events::subscribe(&hv, sink).map_err(|e| Lost(e.to_string()))?;
     if generation > 1 {
-        write_lock(shared).counters.reconnects += 1;
+        update(shared, |s| s.counters.reconnects += 1);
     }
     tracing::info!(uri = %opts.uri, "libvirt connected; reconciling");
     Ok((hv, sub))
@@ -170,7 +175,7 @@ fn serve_connection(
                 ..
             } => {
                 tracing::debug!(domain = %name, ?kind, "libvirt event");
-                write_lock(shared).counters.events += 1;
+                update(shared, |s| s.counters.events += 1);
                 refresh(opts, shared, hv, &name)?;
             }
             Msg::Refresh(name) => refresh(opts, shared, hv, &name)?,
@@ -233,7 +238,7 @@ fn read_view(
 fn reconcile(opts: &WatchOptions, shared: &Shared, hv: &VirtHypervisor) -> Result<(), Lost> {
     let t0 = Instant::now();
     let fail = |shared: &Shared, e: String| {
-        write_lock(shared).counters.reconcile_failures += 1;
+        update(shared, |s| s.counters.reconcile_failures += 1);
         Lost(e)
     };
     let inventory = match discover(&Sysfs::new(&opts.host_root)) {
@@ -241,7 +246,7 @@ fn reconcile(opts: &WatchOptions, shared: &Shared, hv: &VirtHypervisor) -> Resul
         Err(e) => {
             // The host root is not libvirt: keep the last inventory and say so.
             tracing::warn!(error = %e, "reading the host root failed; keeping the last inventory");
-            Arc::clone(&read_lock(shared).inventory)
+            Arc::clone(&current(shared).inventory)
         }
     };
     let infos = hv.domains().map_err(|e| fail(shared, e.to_string()))?;
@@ -257,21 +262,20 @@ fn reconcile(opts: &WatchOptions, shared: &Shared, hv: &VirtHypervisor) -> Resul
         }
     }
     let written = sync_usage(opts, &domains, &inventory, None);
-    let mut s = write_lock(shared);
-    s.inventory = inventory;
-    s.domains = domains;
-    s.connected = true;
-    s.stale_since = None;
-    s.last_error = None;
-    s.reconciled_at = Some(unix_now());
-    s.counters.reconciles += 1;
-    s.counters.usage_records += written;
-    s.counters.last_reconcile_ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
-    tracing::debug!(
-        domains = s.domains.len(),
-        ms = s.counters.last_reconcile_ms,
-        "reconciled"
-    );
+    let ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let n = domains.len();
+    update(shared, |s| {
+        s.inventory = inventory;
+        s.domains = domains;
+        s.connected = true;
+        s.stale_since = None;
+        s.last_error = None;
+        s.reconciled_at = Some(unix_now());
+        s.counters.reconciles += 1;
+        s.counters.usage_records += written;
+        s.counters.last_reconcile_ms = ms;
+    });
+    tracing::debug!(domains = n, ms, "reconciled");
     Ok(())
 }
 
@@ -300,26 +304,25 @@ fn refresh(
             return Ok(());
         }
     };
-    let (domains, inventory) = {
-        let mut s = write_lock(shared);
-        let old_key = s.domains.get(name).map(DomainView::key);
+    // Only this domain's sessions are in scope, so only it needs to be looked at.
+    let (one, scope, inventory) = update(shared, |s| {
+        let mut scope: BTreeSet<String> = [name.to_owned()].into();
+        scope.extend(s.domains.get(name).map(DomainView::key));
+        let mut one = BTreeMap::new();
         match view {
             Some(v) => {
+                scope.insert(v.key());
+                one.insert(name.to_owned(), v.clone());
                 s.domains.insert(name.to_owned(), v);
             }
             None => {
                 s.domains.remove(name);
             }
         }
-        let mut scope: BTreeSet<String> = [name.to_owned()].into();
-        scope.extend(old_key);
-        if let Some(v) = s.domains.get(name) {
-            scope.insert(v.key());
-        }
-        ((s.domains.clone(), scope), Arc::clone(&s.inventory))
-    };
-    let written = sync_usage(opts, &domains.0, &inventory, Some(&domains.1));
-    write_lock(shared).counters.usage_records += written;
+        (one, scope, Arc::clone(&s.inventory))
+    });
+    let written = sync_usage(opts, &one, &inventory, Some(&scope));
+    update(shared, |s| s.counters.usage_records += written);
     Ok(())
 }
 

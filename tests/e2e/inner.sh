@@ -69,7 +69,8 @@ XML
 virsh -q define /tmp/l2.xml >/dev/null
 # The agent watches from here on; the hook is not installed yet, so the usage records of this
 # section can only come from the agent's events.
-gp serve --socket /run/gpupass/api.sock --reconcile-seconds 2 >/tmp/agent.log 2>&1 &
+gpupass --run-dir /run/gpupass --state-dir /var/lib/gpupass serve --socket /run/gpupass/api.sock \
+    --reconcile-seconds 2 >/tmp/agent.log 2>&1 &
 agent_pid=$!
 api() { curl -s --max-time 10 --unix-socket /run/gpupass/api.sock "http://gpupass$1"; }
 wait_api() { # PATH PATTERN: up to 20 s for the answer to match
@@ -175,11 +176,19 @@ check "live attach: the GPU is on vfio-pci" "$(driver $GPU)" wait_driver $GPU vf
 pci=$(virsh qemu-monitor-command l2live --hmp 'info pci' 2>&1)
 check "live attach: L2's QEMU shows the VGA device" "$(echo "$pci" | tail -c 400)" \
     sh -c 'echo "$1" | grep -q "VGA controller: PCI device 1234:1111"' sh "$pci"
+# The hook never sees a live attach; the agent opens the session from libvirt's device event.
+check "agent: a live attach opens a usage session" "$(api /v1/usage)" \
+    wait_api /v1/usage '"domain":"l2live","key":"[^"]*","gpu_seconds":[0-9]*,"gpus":{"'$GPU'":[0-9]*},"running":true'
 out=$(gp detach l2live --gpu $GPU --live --timeout 120 2>&1); rc=$?
 n=$(virsh dumpxml l2live | grep -c "<hostdev ")
 [ "$n" = 0 ] || grep -iE "hotplug|acpiphp|shpc|pciehp|eject|remov" /tmp/l2live.log | tail -20 | sed 's/^/E2E-INFO l2live: /'
 check "live detach: the guest released both functions" "rc=$rc $out; hostdevs=$n" [ "$n" = 0 ]
 check "live detach: the GPU is back on $gpu_driver" "$(driver $GPU)" wait_driver $GPU "$gpu_driver"
+live_closed() {
+    wait_api /v1/usage '"domain":"l2live",[^}]*},"running":false' &&
+        wait_api /v1/domains '"name":"l2live","uuid":"[^"]*","state":"running"'
+}
+check "agent: the live detach closes the session, l2live still running" "$(api /v1/usage)" live_closed
 check "live detach: the audio is back on $audio_driver" "$(driver $AUDIO)" wait_driver $AUDIO "$audio_driver"
 virsh destroy l2live >/dev/null 2>&1
 
