@@ -42,7 +42,7 @@ Exit codes:
   12  timed out waiting for the host lock (another gpupass is attaching or detaching)
   13  doctor: a check failed
   14  bind refused for safety (the host's console, a device the host uses; --force)
-  15  the domain's owner would exceed its GPU limit (config [limits])
+  15  the domain's owner would exceed its GPU limit or GPU-hours (config [limits])
 The qemu hook exits 1 when it blocks a start (`prepare`) or cannot rewrite (`migrate`/`restore`).";
 
 /// Give virtual machines whole GPUs on KVM/libvirt hosts.
