@@ -24,6 +24,10 @@ struct Agent {
 
 impl Agent {
     fn start(config: &str, extra: &[&str]) -> Agent {
+        Agent::start_with(config, "1", extra)
+    }
+
+    fn start_with(config: &str, reconcile: &str, extra: &[&str]) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("api.sock");
         let conf = dir.path().join("gpupass.toml");
@@ -40,7 +44,7 @@ impl Agent {
             .arg(dir.path().join("state"))
             .arg("--config-file")
             .arg(&conf)
-            .args(["serve", "--reconcile-seconds", "1", "--socket"])
+            .args(["serve", "--reconcile-seconds", reconcile, "--socket"])
             .arg(&socket)
             .args(extra)
             .stdin(Stdio::null())
@@ -297,6 +301,56 @@ fn inventory_and_usage_follow_libvirt() {
     );
     assert!(m.contains("gpupass_usage_records_written_total 1"), "{m}");
     assert!(m.contains("gpupass_libvirt_connected 1"), "{m}");
+}
+
+/// With no periodic reconcile (an hour away), libvirt's events alone keep the state current:
+/// define, metadata (an owner set with `virsh metadata`), start, destroy, undefine.
+#[test]
+fn events_alone_keep_the_state_current() {
+    let Some(_g) = setup() else { return };
+    let agent = Agent::start_with("", "3600", &[]);
+    let d = TestDomain::define("serve-ev", "");
+    agent.wait_for("the define event", |a| a.domain(&d.name).is_some());
+    let r = virsh(&[
+        "metadata",
+        &d.name,
+        "--uri",
+        "https://gpupass.dev/xmlns/1",
+        "--key",
+        "gpupass",
+        "--set",
+        "<gpus owner='acct-ev' count='1'/>",
+        "--config",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    agent.wait_for("the metadata event", |a| {
+        a.domain(&d.name).is_some_and(|v| v["owner"] == "acct-ev")
+    });
+    // The hook would block a start asking for a GPU the XML lacks; take the request out again.
+    let r = virsh(&[
+        "metadata",
+        &d.name,
+        "--uri",
+        "https://gpupass.dev/xmlns/1",
+        "--remove",
+        "--config",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    d.start();
+    agent.wait_for("the start event", |a| {
+        a.domain(&d.name).is_some_and(|v| v["state"] == "running")
+    });
+    assert_eq!(virsh(&["destroy", &d.name]).code, 0);
+    agent.wait_for("the stop event", |a| {
+        a.domain(&d.name).is_some_and(|v| v["state"] == "shut off")
+    });
+    drop(d);
+    agent.wait_for("the undefine event", |a| {
+        a.domain("gpupass-t-serve-ev").is_none()
+    });
+    let (_, m) = agent.get("/metrics");
+    let m = m.as_str().unwrap().to_owned();
+    assert!(m.contains("gpupass_reconciles_total 1\n"), "{m}");
 }
 
 /// libvirtd killed and restarted under a running agent: health says stale (503) and the last

@@ -153,10 +153,19 @@ fn bind_socket(
     Ok(listener)
 }
 
-/// Reads the bearer token: the file must be readable by its owner only, and not empty.
+/// Reads the bearer token: the file must belong to the agent's user, be readable by it only,
+/// and hold at least 16 characters.
 pub fn read_token(path: &Path) -> Result<String, AgentError> {
     let m = fs::metadata(path)
         .map_err(|e| AgentError::Tcp(format!("token file {}: {e}", path.display())))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if m.uid() != me {
+        return Err(AgentError::Tcp(format!(
+            "token file {} belongs to uid {}, not to the agent's user (uid {me})",
+            path.display(),
+            m.uid()
+        )));
+    }
     if m.mode() & 0o077 != 0 {
         return Err(AgentError::Tcp(format!(
             "token file {} is readable by others (mode {:o}); chmod 600 it",
@@ -285,8 +294,70 @@ pub fn serve(opts: ServeOptions) -> Result<(), AgentError> {
         Ok::<(), AgentError>(())
     });
     let _ = tx.send(Msg::Shutdown);
-    let _ = watcher.join();
+    // A libvirt call stuck on a hung daemon must not keep the agent from exiting.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !watcher.is_finished() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if watcher.is_finished() {
+        let _ = watcher.join();
+    } else {
+        tracing::warn!("the libvirt watcher did not stop within 5 s; exiting without it");
+    }
     let _ = fs::remove_file(&opts.socket);
     runtime.shutdown_timeout(Duration::from_secs(5));
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_file_must_be_private_and_long_enough() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("token");
+        fs::write(&f, "0123456789abcdef\n").unwrap();
+        fs::set_permissions(&f, fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(read_token(&f).unwrap(), "0123456789abcdef");
+        fs::set_permissions(&f, fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(read_token(&f)
+            .unwrap_err()
+            .to_string()
+            .contains("readable by others"));
+        fs::set_permissions(&f, fs::Permissions::from_mode(0o600)).unwrap();
+        fs::write(&f, "short\n").unwrap();
+        assert!(read_token(&f)
+            .unwrap_err()
+            .to_string()
+            .contains("shorter than 16"));
+        assert!(read_token(&dir.path().join("missing")).is_err());
+    }
+
+    #[test]
+    fn a_stale_socket_is_replaced_and_a_file_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("run/api.sock");
+        // A socket nobody answers on (left by a killed agent).
+        drop(bind_socket(&p, None).unwrap());
+        let l = bind_socket(&p, None).unwrap();
+        let mode = fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o660);
+        // Someone answers now.
+        let err = bind_socket(&p, None).unwrap_err();
+        assert!(matches!(err, AgentError::AlreadyServing { .. }), "{err}");
+        drop(l);
+        let file = dir.path().join("plain");
+        fs::write(&file, "x").unwrap();
+        assert!(bind_socket(&file, None)
+            .unwrap_err()
+            .to_string()
+            .contains("not a socket"));
+        assert!(
+            bind_socket(&dir.path().join("s2"), Some("no-such-group-gpupass"))
+                .unwrap_err()
+                .to_string()
+                .contains("does not exist")
+        );
+    }
 }

@@ -37,6 +37,8 @@ pub enum DomainEventKind {
     DeviceAdded,
     /// `VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED`.
     DeviceRemoved,
+    /// `VIR_DOMAIN_EVENT_ID_METADATA_CHANGE` (an owner set with `virsh metadata`).
+    MetadataChanged,
 }
 
 /// Where events go. Called on libvirt's event-loop thread: it must not block.
@@ -142,6 +144,19 @@ unsafe extern "C" fn on_device_removed(
     }
 }
 
+unsafe extern "C" fn on_metadata(
+    _conn: sys::virConnectPtr,
+    dom: sys::virDomainPtr,
+    _kind: c_int,
+    _nsuri: *const c_char,
+    opaque: *mut c_void,
+) {
+    if let Some(name) = domain_name(dom) {
+        let kind = DomainEventKind::MetadataChanged;
+        deliver(opaque, LibvirtEvent::Domain { name, kind });
+    }
+}
+
 unsafe extern "C" fn on_close(_conn: sys::virConnectPtr, reason: c_int, opaque: *mut c_void) {
     deliver(opaque, LibvirtEvent::Closed { reason });
 }
@@ -221,9 +236,16 @@ pub fn subscribe(hv: &VirtHypervisor, sink: EventSink) -> Result<Subscription, L
     ) -> c_int;
     type Device =
         unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *const c_char, *mut c_void);
+    type Metadata = unsafe extern "C" fn(
+        sys::virConnectPtr,
+        sys::virDomainPtr,
+        c_int,
+        *const c_char,
+        *mut c_void,
+    );
     // SAFETY: function-pointer casts between extern "C" fns; libvirt calls each with the
     // signature of its event ID, which is the signature it was defined with.
-    let callbacks: [(u32, Generic); 3] = unsafe {
+    let callbacks: [(u32, Generic); 4] = unsafe {
         [
             (
                 sys::VIR_DOMAIN_EVENT_ID_LIFECYCLE,
@@ -236,6 +258,10 @@ pub fn subscribe(hv: &VirtHypervisor, sink: EventSink) -> Result<Subscription, L
             (
                 sys::VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED,
                 std::mem::transmute::<Device, Generic>(on_device_removed),
+            ),
+            (
+                sys::VIR_DOMAIN_EVENT_ID_METADATA_CHANGE,
+                std::mem::transmute::<Metadata, Generic>(on_metadata),
             ),
         ]
     };
