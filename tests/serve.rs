@@ -439,7 +439,7 @@ fn survives_a_libvirtd_restart() {
     agent.wait_for("health to recover", |a| a.get("/v1/health").0 == 200);
     let (_, m) = agent.get("/metrics");
     let m = m.as_str().unwrap().to_owned();
-    assert!(!m.contains("gpupass_libvirt_reconnects_total 0"), "{m}");
+    assert!(m.contains("gpupass_libvirt_reconnects_total 1\n"), "{m}");
     assert!(agent.domain(&d.name).is_some());
     // Nothing lost: every line from before is still there, then the one written during the
     // outage, then the agent's stop for it (the domain does not run here).
@@ -717,4 +717,18 @@ fn socket_and_tcp_access() {
     assert_eq!(ask(Some("0123456789abcdef-token")).0, 200);
     // The unix socket needs no token.
     assert_eq!(tcp_agent.get("/v1/health").0, 200);
+
+    // --socket-group gives the socket to a group (scripts/libvirtd creates "kvm").
+    if let Ok(Some(g)) = nix::unistd::Group::from_name("kvm") {
+        use std::os::unix::fs::MetadataExt;
+        let grouped = Agent::start("", &["--socket-group", "kvm"]);
+        let m = fs::metadata(&grouped.socket).unwrap();
+        assert_eq!(m.gid(), g.gid.as_raw());
+        assert_eq!(m.mode() & 0o777, 0o660);
+    } else {
+        assert!(
+            !common::required(),
+            "no group kvm to test --socket-group with"
+        );
+    }
 }

@@ -76,23 +76,40 @@ fn update<R>(s: &Shared, f: impl FnOnce(&mut Snapshot) -> R) -> R {
 #[derive(Debug)]
 struct Lost(String);
 
+/// First wait before reconnecting.
+const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+
+/// How long to wait before the next connection attempt (pure): the first wait after a
+/// connection that worked (or at the very start), else double the last one, up to `max`.
+fn wait_before_retry(last: Option<Duration>, had_connection: bool, max: Duration) -> Duration {
+    match (last, had_connection) {
+        (Some(prev), false) => (prev * 2).min(max),
+        _ => FIRST_BACKOFF,
+    }
+}
+
 /// The watcher's loop; returns on `Msg::Shutdown`.
 pub fn run(opts: WatchOptions, shared: Shared, tx: Sender<Msg>, rx: Receiver<Msg>) {
     let mut generation: u64 = 0;
-    let mut backoff = Duration::from_millis(250);
+    let mut connected_before = false;
+    let mut last_wait = None;
     loop {
         generation += 1;
-        let result = connect(&opts, &shared, &tx, generation)
-            .and_then(|(hv, sub)| serve_connection(&opts, &shared, &rx, &hv, sub, generation));
-        match result {
-            Ok(()) => return,
-            Err(Lost(why)) => {
-                mark_stale(&shared, &why);
-                tracing::warn!(uri = %opts.uri, "libvirt: {why}; retrying in {backoff:?}");
-            }
-        }
-        // Wait out the backoff, but stop at once when asked.
-        let until = Instant::now() + backoff;
+        let mut had_connection = false;
+        let result =
+            connect(&opts, &shared, &tx, generation, connected_before).and_then(|(hv, sub)| {
+                had_connection = true;
+                connected_before = true;
+                serve_connection(&opts, &shared, &rx, &hv, sub, generation)
+            });
+        let Err(Lost(why)) = result else { return };
+        mark_stale(&shared, &why);
+        let wait = wait_before_retry(last_wait, had_connection, opts.max_backoff);
+        last_wait = Some(wait);
+        tracing::warn!(uri = %opts.uri, "libvirt: {why}; retrying in {wait:?}");
+        // Wait, but stop at once when asked. Events of the old connection and refreshes are
+        // dropped: the reconcile after reconnecting covers them.
+        let until = Instant::now() + wait;
         loop {
             let left = until.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -102,10 +119,6 @@ pub fn run(opts: WatchOptions, shared: Shared, tx: Sender<Msg>, rx: Receiver<Msg
                 Ok(Msg::Shutdown) | Err(RecvTimeoutError::Disconnected) => return,
                 Ok(_) | Err(RecvTimeoutError::Timeout) => {}
             }
-        }
-        backoff = (backoff * 2).min(opts.max_backoff);
-        if current(&shared).connected {
-            backoff = Duration::from_millis(250);
         }
     }
 }
@@ -125,6 +138,7 @@ fn connect(
     shared: &Shared,
     tx: &Sender<Msg>,
     generation: u64,
+    reconnect: bool,
 ) -> Result<(VirtHypervisor, events::Subscription), Lost> {
     let hv = VirtHypervisor::open(&opts.uri).map_err(|e| Lost(e.to_string()))?;
     let tx = tx.clone();
@@ -133,7 +147,7 @@ fn connect(
         let _ = tx.send(Msg::Event { generation, event });
     });
     let sub = events::subscribe(&hv, sink).map_err(|e| Lost(e.to_string()))?;
-    if generation > 1 {
+    if reconnect {
         update(shared, |s| s.counters.reconnects += 1);
     }
     tracing::info!(uri = %opts.uri, "libvirt connected; reconciling");
@@ -363,4 +377,26 @@ fn sync_usage(
         }
     }
     written
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_the_cap_and_restarts_after_a_connection() {
+        let max = Duration::from_secs(30);
+        let mut last = None;
+        let mut seen = Vec::new();
+        for _ in 0..10 {
+            let w = wait_before_retry(last, false, max);
+            last = Some(w);
+            seen.push(w.as_millis());
+        }
+        assert_eq!(
+            seen,
+            vec![250, 500, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000]
+        );
+        assert_eq!(wait_before_retry(last, true, max), FIRST_BACKOFF);
+    }
 }
