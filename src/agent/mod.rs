@@ -203,6 +203,26 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
+/// Serves `app` on `listener` until `stop` fires, then lets requests in flight finish.
+fn spawn_listener<L>(
+    servers: &mut tokio::task::JoinSet<io::Result<()>>,
+    listener: L,
+    app: axum::Router,
+    stop: &tokio::sync::broadcast::Sender<()>,
+) where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    let mut stop = stop.subscribe();
+    servers.spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop.recv().await;
+            })
+            .await
+    });
+}
+
 /// Runs the agent until SIGTERM or SIGINT.
 pub fn serve(opts: ServeOptions) -> Result<(), AgentError> {
     let token = match (&opts.tcp, &opts.token_file) {
@@ -257,30 +277,18 @@ pub fn serve(opts: ServeOptions) -> Result<(), AgentError> {
             .map_err(|e| socket_err(&opts.socket, e.to_string()))?;
         let (stop_tx, _) = tokio::sync::broadcast::channel::<()>(1);
         let mut servers = tokio::task::JoinSet::new();
-        {
-            let app = api::router(Arc::clone(&api), None);
-            let mut stop = stop_tx.subscribe();
-            servers.spawn(async move {
-                axum::serve(unix, app)
-                    .with_graceful_shutdown(async move {
-                        let _ = stop.recv().await;
-                    })
-                    .await
-            });
-        }
+        spawn_listener(
+            &mut servers,
+            unix,
+            api::router(Arc::clone(&api), None),
+            &stop_tx,
+        );
         if let (Some(addr), Some(token)) = (opts.tcp, token) {
             let tcp = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|e| AgentError::Tcp(format!("bind {addr}: {e}")))?;
             let app = api::router(Arc::clone(&api), Some(token));
-            let mut stop = stop_tx.subscribe();
-            servers.spawn(async move {
-                axum::serve(tcp, app)
-                    .with_graceful_shutdown(async move {
-                        let _ = stop.recv().await;
-                    })
-                    .await
-            });
+            spawn_listener(&mut servers, tcp, app, &stop_tx);
             tracing::info!(%addr, "API also on TCP (bearer token)");
         }
         tracing::info!(socket = %opts.socket.display(), uri = %opts.uri, "gpupass agent serving");

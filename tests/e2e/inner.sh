@@ -204,6 +204,15 @@ BRIDGED=$(for d in /sys/bus/pci/devices/*; do
 out=$(gp bind "$BRIDGED" 2>&1); rc=$?
 check "bind refuses a group shared with a host NIC" "rc=$rc $out" [ "$rc" = 14 ]
 
+# Three sessions in all — l2 cold (the agent alone), l2 with the hook installed (hook and agent
+# both saw it start and stop: one record each), l2live's live attach (the agent alone) — and
+# nothing counted twice.
+ledger_counts() {
+    s=$(grep -c '"event":"start"' /var/lib/gpupass/usage.jsonl)
+    t=$(grep -c '"event":"stop"' /var/lib/gpupass/usage.jsonl)
+    [ "$s" = 3 ] && [ "$t" = 3 ]
+}
+check "usage: hook and agent share one ledger, 3 sessions, none twice" "$(cat /var/lib/gpupass/usage.jsonl)" ledger_counts
 kill "$agent_pid" 2>/dev/null
 wait "$agent_pid" 2>/dev/null
 check "agent: SIGTERM removes its socket" "$(tail -3 /tmp/agent.log)" test ! -e /run/gpupass/api.sock
