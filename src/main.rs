@@ -6,7 +6,7 @@ mod cli;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{ArgGroup, CommandFactory, FromArgMatches, Parser, Subcommand};
+use clap::{ArgGroup, Parser, Subcommand};
 
 use gpupass::alloc::lock::LockError;
 use gpupass::alloc::plan::{AttachRequest, DetachRequest};
@@ -352,7 +352,7 @@ fn run(g: &Global, command: LibvirtCommand) -> anyhow::Result<()> {
                 .config
                 .clone()
                 .unwrap_or_else(|| gpupass::config::DEFAULT_CONFIG.into());
-            let c = gpupass::config::GpupassConfig::load(g.config.as_deref())?;
+            let c = &g.settings;
             g.template()?;
             let what = if path.exists() {
                 format!("{}: ok", path.display())
@@ -499,20 +499,10 @@ fn exit_code(err: &anyhow::Error) -> u8 {
 }
 
 fn main() -> ExitCode {
-    let parsed = Cli::command()
-        .try_get_matches()
-        .and_then(|m| Cli::from_arg_matches(&m).map(|c| (c, m)));
-    let (mut cli, matches) = match parsed {
+    let cli = match gpupass::hook::cli::parse_args::<Cli>("gpupass", |c| &mut c.dirs) {
         Ok(c) => c,
-        Err(e) => return gpupass::hook::cli::exit_on_parse_error(&e, "gpupass"),
+        Err(code) => return code,
     };
-    if let Err(e) = cli.dirs.apply_config(&matches) {
-        eprintln!(
-            "gpupass: error: {}",
-            gpupass::hook::cli::one_line(&format!("{:#}", anyhow::Error::from(e)))
-        );
-        return ExitCode::from(2);
-    }
     gpupass::observability::init(cli.verbose, cli.dirs.log_file.as_deref());
     let command = match cli.command {
         Command::HookMode(cmd) => return gpupass::hook::cli::run(&cli.dirs, &cmd),
@@ -524,6 +514,7 @@ fn main() -> ExitCode {
         run_dir: cli.dirs.run_dir,
         state_dir: cli.dirs.state_dir,
         config: cli.dirs.config_file,
+        settings: cli.dirs.loaded.unwrap_or_default(),
     };
     match run(&g, command) {
         Ok(()) => ExitCode::SUCCESS,

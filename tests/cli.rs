@@ -385,4 +385,19 @@ fn config_paths_set_directories_and_flags_win() {
     let r = usage(&["--state-dir", elsewhere.to_str().unwrap()]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(!r.stdout.contains("from-config"), "{}", r.stdout);
+    // A config that cannot be read stops every command before it does anything.
+    fs::write(&conf, "[paths]\nstatedir = \"/x\"\n").unwrap();
+    let mut c = common::gpupass(&common::host("hgx-8gpu"), dir.path());
+    c.arg("--config-file")
+        .arg(&conf)
+        .args(["list", "--no-libvirt"]);
+    let r = common::run(c);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stdout.is_empty());
+    assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("unknown field `statedir`"),
+        "{}",
+        r.stderr
+    );
 }

@@ -5,7 +5,7 @@
 
 use std::process::ExitCode;
 
-use clap::{CommandFactory, FromArgMatches, Parser};
+use clap::Parser;
 
 use gpupass::hook::cli::{Dirs, HookCommand};
 
@@ -23,20 +23,10 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
-    let parsed = Cli::command()
-        .try_get_matches()
-        .and_then(|m| Cli::from_arg_matches(&m).map(|c| (c, m)));
-    let (mut cli, matches) = match parsed {
+    let cli = match gpupass::hook::cli::parse_args::<Cli>("gpupass-hook", |c| &mut c.dirs) {
         Ok(c) => c,
-        Err(e) => return gpupass::hook::cli::exit_on_parse_error(&e, "gpupass-hook"),
+        Err(code) => return code,
     };
-    if let Err(e) = cli.dirs.apply_config(&matches) {
-        eprintln!(
-            "gpupass: error: {}",
-            gpupass::hook::cli::one_line(&format!("{:#}", anyhow::Error::from(e)))
-        );
-        return ExitCode::from(2);
-    }
     gpupass::observability::init(cli.verbose, cli.dirs.log_file.as_deref());
     gpupass::hook::cli::run(&cli.dirs, &cli.command)
 }

@@ -80,7 +80,7 @@ fn options(g: &Global, flags: &AssignFlags) -> anyhow::Result<AssignOptions> {
         detach_timeout: flags.detach_timeout,
         leases: Some(LeaseStore::new(&g.run_dir)),
         manage_drivers: g.host_root == std::path::Path::new("/"),
-        config: gpupass::config::GpupassConfig::load(g.config.as_deref())?,
+        config: g.settings.clone(),
         ledger: Some(gpupass::usage::Ledger::new(&g.state_dir)),
     })
 }

@@ -31,6 +31,8 @@ pub struct Global {
     pub state_dir: PathBuf,
     /// Config file, when given.
     pub config: Option<PathBuf>,
+    /// The config, loaded once at start.
+    pub settings: GpupassConfig,
 }
 
 impl Global {
@@ -42,9 +44,8 @@ impl Global {
 
     /// The hostdev template: the config's override directory, else the built-in one.
     pub fn template(&self) -> anyhow::Result<HostdevTemplate> {
-        let config = GpupassConfig::load(self.config.as_deref())?;
-        Ok(match config.templates_dir {
-            Some(dir) => HostdevTemplate::from_dir(&dir)?,
+        Ok(match &self.settings.templates_dir {
+            Some(dir) => HostdevTemplate::from_dir(dir)?,
             None => HostdevTemplate::builtin(),
         })
     }

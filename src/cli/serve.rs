@@ -4,7 +4,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use gpupass::agent::{self, ServeOptions, DEFAULT_SOCKET};
-use gpupass::config::GpupassConfig;
 
 use crate::cli::Global;
 
@@ -27,7 +26,7 @@ pub struct ServeFlags {
 
 /// `gpupass serve`.
 pub fn serve(g: &Global, f: ServeFlags) -> anyhow::Result<()> {
-    let config = GpupassConfig::load(g.config.as_deref())?;
+    let config = g.settings.clone();
     let s = config.serve.clone();
     let tcp = match (f.tcp, s.tcp.as_deref()) {
         (Some(a), _) => Some(a),

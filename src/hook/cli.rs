@@ -59,42 +59,66 @@ pub struct Dirs {
     /// hook's stderr). Errors still go to stderr.
     #[arg(long, env = "GPUPASS_LOG_FILE", global = true, value_name = "FILE")]
     pub log_file: Option<PathBuf>,
+    /// The config file as [`Dirs::resolve`] loaded it.
+    #[arg(skip)]
+    pub loaded: Option<GpupassConfig>,
 }
 
 impl Dirs {
-    /// Takes the directories left at their built-in defaults from the config file's `[paths]`
-    /// (flags and environment variables win over the file).
-    pub fn apply_config(&mut self, matches: &clap::ArgMatches) -> Result<(), ConfigError> {
+    /// Loads the config file once (kept for [`Dirs::config`]) and takes the directories left at
+    /// their built-in defaults from its `[paths]` (flags and environment variables win).
+    pub fn resolve(&mut self, matches: &clap::ArgMatches) -> Result<(), ConfigError> {
         use clap::parser::ValueSource;
-        let defaulted = |id: &str| {
-            matches!(
-                matches
-                    .try_get_raw(id)
-                    .ok()
-                    .flatten()
-                    .map(|_| matches.value_source(id)),
-                Some(Some(ValueSource::DefaultValue))
-            )
-        };
-        let (root, run, state) = (
-            defaulted("host_root"),
-            defaulted("run_dir"),
-            defaulted("state_dir"),
-        );
-        if !(root || run || state) {
-            return Ok(());
-        }
-        let paths = GpupassConfig::load(self.config_file.as_deref())?.paths;
-        let pick = |flag: bool, from: Option<PathBuf>, to: &mut PathBuf| {
-            if let (true, Some(p)) = (flag, from) {
-                *to = p;
+        let config = GpupassConfig::load(self.config_file.as_deref())?;
+        let defaulted = |id: &str| matches.value_source(id) == Some(ValueSource::DefaultValue);
+        let pick = |id: &str, from: &Option<PathBuf>, to: &mut PathBuf| {
+            if let (true, Some(p)) = (defaulted(id), from) {
+                to.clone_from(p);
             }
         };
-        pick(root, paths.host_root, &mut self.host_root);
-        pick(run, paths.run_dir, &mut self.run_dir);
-        pick(state, paths.state_dir, &mut self.state_dir);
+        pick("host_root", &config.paths.host_root, &mut self.host_root);
+        pick("run_dir", &config.paths.run_dir, &mut self.run_dir);
+        pick("state_dir", &config.paths.state_dir, &mut self.state_dir);
+        self.loaded = Some(config);
         Ok(())
     }
+
+    /// The config file: the one [`Dirs::resolve`] loaded, else loaded now.
+    pub fn config(&self) -> Result<GpupassConfig, ConfigError> {
+        match &self.loaded {
+            Some(c) => Ok(c.clone()),
+            None => GpupassConfig::load(self.config_file.as_deref()),
+        }
+    }
+}
+
+/// Parses a binary's command line the way both binaries do: a parse error or `--help` as
+/// [`exit_on_parse_error`] handles it, then the config file loaded once and its `[paths]`
+/// applied (an unreadable or invalid config is one line and exit 2).
+pub fn parse_args<C>(program: &str, dirs: fn(&mut C) -> &mut Dirs) -> Result<C, ExitCode>
+where
+    C: clap::CommandFactory + clap::FromArgMatches,
+{
+    let parsed = C::command()
+        .try_get_matches()
+        .and_then(|m| C::from_arg_matches(&m).map(|c| (c, m)));
+    let (mut cli, matches) = parsed.map_err(|e| exit_on_parse_error(&e, program))?;
+    if let Err(e) = dirs(&mut cli).resolve(&matches) {
+        eprintln!("gpupass: error: {}", one_line(&error_chain(&e)));
+        return Err(ExitCode::from(2));
+    }
+    Ok(cli)
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 /// `transform` flags.
@@ -218,7 +242,7 @@ fn print_stdout(text: &str) -> Result<(), HookError> {
 }
 
 fn env(dirs: &Dirs, lease: Duration) -> Result<HookEnv, HookError> {
-    let config = GpupassConfig::load(dirs.config_file.as_deref())?;
+    let config = dirs.config()?;
     let template = match &config.templates_dir {
         Some(d) => HostdevTemplate::from_dir(d)?,
         None => HostdevTemplate::builtin(),
