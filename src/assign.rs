@@ -3,7 +3,7 @@
 //! confirm, and undoes what this call did when any step fails. Callers hold the host lock.
 
 use std::collections::BTreeSet;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -20,7 +20,7 @@ use crate::libvirt::{DomainInfo, Hypervisor, Impact, LibvirtError, XmlView};
 use crate::limits;
 use crate::model::{NumaNode, PciAddress};
 use crate::request;
-use crate::usage::{Ledger, UsageError};
+use crate::usage::{unix_now, Ledger, UsageError};
 use crate::xml::compose::HostdevTemplate;
 use crate::xml::domain::{self, DomainFacts};
 use crate::xml::XmlError;
@@ -140,12 +140,6 @@ pub struct AssignOptions {
     pub config: GpupassConfig,
     /// The usage ledger, for GPU-hours limits (`None`: hours are not checked).
     pub ledger: Option<Ledger>,
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 #[derive(Debug, Clone, Copy)]

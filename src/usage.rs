@@ -207,6 +207,13 @@ impl Ledger {
     }
 }
 
+/// Seconds since the Unix epoch (0 on a clock before it): the ledger's and leases' time.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// Parses `--since` (and the API's `?since=`): unix seconds, or `<n>[smhd]` ago.
 pub fn parse_since(s: &str, now: u64) -> Option<u64> {
     if let Ok(t) = s.parse::<u64>() {

@@ -18,7 +18,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::agent::metrics;
 use crate::agent::state::Snapshot;
-use crate::agent::unix_now;
 use crate::agent::watch::{Msg, Shared};
 use crate::alloc::lease::LeaseStore;
 use crate::alloc::lock::{HostLock, LockError};
@@ -32,6 +31,7 @@ use crate::libvirt::Impact;
 use crate::limits;
 use crate::model::{PciAddress, PciId};
 use crate::report::{gpu_report, GpuReport, IommuReport, LibvirtReport, ListReport};
+use crate::usage::unix_now;
 use crate::usage::{parse_since, summarize, Ledger};
 use crate::xml::compose::HostdevTemplate;
 

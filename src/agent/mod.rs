@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use crate::agent::api::Api;
 use crate::agent::state::Snapshot;
@@ -27,13 +27,6 @@ use crate::xml::compose::HostdevTemplate;
 
 /// The default API socket.
 pub const DEFAULT_SOCKET: &str = "/run/gpupass/gpupass.sock";
-
-/// Seconds since the epoch.
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
 
 /// Errors that stop the agent from starting.
 #[derive(Debug, thiserror::Error)]

@@ -11,7 +11,6 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::agent::state::{open_sessions, usage_ops, DomainView, Snapshot, UsageOp};
-use crate::agent::unix_now;
 use crate::config::GpupassConfig;
 use crate::host::discover::discover;
 use crate::host::sysfs::Sysfs;
@@ -19,6 +18,7 @@ use crate::libvirt::events::{self, LibvirtEvent};
 use crate::libvirt::virt::VirtHypervisor;
 use crate::libvirt::{DomainInfo, Hypervisor, LibvirtError, XmlView};
 use crate::request;
+use crate::usage::unix_now;
 use crate::usage::Ledger;
 use crate::xml::domain;
 

@@ -5,7 +5,7 @@
 use std::io::{self, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use crate::alloc::plan::AttachRequest;
 use crate::config::{ConfigError, GpupassConfig};
@@ -13,7 +13,7 @@ use crate::hook::args::HookOp;
 use crate::hook::run::{self, HookEnv};
 use crate::hook::{decisions, install, HookError};
 use crate::model::{PciAddress, PciId};
-use crate::usage::{parse_since, summarize, Ledger};
+use crate::usage::{parse_since, summarize, unix_now, Ledger};
 use crate::xml::compose::HostdevTemplate;
 use crate::xml::rewrite::MAX_XML_BYTES;
 
@@ -196,12 +196,6 @@ pub enum HookCommand {
         #[arg(long)]
         uninstall: bool,
     },
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 fn read_stdin() -> Result<String, HookError> {

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use crate::alloc::lease::{self, Lease, LeaseStore};
 use crate::alloc::lock::HostLock;
@@ -20,7 +20,7 @@ use crate::libvirt::files;
 use crate::limits;
 use crate::model::PciAddress;
 use crate::request;
-use crate::usage::Ledger;
+use crate::usage::{unix_now, Ledger};
 use crate::xml::compose::HostdevTemplate;
 use crate::xml::rewrite::{apply, injected_block, scan, DomainDoc, Edit};
 
@@ -41,12 +41,6 @@ pub struct HookEnv {
     pub lease_ttl: Duration,
     /// How long to wait for the host lock.
     pub lock_timeout: Duration,
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 fn lease_key(doc: &DomainDoc<'_>) -> String {
@@ -73,7 +67,7 @@ pub fn transform(
     let mut holdings: Holdings = files::all_holdings(&env.host_root, &doc.name)?;
     let key = lease_key(&doc);
     let store = LeaseStore::new(&env.run_dir);
-    let t = now();
+    let t = unix_now();
     store.holdings_except(&key, t, &mut holdings);
     let pin = &doc.pinning;
     let prefer = preferred_nodes_of(
@@ -146,7 +140,7 @@ fn check_owner_limit(
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
-    let used = limits::period_use(limit, owner, Some(&Ledger::new(&env.state_dir)), now())?;
+    let used = limits::period_use(limit, owner, Some(&Ledger::new(&env.state_dir)), unix_now())?;
     let rule_owner = |d: &str| env.config.rule_owner(d).map(str::to_owned);
     limits::check(
         inv,
@@ -185,7 +179,7 @@ pub fn prepare(env: &HookEnv, input: &str) -> Result<Vec<String>, HookError> {
         ));
     }
     let mut running = files::running_holdings(&env.host_root, &doc.name)?;
-    LeaseStore::new(&env.run_dir).holdings_except(&lease_key(&doc), now(), &mut running);
+    LeaseStore::new(&env.run_dir).holdings_except(&lease_key(&doc), unix_now(), &mut running);
     let mut warnings = Vec::new();
     let present: BTreeSet<PciAddress> = sources.iter().copied().collect();
     let mut checked = BTreeSet::new();
@@ -313,7 +307,7 @@ pub fn started(env: &HookEnv, input: &str) -> Result<(), HookError> {
             doc.request.as_ref().and_then(|r| r.owner.as_deref()),
             &env.config,
         );
-        Ledger::new(&env.state_dir).start(&doc.name, &key, &gpus, owner.as_deref(), now())?;
+        Ledger::new(&env.state_dir).start(&doc.name, &key, &gpus, owner.as_deref(), unix_now())?;
     }
     Ok(())
 }
@@ -323,6 +317,6 @@ pub fn release(env: &HookEnv, input: &str) -> Result<(), HookError> {
     let doc = scan(input)?;
     let key = lease_key(&doc);
     LeaseStore::new(&env.run_dir).remove(&key)?;
-    Ledger::new(&env.state_dir).stop(&doc.name, &key, now())?;
+    Ledger::new(&env.state_dir).stop(&doc.name, &key, unix_now())?;
     Ok(())
 }
