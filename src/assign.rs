@@ -175,31 +175,59 @@ fn parse_xml(domain: &str, xml: &str) -> Result<DomainFacts, AssignError> {
     })
 }
 
+/// One domain's PCI hostdevs as libvirt shows them now.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DomainDevices {
+    /// Its UUID.
+    pub uuid: Option<String>,
+    /// The owner in its gpupass metadata (the running definition's first).
+    pub owner: Option<String>,
+    /// Hostdev sources of the running definition (empty when not running).
+    pub live: Vec<PciAddress>,
+    /// Hostdev sources of the persistent definition (empty when transient).
+    pub config: Vec<PciAddress>,
+}
+
+/// Reads a domain's running XML (when active) and persistent XML (when defined); `None` when
+/// it was undefined while we looked.
+pub fn read_domain(
+    hv: &dyn Hypervisor,
+    info: &DomainInfo,
+) -> Result<Option<DomainDevices>, AssignError> {
+    let mut out = DomainDevices::default();
+    for (view, wanted) in [
+        (XmlView::Live, info.active),
+        (XmlView::Config, info.persistent),
+    ] {
+        if !wanted {
+            continue;
+        }
+        let xml = match hv.domain_xml(&info.name, view) {
+            Ok(x) => x,
+            Err(LibvirtError::UnknownDomain { .. }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let facts = parse_xml(&info.name, &xml)?;
+        out.uuid = out.uuid.or(facts.uuid);
+        out.owner = out.owner.or(facts.owner);
+        match view {
+            XmlView::Live => out.live = facts.pci_hostdevs,
+            XmlView::Config => out.config = facts.pci_hostdevs,
+        }
+    }
+    Ok(Some(out))
+}
+
 /// Reads which domain references which PCI function: every running domain's live XML and every
 /// defined domain's persistent XML. libvirt is the only record, so it cannot go stale.
 pub fn read_holdings(hv: &dyn Hypervisor) -> Result<Holdings, AssignError> {
     let mut holdings = Holdings::default();
     for d in hv.domains()? {
-        let mut views = Vec::new();
-        if d.active {
-            views.push((XmlView::Live, true));
-        }
-        if d.persistent {
-            views.push((XmlView::Config, false));
-        }
-        for (view, running) in views {
-            let xml = match hv.domain_xml(&d.name, view) {
-                Ok(x) => x,
-                // Undefined while we looked: it holds nothing any more.
-                Err(LibvirtError::UnknownDomain { .. }) => continue,
-                Err(e) => return Err(e.into()),
-            };
-            let facts = parse_xml(&d.name, &xml)?;
-            holdings.set_owner(&d.name, facts.owner.as_deref());
-            for a in facts.pci_hostdevs {
-                holdings.add(a, &d.name, running);
-            }
-        }
+        // Undefined while we looked: it holds nothing any more.
+        let Some(dev) = read_domain(hv, &d)? else {
+            continue;
+        };
+        holdings.add_domain(&d.name, dev.owner.as_deref(), &dev.live, &dev.config);
     }
     Ok(holdings)
 }

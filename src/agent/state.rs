@@ -96,13 +96,7 @@ impl Snapshot {
     pub fn holdings(&self) -> Holdings {
         let mut h = Holdings::default();
         for d in self.domains.values() {
-            h.set_owner(&d.name, d.owner.as_deref());
-            for a in &d.live {
-                h.add(*a, &d.name, true);
-            }
-            for a in &d.config {
-                h.add(*a, &d.name, false);
-            }
+            h.add_domain(&d.name, d.owner.as_deref(), &d.live, &d.config);
         }
         h
     }

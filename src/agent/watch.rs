@@ -11,16 +11,16 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::agent::state::{open_sessions, usage_ops, DomainView, Snapshot, UsageOp};
+use crate::assign::{self, AssignError, DomainDevices};
 use crate::config::GpupassConfig;
 use crate::host::discover::discover;
 use crate::host::sysfs::Sysfs;
 use crate::libvirt::events::{self, LibvirtEvent};
 use crate::libvirt::virt::VirtHypervisor;
-use crate::libvirt::{DomainInfo, Hypervisor, LibvirtError, XmlView};
+use crate::libvirt::{DomainInfo, Hypervisor, LibvirtError};
 use crate::request;
 use crate::usage::unix_now;
 use crate::usage::Ledger;
-use crate::xml::domain;
 
 /// A message to the watcher.
 #[derive(Debug)]
@@ -207,45 +207,26 @@ fn read_view(
     info: &DomainInfo,
     config: &GpupassConfig,
 ) -> Result<Option<DomainView>, LibvirtError> {
-    let mut view = DomainView {
+    let dev = match assign::read_domain(hv, info) {
+        Ok(Some(d)) => d,
+        Ok(None) => return Ok(None),
+        Err(AssignError::Libvirt(e)) => return Err(e),
+        Err(e) => {
+            // Listed without hostdevs. Allocation never trusts this view: attach and detach read
+            // libvirt themselves and refuse while a domain XML is unreadable.
+            tracing::warn!(domain = %info.name, error = %e, "unreadable domain XML");
+            DomainDevices::default()
+        }
+    };
+    Ok(Some(DomainView {
         name: info.name.clone(),
+        uuid: dev.uuid,
         active: info.active,
         persistent: info.persistent,
-        ..DomainView::default()
-    };
-    let mut owner = None;
-    let mut read = |v: XmlView| -> Result<Option<Vec<crate::model::PciAddress>>, LibvirtError> {
-        let xml = match hv.domain_xml(&info.name, v) {
-            Ok(x) => x,
-            Err(LibvirtError::UnknownDomain { .. }) => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        match domain::parse(&xml) {
-            Ok(f) => {
-                view.uuid = f.uuid.clone();
-                owner = owner.take().or(f.owner);
-                Ok(Some(f.pci_hostdevs))
-            }
-            Err(e) => {
-                tracing::warn!(domain = %info.name, error = %e, "unreadable domain XML; skipped");
-                Ok(Some(Vec::new()))
-            }
-        }
-    };
-    if info.active {
-        match read(XmlView::Live)? {
-            Some(live) => view.live = live,
-            None => return Ok(None),
-        }
-    }
-    if info.persistent {
-        match read(XmlView::Config)? {
-            Some(config) => view.config = config,
-            None => return Ok(None),
-        }
-    }
-    view.owner = request::owner_for(&view.name, owner.as_deref(), config);
-    Ok(Some(view))
+        owner: request::owner_for(&info.name, dev.owner.as_deref(), config),
+        live: dev.live,
+        config: dev.config,
+    }))
 }
 
 /// Rebuilds everything from libvirt and the host root.

@@ -34,6 +34,24 @@ impl Holdings {
         });
     }
 
+    /// Records a domain: its owner, the functions its running definition references, and those
+    /// of its persistent definition.
+    pub fn add_domain(
+        &mut self,
+        domain: &str,
+        owner: Option<&str>,
+        live: &[PciAddress],
+        config: &[PciAddress],
+    ) {
+        self.set_owner(domain, owner);
+        for a in live {
+            self.add(*a, domain, true);
+        }
+        for a in config {
+            self.add(*a, domain, false);
+        }
+    }
+
     /// Records a domain's owner.
     pub fn set_owner(&mut self, domain: &str, owner: Option<&str>) {
         if let Some(o) = owner {
