@@ -214,6 +214,21 @@ pub struct ListReport {
     pub libvirt: LibvirtReport,
 }
 
+impl ListReport {
+    /// Every GPU of `inv` judged, with its user from `holdings` (`None`: unknown).
+    pub fn new(inv: &Inventory, holdings: Option<&Holdings>, libvirt: LibvirtReport) -> Self {
+        Self {
+            gpus: inv
+                .gpus
+                .iter()
+                .map(|gpu| gpu_report(inv, gpu, holdings))
+                .collect(),
+            iommu: IommuReport::from(&inv.iommu),
+            libvirt,
+        }
+    }
+}
+
 /// Whether holdings came from libvirt.
 #[derive(Debug, Clone, Serialize)]
 pub struct LibvirtReport {

@@ -21,7 +21,7 @@ use crate::agent::state::Snapshot;
 use crate::agent::watch::{Msg, Shared};
 use crate::alloc::lease::LeaseStore;
 use crate::alloc::lock::{HostLock, LockError};
-use crate::alloc::plan::{AttachRequest, DetachRequest};
+use crate::alloc::plan::{owner_holdings, AttachRequest, DetachRequest};
 use crate::assign::{self, AssignOptions, AssignReport};
 use crate::config::GpupassConfig;
 use crate::host::discover::discover;
@@ -30,7 +30,7 @@ use crate::libvirt::virt::VirtHypervisor;
 use crate::libvirt::Impact;
 use crate::limits;
 use crate::model::{PciAddress, PciId};
-use crate::report::{gpu_report, GpuReport, IommuReport, LibvirtReport, ListReport};
+use crate::report::{gpu_report, GpuReport, LibvirtReport, ListReport};
 use crate::usage::unix_now;
 use crate::usage::{parse_since, summarize, Ledger};
 use crate::xml::compose::HostdevTemplate;
@@ -252,16 +252,7 @@ fn libvirt_report(s: &Snapshot, uri: &str) -> LibvirtReport {
 pub fn list_report(s: &Snapshot, uri: &str) -> ListReport {
     // Never reconciled: who uses each GPU is unknown, as in `list` without libvirt.
     let holdings = s.reconciled_at.map(|_| s.holdings());
-    ListReport {
-        gpus: s
-            .inventory
-            .gpus
-            .iter()
-            .map(|g| gpu_report(&s.inventory, g, holdings.as_ref()))
-            .collect(),
-        iommu: IommuReport::from(&s.inventory.iommu),
-        libvirt: libvirt_report(s, uri),
-    }
+    ListReport::new(&s.inventory, holdings.as_ref(), libvirt_report(s, uri))
 }
 
 async fn gpus(State(api): State<Arc<Api>>) -> Json<ListReport> {
@@ -626,16 +617,8 @@ async fn limits_route(State(api): State<Arc<Api>>) -> Result<Json<Vec<LimitRepor
     let holdings = s.holdings();
     let mut out = Vec::new();
     for (owner, l) in &api.config.limits {
-        let mut held = std::collections::BTreeSet::new();
-        let mut doms = std::collections::BTreeSet::new();
-        for g in &s.inventory.gpus {
-            for h in holdings.holders(&g.functions) {
-                if holdings.owner(&h.domain) == Some(owner.as_str()) {
-                    held.insert(g.address);
-                    doms.insert(h.domain);
-                }
-            }
-        }
+        // The snapshot's owners already include the config rules'.
+        let (held, doms) = owner_holdings(&s.inventory, &holdings, owner, None, &|_| None);
         let since = limits::period_start(l.period, now);
         let used = summarize(&read, since, now)
             .owners

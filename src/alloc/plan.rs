@@ -239,6 +239,32 @@ pub fn plan_attach(
     }
 }
 
+/// The GPUs held by `owner`'s domains (and by `domain`, when given, whoever owns it), and the
+/// domains holding them. A domain's owner is the recorded one, else `owner_of` (config rules).
+pub fn owner_holdings(
+    inv: &Inventory,
+    holdings: &Holdings,
+    owner: &str,
+    domain: Option<&str>,
+    owner_of: &dyn Fn(&str) -> Option<String>,
+) -> (BTreeSet<PciAddress>, BTreeSet<String>) {
+    let mut held = BTreeSet::new();
+    let mut holders = BTreeSet::new();
+    for gpu in &inv.gpus {
+        for h in holdings.holders(&gpu.functions) {
+            let whose = holdings
+                .owner(&h.domain)
+                .map(str::to_owned)
+                .or_else(|| owner_of(&h.domain));
+            if Some(h.domain.as_str()) == domain || whose.as_deref() == Some(owner) {
+                held.insert(gpu.address);
+                holders.insert(h.domain);
+            }
+        }
+    }
+    (held, holders)
+}
+
 /// Checks an owner's limit: the GPUs its domains hold (`owner_of` says whose a domain is),
 /// with `domain`'s own counted as the owner's, plus `adding`, must not exceed `max`.
 pub fn check_limit(
@@ -250,20 +276,7 @@ pub fn check_limit(
     adding: &[PciAddress],
     owner_of: &dyn Fn(&str) -> Option<String>,
 ) -> Result<(), AllocError> {
-    let mut held: BTreeSet<PciAddress> = BTreeSet::new();
-    let mut holders: BTreeSet<String> = BTreeSet::new();
-    for gpu in &inv.gpus {
-        for h in holdings.holders(&gpu.functions) {
-            let whose = holdings
-                .owner(&h.domain)
-                .map(str::to_owned)
-                .or_else(|| owner_of(&h.domain));
-            if h.domain == domain || whose.as_deref() == Some(owner) {
-                held.insert(gpu.address);
-                holders.insert(h.domain.clone());
-            }
-        }
-    }
+    let (mut held, holders) = owner_holdings(inv, holdings, owner, Some(domain), owner_of);
     let before = held.len();
     held.extend(adding.iter().copied());
     if held.len() > max as usize {

@@ -5,7 +5,7 @@ use gpupass::alloc::plan::Holdings;
 use gpupass::assign::read_holdings;
 use gpupass::libvirt::virt::VirtHypervisor;
 use gpupass::model::PciAddress;
-use gpupass::report::{details, gpu_report, table, IommuReport, LibvirtReport, ListReport};
+use gpupass::report::{details, gpu_report, table, LibvirtReport, ListReport};
 
 use crate::cli::{print_all, print_json, Global};
 
@@ -54,15 +54,7 @@ fn holdings(g: &Global, offline: bool) -> (Option<Holdings>, LibvirtReport) {
 pub fn list(g: &Global, json: bool, offline: bool) -> anyhow::Result<()> {
     let inv = g.inventory()?;
     let (holdings, libvirt) = holdings(g, offline);
-    let report = ListReport {
-        gpus: inv
-            .gpus
-            .iter()
-            .map(|gpu| gpu_report(&inv, gpu, holdings.as_ref()))
-            .collect(),
-        iommu: IommuReport::from(&inv.iommu),
-        libvirt,
-    };
+    let report = ListReport::new(&inv, holdings.as_ref(), libvirt);
     if json {
         print_json(&report)
     } else {
