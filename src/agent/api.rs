@@ -24,6 +24,7 @@ use crate::alloc::lock::{HostLock, LockError};
 use crate::alloc::plan::{owner_holdings, AttachRequest, DetachRequest};
 use crate::assign::{self, AssignOptions, AssignReport};
 use crate::config::GpupassConfig;
+use crate::hook::cli::error_chain;
 use crate::host::discover::discover;
 use crate::host::sysfs::Sysfs;
 use crate::libvirt::virt::VirtHypervisor;
@@ -32,7 +33,7 @@ use crate::limits;
 use crate::model::{PciAddress, PciId};
 use crate::report::{gpu_report, GpuReport, LibvirtReport, ListReport};
 use crate::usage::unix_now;
-use crate::usage::{parse_since, summarize, Ledger};
+use crate::usage::{parse_since, summarize, Ledger, LedgerRead, UsageReport};
 use crate::xml::compose::HostdevTemplate;
 
 /// Largest request body accepted.
@@ -545,6 +546,15 @@ async fn detach(
     change(api, "detach", name, Change::Detach(req, timeout), imp).await
 }
 
+/// The usage ledger, read off the async runtime.
+async fn read_ledger(api: &Api) -> Result<LedgerRead, ApiError> {
+    let ledger = api.ledger.clone();
+    tokio::task::spawn_blocking(move || ledger.read())
+        .await
+        .map_err(|e| ApiError::from_exit(1, format!("reading the usage ledger: {e}")))?
+        .map_err(|e| ApiError::from_exit(1, error_chain(&e)))
+}
+
 /// `?since=`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -567,21 +577,7 @@ async fn usage(
             ))
         })?,
     };
-    let ledger = api.ledger.clone();
-    let read = tokio::task::spawn_blocking(move || ledger.read())
-        .await
-        .map_err(|e| ApiError::from_exit(1, e.to_string()))?
-        .map_err(|e| {
-            ApiError::from_exit(
-                1,
-                format!(
-                    "{e}: {}",
-                    std::error::Error::source(&e)
-                        .map(|s| s.to_string())
-                        .unwrap_or_default()
-                ),
-            )
-        })?;
+    let read = read_ledger(&api).await?;
     Ok(Json(summarize(&read, since, now)).into_response())
 }
 
@@ -608,19 +604,19 @@ pub struct LimitReport {
 
 async fn limits_route(State(api): State<Arc<Api>>) -> Result<Json<Vec<LimitReport>>, ApiError> {
     let s = api.snapshot();
-    let ledger = api.ledger.clone();
-    let read = tokio::task::spawn_blocking(move || ledger.read())
-        .await
-        .map_err(|e| ApiError::from_exit(1, e.to_string()))?
-        .map_err(|e| ApiError::from_exit(1, e.to_string()))?;
+    let read = read_ledger(&api).await?;
     let now = unix_now();
     let holdings = s.holdings();
+    // One summary per period start, not per owner.
+    let mut by_since: BTreeMap<u64, UsageReport> = BTreeMap::new();
     let mut out = Vec::new();
     for (owner, l) in &api.config.limits {
         // The snapshot's owners already include the config rules'.
         let (held, doms) = owner_holdings(&s.inventory, &holdings, owner, None, &|_| None);
         let since = limits::period_start(l.period, now);
-        let used = summarize(&read, since, now)
+        let used = by_since
+            .entry(since)
+            .or_insert_with(|| summarize(&read, since, now))
             .owners
             .get(owner)
             .copied()
