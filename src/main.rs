@@ -508,13 +508,24 @@ fn main() -> ExitCode {
         Command::HookMode(cmd) => return gpupass::hook::cli::run(&cli.dirs, &cmd),
         Command::Libvirt(c) => c,
     };
+    // Every libvirt-side command reads the config once, here.
+    let settings = match cli.dirs.config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!(
+                "gpupass: error: {}",
+                one_line(&gpupass::hook::cli::error_chain(&e))
+            );
+            return ExitCode::from(2);
+        }
+    };
     let g = Global {
         host_root: cli.dirs.host_root,
         uri: cli.connect,
         run_dir: cli.dirs.run_dir,
         state_dir: cli.dirs.state_dir,
         config: cli.dirs.config_file,
-        settings: cli.dirs.loaded.unwrap_or_default(),
+        settings,
     };
     match run(&g, command) {
         Ok(()) => ExitCode::SUCCESS,

@@ -541,3 +541,47 @@ fn gpu_hours_limit_refuses_once_the_period_is_used_up() {
     );
     assert_eq!(r.code, 0, "{}", r.stderr);
 }
+
+/// The installed hook gets every directory on its command line, so libvirt's bookkeeping calls
+/// never read the config: a broken config blocks `prepare` (fail closed) but not `stopped` or
+/// `start`, which would otherwise fail with it.
+#[test]
+fn a_broken_config_blocks_prepare_only() {
+    let root = Root::new("hgx-8gpu", &[]);
+    let conf = root.path().join("gpupass.toml");
+    fs::write(&conf, "[paths]\nrundir = \"/x\"\n").unwrap();
+    let c = conf.to_str().unwrap();
+    let xml = domain_xml("vm-b", "", &[]);
+    for op in [["start", "begin"], ["stopped", "end"]] {
+        let r = root.gpupass(
+            &[
+                "--config-file",
+                c,
+                "hook",
+                "qemu",
+                "vm-b",
+                op[0],
+                op[1],
+                "-",
+            ],
+            &xml,
+        );
+        assert_eq!(r.code, 0, "{op:?}: {}", r.stderr);
+    }
+    blocked(
+        &root.gpupass(
+            &[
+                "--config-file",
+                c,
+                "hook",
+                "qemu",
+                "vm-b",
+                "prepare",
+                "begin",
+                "-",
+            ],
+            &xml,
+        ),
+        "unknown field `rundir`",
+    );
+}

@@ -65,12 +65,18 @@ pub struct Dirs {
 }
 
 impl Dirs {
-    /// Loads the config file once (kept for [`Dirs::config`]) and takes the directories left at
-    /// their built-in defaults from its `[paths]` (flags and environment variables win).
+    /// Takes the directories left at their built-in defaults from the config file's `[paths]`
+    /// (flags and environment variables win), keeping the loaded file for [`Dirs::config`].
+    /// Reads nothing when every directory was given: the installed hook passes them all, and
+    /// libvirt's bookkeeping calls (`start`, `stopped`, …) need no config at all.
     pub fn resolve(&mut self, matches: &clap::ArgMatches) -> Result<(), ConfigError> {
         use clap::parser::ValueSource;
-        let config = GpupassConfig::load(self.config_file.as_deref())?;
         let defaulted = |id: &str| matches.value_source(id) == Some(ValueSource::DefaultValue);
+        let ids = ["host_root", "run_dir", "state_dir"];
+        if !ids.iter().any(|id| defaulted(id)) {
+            return Ok(());
+        }
+        let config = GpupassConfig::load(self.config_file.as_deref())?;
         let pick = |id: &str, from: &Option<PathBuf>, to: &mut PathBuf| {
             if let (true, Some(p)) = (defaulted(id), from) {
                 to.clone_from(p);
@@ -93,8 +99,8 @@ impl Dirs {
 }
 
 /// Parses a binary's command line the way both binaries do: a parse error or `--help` as
-/// [`exit_on_parse_error`] handles it, then the config file loaded once and its `[paths]`
-/// applied (an unreadable or invalid config is one line and exit 2).
+/// [`exit_on_parse_error`] handles it, then the config's `[paths]` applied ([`Dirs::resolve`];
+/// an unreadable or invalid config is one line and exit 2).
 pub fn parse_args<C>(program: &str, dirs: fn(&mut C) -> &mut Dirs) -> Result<C, ExitCode>
 where
     C: clap::CommandFactory + clap::FromArgMatches,
