@@ -163,6 +163,19 @@ pub struct ServeConfig {
     pub reconcile_seconds: Option<u64>,
 }
 
+impl ServeConfig {
+    /// `tcp` as an address (an error names the key and the expected form).
+    pub fn tcp_addr(&self) -> Result<Option<std::net::SocketAddr>, String> {
+        self.tcp
+            .as_deref()
+            .map(|t| {
+                t.parse()
+                    .map_err(|_| format!("serve.tcp '{t}': give IP:PORT, e.g. 127.0.0.1:7070"))
+            })
+            .transpose()
+    }
+}
+
 /// The configuration.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -261,13 +274,10 @@ impl GpupassConfig {
                 }
             }
         }
-        if let Some(addr) = &self.serve.tcp {
-            let a: std::net::SocketAddr = addr
-                .parse()
-                .map_err(|_| format!("serve.tcp '{addr}': give IP:PORT, e.g. 127.0.0.1:7070"))?;
+        if let Some(a) = self.serve.tcp_addr()? {
             if !a.ip().is_loopback() {
                 return Err(format!(
-                    "serve.tcp '{addr}': only a loopback address is allowed (the API can change domains)"
+                    "serve.tcp '{a}': only a loopback address is allowed (the API can change domains)"
                 ));
             }
             if self.serve.token_file.is_none() {

@@ -28,11 +28,9 @@ pub struct ServeFlags {
 pub fn serve(g: &Global, f: ServeFlags) -> anyhow::Result<()> {
     let config = g.settings.clone();
     let s = config.serve.clone();
-    let tcp = match (f.tcp, s.tcp.as_deref()) {
-        (Some(a), _) => Some(a),
-        // Checked by the config's validation.
-        (None, Some(a)) => a.parse().ok(),
-        (None, None) => None,
+    let tcp = match f.tcp {
+        Some(a) => Some(a),
+        None => s.tcp_addr().map_err(anyhow::Error::msg)?,
     };
     let opts = ServeOptions {
         uri: g.uri.clone(),
