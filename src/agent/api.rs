@@ -44,7 +44,7 @@ pub struct Api {
     /// The watcher's state.
     pub shared: Shared,
     /// To the watcher.
-    pub tx: Mutex<Sender<Msg>>,
+    pub tx: Sender<Msg>,
     /// libvirt URI.
     pub uri: String,
     /// Host root.
@@ -478,8 +478,7 @@ fn run_change(
     };
     drop(lock);
     // Whatever happened, re-read the domain now rather than at the next event.
-    let tx = api.tx.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let _ = tx.send(Msg::Refresh(name.to_owned()));
+    let _ = api.tx.send(Msg::Refresh(name.to_owned()));
     result
 }
 

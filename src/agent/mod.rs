@@ -248,7 +248,7 @@ pub fn serve(opts: ServeOptions) -> Result<(), AgentError> {
     };
     let api = Arc::new(Api {
         shared,
-        tx: Mutex::new(tx.clone()),
+        tx: tx.clone(),
         uri: opts.uri.clone(),
         host_root: opts.host_root.clone(),
         run_dir: opts.run_dir.clone(),

@@ -4,7 +4,7 @@
 //! callbacks that copy what they need out of libvirt's pointers and return.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
-use std::sync::{Arc, Once};
+use std::sync::{Arc, OnceLock};
 
 use virt::sys;
 
@@ -44,35 +44,32 @@ pub enum DomainEventKind {
 /// Where events go. Called on libvirt's event-loop thread: it must not block.
 pub type EventSink = Arc<dyn Fn(LibvirtEvent) + Send + Sync>;
 
-static EVENT_LOOP: Once = Once::new();
+static EVENT_LOOP: OnceLock<Result<(), LibvirtError>> = OnceLock::new();
 
-/// Registers libvirt's default event loop and runs it on its own thread, once per process.
-/// Must be called before the connection that will carry events is opened.
+/// Registers libvirt's default event loop and runs it on its own thread, once per process (a
+/// later call returns the first call's result). Must be called before the connection that will
+/// carry events is opened.
 pub fn start_event_loop() -> Result<(), LibvirtError> {
-    let mut result = Ok(());
-    EVENT_LOOP.call_once(|| {
-        if let Err(e) = virt::event::event_register_default_impl() {
-            result = Err(LibvirtError::Call {
+    EVENT_LOOP
+        .get_or_init(|| {
+            virt::event::event_register_default_impl().map_err(|e| LibvirtError::Call {
                 action: "register libvirt's event loop".into(),
                 message: e.message().to_owned(),
-            });
-            return;
-        }
-        let spawned = std::thread::Builder::new()
-            .name("libvirt-events".into())
-            .spawn(|| loop {
-                if let Err(e) = virt::event::event_run_default_impl() {
-                    tracing::warn!(error = %e.message(), "libvirt event loop iteration failed");
-                }
-            });
-        if let Err(e) = spawned {
-            result = Err(LibvirtError::Call {
-                action: "start libvirt's event-loop thread".into(),
-                message: e.to_string(),
-            });
-        }
-    });
-    result
+            })?;
+            std::thread::Builder::new()
+                .name("libvirt-events".into())
+                .spawn(|| loop {
+                    if let Err(e) = virt::event::event_run_default_impl() {
+                        tracing::warn!(error = %e.message(), "libvirt event loop iteration failed");
+                    }
+                })
+                .map(drop)
+                .map_err(|e| LibvirtError::Call {
+                    action: "start libvirt's event-loop thread".into(),
+                    message: e.to_string(),
+                })
+        })
+        .clone()
 }
 
 fn domain_name(dom: sys::virDomainPtr) -> Option<String> {
