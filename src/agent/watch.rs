@@ -197,7 +197,8 @@ fn serve_connection(
     }
 }
 
-/// Errors that mean the connection is gone, as opposed to one domain being odd.
+/// Errors that may mean the connection is gone (a full reconcile tells), as opposed to a domain
+/// that vanished or refused one call.
 fn lost(e: &LibvirtError) -> bool {
     matches!(e, LibvirtError::Connect { .. } | LibvirtError::Call { .. })
 }
@@ -230,7 +231,7 @@ fn read_view(
 }
 
 /// Rebuilds everything from libvirt and the host root.
-fn reconcile(opts: &WatchOptions, shared: &Shared, hv: &VirtHypervisor) -> Result<(), Lost> {
+fn reconcile(opts: &WatchOptions, shared: &Shared, hv: &dyn Hypervisor) -> Result<(), Lost> {
     let t0 = Instant::now();
     let fail = |shared: &Shared, e: String| {
         update(shared, |s| s.counters.reconcile_failures += 1);
@@ -245,6 +246,7 @@ fn reconcile(opts: &WatchOptions, shared: &Shared, hv: &VirtHypervisor) -> Resul
         }
     };
     let infos = hv.domains().map_err(|e| fail(shared, e.to_string()))?;
+    let previous = current(shared);
     let mut domains = BTreeMap::new();
     for info in &infos {
         match read_view(hv, info, &opts.config) {
@@ -252,8 +254,14 @@ fn reconcile(opts: &WatchOptions, shared: &Shared, hv: &VirtHypervisor) -> Resul
                 domains.insert(v.name.clone(), v);
             }
             Ok(None) => {}
-            Err(e) if lost(&e) => return Err(fail(shared, e.to_string())),
-            Err(e) => tracing::warn!(domain = %info.name, error = %e, "skipped"),
+            // The listing just worked, so the connection is alive: one domain that cannot be
+            // read keeps its last known view rather than sending the agent into reconnects.
+            Err(e) => {
+                tracing::warn!(domain = %info.name, error = %e, "cannot read; keeping its last view");
+                if let Some(v) = previous.domains.get(&info.name) {
+                    domains.insert(v.name.clone(), v.clone());
+                }
+            }
         }
     }
     let written = sync_usage(opts, &domains, &inventory, None);
@@ -278,7 +286,7 @@ fn reconcile(opts: &WatchOptions, shared: &Shared, hv: &VirtHypervisor) -> Resul
 fn refresh(
     opts: &WatchOptions,
     shared: &Shared,
-    hv: &VirtHypervisor,
+    hv: &dyn Hypervisor,
     name: &str,
 ) -> Result<(), Lost> {
     let view = match hv.domain(name) {
@@ -363,6 +371,54 @@ fn sync_usage(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::libvirt::fake::{FakeDomain, FakeHypervisor};
+
+    fn a(s: &str) -> crate::model::PciAddress {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn reconcile_rebuilds_and_keeps_an_unreadable_domains_last_view() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = WatchOptions {
+            uri: "fake:///".into(),
+            host_root: concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/hosts/hgx-8gpu").into(),
+            ledger: Ledger::new(dir.path()),
+            config: GpupassConfig::default(),
+            reconcile_every: Duration::from_secs(60),
+            max_backoff: Duration::from_secs(30),
+        };
+        let dom = |addr: &str| FakeDomain {
+            active: false,
+            persistent: true,
+            config: [a(addr)].into(),
+            ..FakeDomain::default()
+        };
+        let hv = FakeHypervisor::default()
+            .with("vm1", dom("0000:18:00.0"))
+            .with("vm2", dom("0000:2a:00.0"));
+        let shared: Shared = Default::default();
+        reconcile(&opts, &shared, &hv).unwrap();
+        let s = current(&shared);
+        assert!(s.fresh());
+        assert_eq!(s.inventory.gpus.len(), 9);
+        assert_eq!(s.domains["vm2"].config, vec![a("0000:2a:00.0")]);
+
+        // vm1 changes; vm2's XML cannot be read: vm1 is current, vm2 keeps its last view, and
+        // the connection is not given up.
+        hv.domains.borrow_mut().get_mut("vm1").unwrap().config = [a("0000:3a:00.0")].into();
+        *hv.fail_xml.borrow_mut() = Some("vm2".into());
+        reconcile(&opts, &shared, &hv).unwrap();
+        let s = current(&shared);
+        assert_eq!(s.domains["vm1"].config, vec![a("0000:3a:00.0")]);
+        assert_eq!(s.domains["vm2"].config, vec![a("0000:2a:00.0")]);
+        assert_eq!(s.counters.reconciles, 2);
+
+        // An event for a domain that is gone removes it.
+        hv.domains.borrow_mut().remove("vm1");
+        refresh(&opts, &shared, &hv, "vm1").unwrap();
+        assert!(!current(&shared).domains.contains_key("vm1"));
+    }
 
     #[test]
     fn backoff_doubles_to_the_cap_and_restarts_after_a_connection() {

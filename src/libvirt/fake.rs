@@ -36,6 +36,8 @@ pub struct FakeHypervisor {
     pub silent_attach: RefCell<bool>,
     /// Live detach reports success but the guest keeps the device (no OS to answer unplug).
     pub sticky_live: RefCell<bool>,
+    /// Reading this domain's XML fails as a libvirt call error would.
+    pub fail_xml: RefCell<Option<String>>,
     /// Host drivers of node devices (absent = unbound).
     pub drivers: RefCell<BTreeMap<PciAddress, String>>,
     /// A live attach of a function fails unless every function in this set is on vfio-pci
@@ -116,6 +118,12 @@ impl Hypervisor for FakeHypervisor {
 
     fn domain_xml(&self, name: &str, view: XmlView) -> Result<String, LibvirtError> {
         let d = self.get(name)?;
+        if self.fail_xml.borrow().as_deref() == Some(name) {
+            return Err(LibvirtError::Call {
+                action: format!("read the XML of '{name}'"),
+                message: "internal error: injected".into(),
+            });
+        }
         let set = match view {
             XmlView::Live if d.active => &d.live,
             _ => &d.config,
