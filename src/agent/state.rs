@@ -5,7 +5,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use serde::Serialize;
 
 use crate::alloc::lease;
 use crate::alloc::plan::Holdings;
@@ -14,7 +13,7 @@ use crate::model::PciAddress;
 use crate::usage::Record;
 
 /// One domain as libvirt showed it last.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DomainView {
     /// Its name.
     pub name: String,
@@ -56,7 +55,7 @@ impl DomainView {
 }
 
 /// Counters the agent keeps (exported as metrics).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Counters {
     /// Full reconciles done.
     pub reconciles: u64,
