@@ -5,7 +5,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-
 use crate::alloc::lease;
 use crate::alloc::plan::Holdings;
 use crate::host::discover::Inventory;
