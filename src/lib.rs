@@ -19,6 +19,7 @@ pub mod assign;
 pub mod bind;
 pub mod config;
 pub mod cpuset;
+pub mod fsutil;
 pub mod hook;
 pub mod host;
 pub mod hostcfg;

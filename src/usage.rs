@@ -1,20 +1,29 @@
 //! The usage ledger: an append-only JSON-lines file under the state dir with one record when a
 //! domain with GPUs starts and one when it is released; GPU-seconds are computed from it. A
-//! record is one `write` of a whole line under an exclusive lock, flushed to disk; if a crash
-//! ever left a torn last line, the next append starts on a fresh line and readers skip the
-//! torn one, so a bad line never corrupts the records around it.
+//! record is one `write` of a whole line under an exclusive lock (waited for at most
+//! [`LOCK_TIMEOUT`]), flushed to disk; if a crash ever left a torn last line, the next append
+//! starts on a fresh line. Readers take the file as bytes, line by line, and skip (and report
+//! by line number) any line that is not valid UTF-8 or not a record, so a bad line never loses
+//! the records around it nor stops the ledger from being written.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::fsutil::{self, FsError};
 use crate::model::PciAddress;
 
 /// The ledger's file name inside the state dir.
 pub const LEDGER_FILE: &str = "usage.jsonl";
+/// How long a writer waits for the ledger's lock (the hook's `started`/`release`, the agent):
+/// appends take milliseconds, so a longer hold is a hung or hostile process.
+pub const LOCK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How many skipped line numbers a read keeps (it counts them all).
+pub const MAX_SKIPPED_LINES_LISTED: usize = 20;
 
 /// Errors from the ledger.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +37,9 @@ pub enum UsageError {
         #[source]
         source: io::Error,
     },
+    /// The state dir or the ledger is not safe to use, or its lock was held too long.
+    #[error(transparent)]
+    Fs(#[from] FsError),
 }
 
 /// One ledger line.
@@ -65,28 +77,49 @@ pub struct Ledger {
     path: PathBuf,
 }
 
-/// Records read back, and how many lines were skipped as torn or unreadable.
+/// Records read back, and which lines were skipped as torn or unreadable.
 #[derive(Debug, Clone, Default)]
 pub struct LedgerRead {
     /// Valid records, in order.
     pub records: Vec<Record>,
     /// Lines skipped.
     pub skipped: usize,
+    /// The first [`MAX_SKIPPED_LINES_LISTED`] skipped lines' numbers (1-based).
+    pub skipped_lines: Vec<usize>,
 }
 
-fn parse_lines(text: &str) -> LedgerRead {
-    let mut out = LedgerRead::default();
-    let complete = match text.rfind('\n') {
-        Some(i) => &text[..=i],
-        None => "",
-    };
-    if complete.len() < text.len() {
-        out.skipped += 1; // a torn last line
+impl LedgerRead {
+    fn skip(&mut self, line: usize) {
+        self.skipped += 1;
+        if self.skipped_lines.len() < MAX_SKIPPED_LINES_LISTED {
+            self.skipped_lines.push(line);
+        }
     }
-    for line in complete.lines().filter(|l| !l.trim().is_empty()) {
-        match serde_json::from_str::<Record>(line) {
-            Ok(r) => out.records.push(r),
-            Err(_) => out.skipped += 1,
+}
+
+/// Parses the ledger's bytes (pure): every complete line that is UTF-8 and a record is kept;
+/// any other line, and a torn last line (no newline), is skipped by number.
+pub fn parse_lines(bytes: &[u8]) -> LedgerRead {
+    let mut out = LedgerRead::default();
+    let mut lines = bytes.split(|b| *b == b'\n').enumerate().peekable();
+    while let Some((i, line)) = lines.next() {
+        let last = lines.peek().is_none();
+        if last {
+            // After the final newline: empty, or a line torn by a crash.
+            if !line.is_empty() {
+                out.skip(i + 1);
+            }
+            break;
+        }
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        match std::str::from_utf8(line)
+            .ok()
+            .and_then(|l| serde_json::from_str::<Record>(l).ok())
+        {
+            Some(r) => out.records.push(r),
+            None => out.skip(i + 1),
         }
     }
     out
@@ -119,36 +152,56 @@ impl Ledger {
         }
     }
 
-    /// Reads every record; a missing ledger is empty.
+    /// Reads every record; a missing ledger (or state dir) is empty. The state dir must be
+    /// trusted ([`fsutil::check_dir`]).
     pub fn read(&self) -> Result<LedgerRead, UsageError> {
-        match fs::read_to_string(&self.path) {
-            Ok(t) => Ok(parse_lines(&t)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(LedgerRead::default()),
-            Err(e) => Err(self.err(e)),
+        if let Some(dir) = self.path.parent() {
+            match fsutil::check_dir(dir) {
+                Err(e) if e.is_not_found() => return Ok(LedgerRead::default()),
+                r => r?,
+            }
+        }
+        let read = parse_lines(&fsutil::read_state(&self.path)?.unwrap_or_default());
+        self.warn_skipped(&read);
+        Ok(read)
+    }
+
+    /// Says once per read which lines were skipped.
+    fn warn_skipped(&self, read: &LedgerRead) {
+        if read.skipped > 0 {
+            let listed: Vec<String> = read.skipped_lines.iter().map(usize::to_string).collect();
+            let more = if read.skipped > listed.len() {
+                ", …"
+            } else {
+                ""
+            };
+            tracing::warn!(
+                "usage ledger {}: skipped {} torn or unreadable line(s) (line {}{more})",
+                self.path.display(),
+                read.skipped,
+                listed.join(", ")
+            );
         }
     }
 
     /// Opens the ledger locked for appending and returns it with its current records.
     fn locked(&self) -> Result<(File, LedgerRead), UsageError> {
         if let Some(dir) = self.path.parent() {
-            fs::create_dir_all(dir).map_err(|e| self.err(e))?;
+            fsutil::private_dir(dir)?;
         }
-        let mut f = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .open(&self.path)
-            .map_err(|e| self.err(e))?;
-        f.lock().map_err(|e| self.err(e))?;
-        let mut text = String::new();
+        let mut f = fsutil::open_state(
+            &self.path,
+            OpenOptions::new().read(true).append(true).create(true),
+        )?;
+        fsutil::lock(&f, &self.path, LOCK_TIMEOUT)?;
+        let mut bytes = Vec::new();
         f.seek(SeekFrom::Start(0)).map_err(|e| self.err(e))?;
-        f.read_to_string(&mut text).map_err(|e| self.err(e))?;
-        let torn = !text.is_empty() && !text.ends_with('\n');
-        let mut read = parse_lines(&text);
-        if torn {
+        f.read_to_end(&mut bytes).map_err(|e| self.err(e))?;
+        let read = parse_lines(&bytes);
+        self.warn_skipped(&read);
+        if bytes.last().is_some_and(|b| *b != b'\n') {
             // Start the next record on a fresh line; the torn bytes stay a skipped line.
             f.write_all(b"\n").map_err(|e| self.err(e))?;
-            read.skipped = read.skipped.max(1);
         }
         Ok((f, read))
     }
@@ -265,6 +318,8 @@ pub struct UsageReport {
     pub total_gpu_seconds: u64,
     /// Ledger lines skipped as torn or unreadable.
     pub skipped_lines: usize,
+    /// The first of their line numbers (1-based).
+    pub skipped_line_numbers: Vec<usize>,
 }
 
 /// Sums GPU-seconds between `since` and `now` (pure).
@@ -284,8 +339,9 @@ pub fn summarize(read: &LedgerRead, since: u64, now: u64) -> UsageReport {
         u.key = key.to_owned();
         u.domain = domain.to_owned();
         for g in gpus {
-            *u.gpus.entry(*g).or_default() += secs;
-            u.gpu_seconds += secs;
+            let per = u.gpus.entry(*g).or_default();
+            *per = per.saturating_add(secs);
+            u.gpu_seconds = u.gpu_seconds.saturating_add(secs);
         }
     };
     let mut names: BTreeMap<String, String> = BTreeMap::new();
@@ -320,22 +376,27 @@ pub fn summarize(read: &LedgerRead, since: u64, now: u64) -> UsageReport {
     for (key, u) in by_key.iter_mut() {
         u.owner = owner_of.get(key).cloned().flatten();
         if let Some(o) = &u.owner {
-            *owners.entry(o.clone()).or_default() += u.gpu_seconds;
+            let sum = owners.entry(o.clone()).or_default();
+            *sum = sum.saturating_add(u.gpu_seconds);
         }
     }
     let domains: Vec<DomainUsage> = by_key.into_values().collect();
     let mut gpus: BTreeMap<PciAddress, u64> = BTreeMap::new();
     for (g, secs) in domains.iter().flat_map(|d| d.gpus.iter()) {
-        *gpus.entry(*g).or_default() += secs;
+        let sum = gpus.entry(*g).or_default();
+        *sum = sum.saturating_add(*secs);
     }
     UsageReport {
         since,
         until: now,
         owners,
         gpus,
-        total_gpu_seconds: domains.iter().map(|d| d.gpu_seconds).sum(),
+        total_gpu_seconds: domains
+            .iter()
+            .fold(0u64, |t, d| t.saturating_add(d.gpu_seconds)),
         domains,
         skipped_lines: read.skipped,
+        skipped_line_numbers: read.skipped_lines.clone(),
     }
 }
 
@@ -408,5 +469,50 @@ mod tests {
         assert_eq!(read.records.len(), 2);
         assert_eq!(read.skipped, 1);
         assert_eq!(summarize(&read, 0, 1000).total_gpu_seconds, 30);
+    }
+
+    #[test]
+    fn a_corrupt_line_in_the_middle_is_skipped_by_number_and_writing_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Ledger::new(dir.path());
+        l.start("vm", "k1", &[g("0000:18:00.0")], None, 100)
+            .unwrap();
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(dir.path().join(LEDGER_FILE))
+            .unwrap();
+        // A cut multi-byte character, then a line that is UTF-8 but not a record.
+        f.write_all(b"{\"event\":\"stop\",\"domain\":\"\xc3\"}\nnot json\n")
+            .unwrap();
+        drop(f);
+        l.start("vm2", "k2", &[g("0000:2a:00.0")], None, 110)
+            .unwrap();
+        assert!(
+            l.stop("vm", "k1", 130).unwrap(),
+            "the ledger is still written"
+        );
+        let read = l.read().unwrap();
+        assert_eq!(read.records.len(), 3);
+        assert_eq!((read.skipped, read.skipped_lines.clone()), (2, vec![2, 3]));
+        let r = summarize(&read, 0, 140);
+        assert_eq!(r.total_gpu_seconds, 30 + 30);
+        assert_eq!(r.skipped_line_numbers, vec![2, 3]);
+    }
+
+    #[test]
+    fn parsing_never_fails_on_any_bytes() {
+        for bytes in [
+            &b""[..],
+            b"\n\n",
+            b"\xff\xfe\n",
+            b"{",
+            b"\n{\"event\":\"stop\",\"ts\":1,\"domain\":\"d\",\"key\":\"k\"}\n\xc3",
+        ] {
+            let r = parse_lines(bytes);
+            assert!(r.skipped <= bytes.len());
+        }
+        let r =
+            parse_lines(b"\n{\"event\":\"stop\",\"ts\":1,\"domain\":\"d\",\"key\":\"k\"}\n\xc3");
+        assert_eq!((r.records.len(), r.skipped_lines), (1, vec![3]));
     }
 }

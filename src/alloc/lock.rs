@@ -2,23 +2,18 @@
 //! holds which GPU until the attach is verified, so parallel gpupass processes never hand out
 //! one GPU twice. The kernel drops it when the process dies: no stale lock after a crash.
 
-use std::fs::{self, File, OpenOptions};
-use std::io;
+use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::fsutil::{self, FsError};
 
 /// Errors from taking the host lock.
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
-    /// The run dir or lock file could not be created or opened.
-    #[error("failed to open lock file {path}")]
-    Open {
-        /// The lock file.
-        path: PathBuf,
-        /// The IO error.
-        #[source]
-        source: io::Error,
-    },
+    /// The run dir or lock file could not be created, opened or trusted.
+    #[error(transparent)]
+    Open(FsError),
     /// Another process held the lock for longer than the timeout.
     #[error("timed out after {waited:?} waiting for the host lock {path} (another gpupass is attaching or detaching)")]
     Timeout {
@@ -39,34 +34,14 @@ pub struct HostLock {
 pub const LOCK_FILE: &str = "gpupass.lock";
 
 impl HostLock {
-    /// Takes the lock, waiting up to `timeout`.
+    /// Takes the lock, waiting up to `timeout`. The run dir is created 0750 when missing and
+    /// refused when another user owns it or may write to it; the lock file is 0600, so nobody
+    /// else can open it to hold the lock.
     pub fn acquire(run_dir: &Path, timeout: Duration) -> Result<Self, LockError> {
-        let path = run_dir.join(LOCK_FILE);
-        let open_err = |source| LockError::Open {
-            path: path.clone(),
-            source,
-        };
-        fs::create_dir_all(run_dir).map_err(open_err)?;
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(open_err)?;
-        let start = Instant::now();
-        loop {
-            match file.try_lock() {
-                Ok(()) => return Ok(Self { _file: file }),
-                Err(fs::TryLockError::WouldBlock) => {}
-                Err(fs::TryLockError::Error(source)) => return Err(open_err(source)),
-            }
-            if start.elapsed() >= timeout {
-                return Err(LockError::Timeout {
-                    path,
-                    waited: start.elapsed(),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        match fsutil::lock_file(&run_dir.join(LOCK_FILE), timeout) {
+            Ok(file) => Ok(Self { _file: file }),
+            Err(FsError::LockTimeout { path, waited }) => Err(LockError::Timeout { path, waited }),
+            Err(e) => Err(LockError::Open(e)),
         }
     }
 }

@@ -1,45 +1,51 @@
 //! The hook's decision counters: `<run-dir>/hook-decisions.json`, `{"prepare/allowed": 12, …}`,
-//! updated under a lock file and replaced atomically, so the agent's `/metrics` can export
+//! updated under a lock file (waited for at most [`LOCK_TIMEOUT`]) and replaced atomically, so the agent's `/metrics` can export
 //! what the hook decided in processes it never sees. Bounded in size; on tmpfs it starts over at
 //! boot like any counter. Failing to count never changes a decision.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
 use std::path::Path;
+use std::time::Duration;
+
+use crate::fsutil::{self, FsError};
 
 /// The counters file in the run dir.
 pub const FILE: &str = "hook-decisions.json";
 const LOCK: &str = "hook-decisions.lock";
+/// How long a hook waits for another process's count before giving up counting (libvirt waits
+/// for the hook on every start).
+pub const LOCK_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Reads the counters; missing or unreadable = none.
+/// Reads the counters; missing, unreadable or in an untrusted run dir = none.
 pub fn read(run_dir: &Path) -> BTreeMap<String, u64> {
-    fs::read_to_string(run_dir.join(FILE))
+    if fsutil::check_dir(run_dir).is_err() {
+        return BTreeMap::new();
+    }
+    fsutil::read_state(&run_dir.join(FILE))
         .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
+        .flatten()
+        .and_then(|t| serde_json::from_slice(&t).ok())
         .unwrap_or_default()
 }
 
-/// Adds one to `op/result`.
-pub fn record(run_dir: &Path, op: &str, result: &str) -> io::Result<()> {
-    fs::create_dir_all(run_dir)?;
-    let lock = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(run_dir.join(LOCK))?;
-    lock.lock()?;
+/// Adds one to `op/result`, waiting at most [`LOCK_TIMEOUT`] for the lock.
+pub fn record(run_dir: &Path, op: &str, result: &str) -> Result<(), FsError> {
+    record_within(run_dir, op, result, LOCK_TIMEOUT)
+}
+
+fn record_within(run_dir: &Path, op: &str, result: &str, timeout: Duration) -> Result<(), FsError> {
+    let _lock = fsutil::lock_file(&run_dir.join(LOCK), timeout)?;
     let mut counts = read(run_dir);
-    *counts.entry(format!("{op}/{result}")).or_default() += 1;
-    let tmp = run_dir.join(format!("{FILE}.tmp"));
-    let mut f = File::create(&tmp)?;
-    f.write_all(&serde_json::to_vec(&counts).map_err(io::Error::other)?)?;
-    drop(f);
-    fs::rename(&tmp, run_dir.join(FILE))
+    let n = counts.entry(format!("{op}/{result}")).or_default();
+    *n = n.saturating_add(1);
+    let body = serde_json::to_vec(&counts).expect("counters serialize");
+    fsutil::write_atomic(run_dir, FILE, &body)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
 
     #[test]
@@ -54,5 +60,14 @@ mod tests {
         fs::write(dir.path().join(FILE), "{\"prepare/allo").unwrap();
         record(dir.path(), "transform", "ok").unwrap();
         assert_eq!(read(dir.path()).len(), 1);
+    }
+
+    #[test]
+    fn a_held_lock_gives_up_counting_in_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let _held = fsutil::lock_file(&dir.path().join(LOCK), LOCK_TIMEOUT).unwrap();
+        let err = record_within(dir.path(), "prepare", "allowed", Duration::from_millis(100))
+            .unwrap_err();
+        assert!(err.to_string().contains(LOCK), "{err}");
     }
 }
