@@ -228,6 +228,17 @@ pub fn serve(opts: ServeOptions) -> Result<(), AgentError> {
     };
     events::start_event_loop()?;
     let listener = bind_socket(&opts.socket, opts.socket_group.as_deref())?;
+    if opts.socket_group.is_some() && opts.socket.parent() == Some(opts.run_dir.as_path()) {
+        // The run dir is 0750 (gpupass's own): the socket's group must be able to enter it.
+        fs::metadata(&opts.socket)
+            .and_then(|m| std::os::unix::fs::chown(&opts.run_dir, None, Some(m.gid())))
+            .map_err(|e| {
+                socket_err(
+                    &opts.socket,
+                    format!("giving its directory to the socket's group: {e}"),
+                )
+            })?;
+    }
     let shared = Arc::new(RwLock::new(Arc::new(Snapshot::default())));
     let (tx, rx) = mpsc::channel();
     let ledger = Ledger::new(&opts.state_dir);

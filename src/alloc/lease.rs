@@ -4,12 +4,14 @@
 //! A lease ends when it expires or when the hook sees the domain start or release.
 
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
+use std::time::UNIX_EPOCH;
 
 use serde::{Deserialize, Serialize};
 
 use crate::alloc::plan::Holdings;
+use crate::fsutil::{self, FsError};
 use crate::model::PciAddress;
 
 /// Errors from the lease store.
@@ -24,7 +26,14 @@ pub enum LeaseError {
         #[source]
         source: io::Error,
     },
+    /// The leases directory is not safe to use.
+    #[error(transparent)]
+    Fs(#[from] FsError),
 }
+
+/// The longest a lease may hold from when its file was written: a lease file that claims more
+/// (a hostile or corrupt one) holds only this long.
+pub const MAX_LEASE_SECONDS: u64 = 86_400;
 
 /// One lease.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,9 +88,21 @@ impl LeaseStore {
         self.dir.join(format!("{key}.json"))
     }
 
+    /// The leases directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Unexpired leases other than `own_key`'s, as holdings (`lease:<domain>`). Unreadable or
-    /// expired files are ignored (and expired ones removed).
+    /// expired files are ignored (and expired ones removed); so is a leases directory that is
+    /// not trusted ([`fsutil::check_dir`]: gpupass never wrote a lease there).
     pub fn holdings_except(&self, own_key: &str, now: u64, into: &mut Holdings) {
+        if let Err(e) = fsutil::check_dir(&self.dir) {
+            if !e.is_not_found() {
+                tracing::warn!("ignoring leases: {e}");
+            }
+            return;
+        }
         let Ok(entries) = fs::read_dir(&self.dir) else {
             return;
         };
@@ -93,13 +114,20 @@ impl LeaseStore {
             if k == own_key || p.extension().is_none_or(|x| x != "json") {
                 continue;
             }
-            let Some(lease) = fs::read(&p)
+            let Some(lease) = fsutil::read_state(&p)
                 .ok()
+                .flatten()
                 .and_then(|b| serde_json::from_slice::<Lease>(&b).ok())
             else {
                 continue;
             };
-            if lease.expires <= now {
+            let written = e
+                .metadata()
+                .ok()
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map_or(now, |d| d.as_secs().min(now));
+            if lease.expires.min(written.saturating_add(MAX_LEASE_SECONDS)) <= now {
                 let _ = fs::remove_file(&p);
                 continue;
             }
@@ -111,25 +139,17 @@ impl LeaseStore {
         }
     }
 
-    /// Writes (replaces) a lease atomically: a temp file, then rename.
+    /// Writes (replaces) a lease atomically: a temp file, then rename ([`fsutil::write_atomic`]:
+    /// a trusted directory, no symlink followed, crashed writers' temp files removed).
     pub fn put(&self, key: &str, lease: &Lease) -> Result<(), LeaseError> {
-        let path = self.path(key);
-        let err = |source| LeaseError::Write {
-            path: path.clone(),
-            source,
-        };
-        fs::create_dir_all(&self.dir).map_err(err)?;
-        let tmp = self.dir.join(format!(".{key}.{}.tmp", std::process::id()));
         let body = serde_json::to_vec(lease).expect("a lease serializes");
-        let mut f = fs::File::create(&tmp).map_err(err)?;
-        f.write_all(&body)
-            .and_then(|()| f.sync_data())
-            .map_err(err)?;
-        fs::rename(&tmp, &path).map_err(err)
+        fsutil::write_atomic(&self.dir, &format!("{key}.json"), &body)?;
+        Ok(())
     }
 
     /// Removes a lease; absent is fine.
     pub fn remove(&self, key: &str) -> Result<(), LeaseError> {
+        fsutil::check_dir_if_exists(&self.dir)?;
         let path = self.path(key);
         match fs::remove_file(&path) {
             Ok(()) => Ok(()),

@@ -7,8 +7,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use crate::alloc::lease::LeaseStore;
 use crate::alloc::plan::AttachRequest;
 use crate::config::{ConfigError, GpupassConfig};
+use crate::fsutil;
 use crate::hook::args::HookOp;
 use crate::hook::run::{self, HookEnv};
 use crate::hook::{decisions, install, HookError};
@@ -65,18 +67,21 @@ pub struct Dirs {
 }
 
 impl Dirs {
-    /// Takes the directories left at their built-in defaults from the config file's `[paths]`
-    /// (flags and environment variables win), keeping the loaded file for [`Dirs::config`].
-    /// Reads nothing when every directory was given: the installed hook passes them all, and
-    /// libvirt's bookkeeping calls (`start`, `stopped`, …) need no config at all.
+    /// Loads the config file and takes the directories left at their built-in defaults from its
+    /// `[paths]` (flags and environment variables win), keeping it for [`Dirs::config`]. An
+    /// unreadable or invalid config is an error here when a directory would come from it; when
+    /// every directory was given (the installed hook passes them all) the error is left for
+    /// [`Dirs::config`] to return again: hook mode's bookkeeping calls (`started`, `release`, …)
+    /// must work without it, and every other command calls [`Dirs::config`] before anything else.
     pub fn resolve(&mut self, matches: &clap::ArgMatches) -> Result<(), ConfigError> {
         use clap::parser::ValueSource;
         let defaulted = |id: &str| matches.value_source(id) == Some(ValueSource::DefaultValue);
         let ids = ["host_root", "run_dir", "state_dir"];
-        if !ids.iter().any(|id| defaulted(id)) {
-            return Ok(());
-        }
-        let config = GpupassConfig::load(self.config_file.as_deref())?;
+        let config = match GpupassConfig::load(self.config_file.as_deref()) {
+            Ok(c) => c,
+            Err(_) if !ids.iter().any(|id| defaulted(id)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
         let pick = |id: &str, from: &Option<PathBuf>, to: &mut PathBuf| {
             if let (true, Some(p)) = (defaulted(id), from) {
                 to.clone_from(p);
@@ -242,11 +247,30 @@ fn print_stdout(text: &str) -> Result<(), HookError> {
         .map_err(HookError::Stdin)
 }
 
-fn env(dirs: &Dirs, lease: Duration) -> Result<HookEnv, HookError> {
-    let config = dirs.config()?;
-    let template = match &config.templates_dir {
-        Some(d) => HostdevTemplate::from_dir(d)?,
-        None => HostdevTemplate::builtin(),
+/// How long the hook and `transform` wait for the host lock.
+const HOOK_LOCK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The environment of one hook-mode call. The run and state dirs must be trusted
+/// ([`fsutil::private_dir`]: the running user's, writable by nobody else). `bookkeeping` calls
+/// (started, release) need no config: one that cannot be loaded is a warning, and the session
+/// is recorded without an owner from the config's rules.
+fn env(dirs: &Dirs, lease: Duration, bookkeeping: bool) -> Result<HookEnv, HookError> {
+    fsutil::private_dir(&dirs.run_dir)?;
+    fsutil::private_dir(&dirs.state_dir)?;
+    fsutil::check_dir_if_exists(LeaseStore::new(&dirs.run_dir).dir())?;
+    let (config, template) = if bookkeeping {
+        let config = dirs.config().unwrap_or_else(|e| {
+            tracing::warn!("{}; recording usage without it", error_line(&e));
+            GpupassConfig::default()
+        });
+        (config, HostdevTemplate::builtin())
+    } else {
+        let config = dirs.config()?;
+        let template = match &config.templates_dir {
+            Some(d) => HostdevTemplate::from_dir(d)?,
+            None => HostdevTemplate::builtin(),
+        };
+        (config, template)
     };
     Ok(HookEnv {
         host_root: dirs.host_root.clone(),
@@ -255,13 +279,13 @@ fn env(dirs: &Dirs, lease: Duration) -> Result<HookEnv, HookError> {
         config,
         template,
         lease_ttl: lease,
-        lock_timeout: Duration::from_secs(30),
+        lock_timeout: HOOK_LOCK_TIMEOUT,
     })
 }
 
 fn transform(dirs: &Dirs, a: &TransformArgs) -> Result<(), HookError> {
     let input = read_stdin()?;
-    let e = env(dirs, Duration::from_secs(a.lease_seconds))?;
+    let e = env(dirs, Duration::from_secs(a.lease_seconds), false)?;
     let request = match (a.count, a.gpus.is_empty()) {
         (Some(n), _) => Some(AttachRequest::Count {
             count: usize::from(n),
@@ -276,6 +300,18 @@ fn transform(dirs: &Dirs, a: &TransformArgs) -> Result<(), HookError> {
     }
 }
 
+/// Counts a decision for `/metrics`; a failure is a warning (an untrusted run dir only a debug
+/// line: the command's own error already names it) and never changes the decision.
+fn count_decision(dirs: &Dirs, op: &str, outcome: &str) {
+    match decisions::record(&dirs.run_dir, op, outcome) {
+        Ok(()) => {}
+        Err(e @ fsutil::FsError::Untrusted { .. }) => {
+            tracing::debug!("{op} decision not counted: {}", error_line(&e));
+        }
+        Err(e) => tracing::warn!("{op} decision not counted: {}", error_line(&e)),
+    }
+}
+
 /// Runs one hook call; returns the exit code libvirt sees.
 fn hook(dirs: &Dirs, a: &HookArgs) -> ExitCode {
     let op = HookOp::parse(&a.op, &a.subop);
@@ -285,7 +321,8 @@ fn hook(dirs: &Dirs, a: &HookArgs) -> ExitCode {
     }
     let result = std::panic::catch_unwind(|| -> Result<Option<String>, HookError> {
         let input = read_stdin()?;
-        let e = env(dirs, Duration::from_secs(600))?;
+        let bookkeeping = matches!(op, HookOp::Started | HookOp::Reconnect | HookOp::Release);
+        let e = env(dirs, Duration::from_secs(600), bookkeeping)?;
         match op {
             HookOp::Prepare => {
                 for w in run::prepare(&e, &input)? {
@@ -317,9 +354,7 @@ fn hook(dirs: &Dirs, a: &HookArgs) -> ExitCode {
             (Ok(Ok(None)), _) => "unchanged",
             (Ok(Err(_)) | Err(_), _) => "failed",
         };
-        if let Err(e) = decisions::record(&dirs.run_dir, &a.op, outcome) {
-            tracing::debug!(error = %e, "hook decision not counted");
-        }
+        count_decision(dirs, &a.op, outcome);
     }
     match result {
         Ok(Ok(Some(xml))) => match print_stdout(&xml) {
@@ -381,12 +416,7 @@ fn usage(dirs: &Dirs, json: bool, since: Option<&str>) -> Result<(), HookError> 
         report.total_gpu_seconds,
         report.total_gpu_seconds as f64 / 3600.0
     ));
-    if report.skipped_lines > 0 {
-        tracing::warn!(
-            lines = report.skipped_lines,
-            "ledger lines skipped as torn or unreadable"
-        );
-    }
+    // Skipped ledger lines were logged (with their numbers) as the ledger was read.
     print_stdout(&out)
 }
 
@@ -468,22 +498,25 @@ pub fn exit_on_parse_error(e: &clap::Error, program: &str) -> ExitCode {
 
 /// Runs a hook-mode command and returns its exit code; errors are one line on stderr.
 pub fn run(dirs: &Dirs, cmd: &HookCommand) -> ExitCode {
+    // Every command but the hook stops on a config it cannot load (exit 2), even one that does
+    // not use it, before doing anything.
+    let config_ok = || dirs.config().map(drop).map_err(HookError::from);
     let result = match cmd {
         HookCommand::Hook(a) => return hook(dirs, a),
         HookCommand::Transform(a) => {
-            let r = transform(dirs, a);
+            let r = config_ok().and_then(|()| transform(dirs, a));
             let outcome = if r.is_ok() { "ok" } else { "refused" };
-            if let Err(e) = decisions::record(&dirs.run_dir, "transform", outcome) {
-                tracing::debug!(error = %e, "transform decision not counted");
-            }
+            count_decision(dirs, "transform", outcome);
             r
         }
-        HookCommand::Usage { json, since } => usage(dirs, *json, since.as_deref()),
+        HookCommand::Usage { json, since } => {
+            config_ok().and_then(|()| usage(dirs, *json, since.as_deref()))
+        }
         HookCommand::InstallHook {
             root,
             binary,
             uninstall,
-        } => install_hook(dirs, root, binary.as_deref(), *uninstall),
+        } => config_ok().and_then(|()| install_hook(dirs, root, binary.as_deref(), *uninstall)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -16,6 +16,7 @@ use crate::alloc::lease::LeaseError;
 use crate::alloc::lock::LockError;
 use crate::alloc::AllocError;
 use crate::config::ConfigError;
+use crate::fsutil::FsError;
 use crate::host::sysfs::SysfsError;
 use crate::libvirt::files::FilesError;
 use crate::request::RequestError;
@@ -53,6 +54,9 @@ pub enum HookError {
     /// The config.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The run dir or state dir is not safe to use.
+    #[error(transparent)]
+    Fs(#[from] FsError),
     /// `prepare` refuses the start, for this reason.
     #[error("{0}")]
     Blocked(String),
