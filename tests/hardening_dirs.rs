@@ -434,8 +434,10 @@ fn a_corrupt_ledger_line_is_skipped_not_fatal() {
     );
     assert_eq!(r.code, 15, "{}", r.stderr);
     assert!(
-        r.stderr.contains("owner 'acct' may use 0.5 GPU-hour(s) per month")
-            && r.stderr.contains("skipped 1 torn or unreadable line(s) (line 2)"),
+        r.stderr
+            .contains("owner 'acct' may use 0.5 GPU-hour(s) per month")
+            && r.stderr
+                .contains("skipped 1 torn or unreadable line(s) (line 2)"),
         "{}",
         r.stderr
     );

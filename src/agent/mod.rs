@@ -54,6 +54,9 @@ pub enum AgentError {
     /// The async runtime or a thread could not start.
     #[error("starting the agent: {0}")]
     Runtime(#[source] io::Error),
+    /// The run dir or state dir is not safe to use.
+    #[error(transparent)]
+    Dir(#[from] crate::fsutil::FsError),
 }
 
 /// How `gpupass serve` runs.
@@ -218,6 +221,8 @@ fn spawn_listener<L>(
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub fn serve(opts: ServeOptions) -> Result<(), AgentError> {
+    crate::fsutil::private_dir(&opts.run_dir)?;
+    crate::fsutil::private_dir(&opts.state_dir)?;
     let token = match (&opts.tcp, &opts.token_file) {
         (Some(a), _) if !a.ip().is_loopback() => {
             return Err(AgentError::Tcp(format!("{a} is not a loopback address")))
