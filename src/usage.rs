@@ -515,4 +515,49 @@ mod tests {
             parse_lines(b"\n{\"event\":\"stop\",\"ts\":1,\"domain\":\"d\",\"key\":\"k\"}\n\xc3");
         assert_eq!((r.records.len(), r.skipped_lines), (1, vec![3]));
     }
+
+    /// A small deterministic fuzz: random bytes written over one line of a valid ledger never
+    /// stop the parse and never cost another line its record.
+    #[test]
+    fn corrupting_one_line_never_costs_another() {
+        let line = |i: u64| {
+            format!("{{\"event\":\"stop\",\"ts\":{i},\"domain\":\"d\u{e9}\",\"key\":\"k{i}\"}}\n")
+        };
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..2000 {
+            let n = 1 + next() % 6;
+            let bad = next() % n;
+            let mut bytes = Vec::new();
+            for i in 0..n {
+                let mut l = line(i).into_bytes();
+                if i == bad {
+                    for _ in 0..=(next() % 4) {
+                        let at = usize::try_from(next() % (l.len() as u64 - 1)).unwrap();
+                        l[at] = match (next() % 256) as u8 {
+                            b'\n' => 0xc3,
+                            b => b,
+                        };
+                    }
+                    if next() % 3 == 0 && i + 1 == n {
+                        l.truncate(usize::try_from(next() % l.len() as u64).unwrap());
+                    }
+                }
+                bytes.extend_from_slice(&l);
+            }
+            let r = parse_lines(&bytes);
+            let good = usize::try_from(n - 1).unwrap();
+            assert!(
+                r.records.len() >= good,
+                "{:?}",
+                String::from_utf8_lossy(&bytes)
+            );
+            assert!(r.records.len() + r.skipped <= usize::try_from(n).unwrap());
+        }
+    }
 }
