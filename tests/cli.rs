@@ -327,6 +327,90 @@ fn used_by_comes_from_libvirt_domain_xml() {
     assert_one_line_error(&r, 5, "already attached to domain 'vm-holding-9a'");
 }
 
+/// A domain that holds 1 of the consumer card's 4 functions (a crash mid-attach): `list --json`
+/// and `show` say `partial` and name the 3 missing functions, the table flags it, and doctor
+/// fails on it with the fix.
+#[test]
+fn a_partly_attached_gpu_is_flagged_with_its_missing_functions() {
+    let t = tmp();
+    let node = t.path().join("node.xml");
+    fs::write(
+        &node,
+        "<node>
+  <domain type='test'>
+    <name>vm-half</name>
+    <memory>131072</memory>
+    <os><type>hvm</type></os>
+    <devices>
+      <hostdev mode='subsystem' type='pci' managed='yes'>
+        <source><address domain='0x0000' bus='0x01' slot='0x00' function='0x1'/></source>
+      </hostdev>
+    </devices>
+  </domain>
+</node>
+",
+    )
+    .unwrap();
+    let uri = format!("test://{}", node.display());
+    let r = gp("consumer-4fn", &["-c", &uri, "list", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let g = v["gpus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["address"] == "0000:01:00.0")
+        .unwrap();
+    assert_eq!(g["state"], "partial", "{g}");
+    assert_eq!(g["used_by"], "vm-half");
+    let p = &g["partial"][0];
+    assert_eq!(p["domain"], "vm-half");
+    assert_eq!(p["held"], serde_json::json!(["0000:01:00.1"]));
+    assert_eq!(
+        p["missing"],
+        serde_json::json!(["0000:01:00.0", "0000:01:00.2", "0000:01:00.3"])
+    );
+    let r = gp("consumer-4fn", &["-c", &uri, "list"]);
+    assert!(
+        r.stdout
+            .lines()
+            .any(|l| l.starts_with("0000:01:00.0") && l.contains("partial")),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains(
+            "0000:01:00.0: partial: domain 'vm-half' holds only part of GPU 0000:01:00.0"
+        ),
+        "{}",
+        r.stdout
+    );
+    let r = gp("consumer-4fn", &["-c", &uri, "show", "0000:01:00.0"]);
+    assert!(
+        r.stdout
+            .contains("lacks 0000:01:00.0 0000:01:00.2 0000:01:00.3"),
+        "{}",
+        r.stdout
+    );
+    let r = gp("consumer-4fn", &["-c", &uri, "doctor", "--json"]);
+    assert_eq!(r.code, 13, "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let c = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "gpu 0000:01:00.0 assignment")
+        .expect("an assignment check");
+    assert_eq!(c["status"], "fail");
+    assert!(
+        c["fix"]
+            .as_str()
+            .unwrap()
+            .contains("gpupass attach vm-half --gpu 0000:01:00.0"),
+        "{c}"
+    );
+}
+
 #[test]
 fn the_example_config_is_valid() {
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/gpupass.toml");

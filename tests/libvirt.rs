@@ -377,3 +377,78 @@ fn doctor_asks_the_real_daemon_for_its_vfio_backend() {
         .unwrap()
         .contains("no vfio PCI backend"));
 }
+
+/// A domain defined with 2 of the consumer card's 4 functions (what a crash mid-attach leaves):
+/// `list` flags it `partial`, another domain cannot take it, and the domain's own retried
+/// `attach --count 1 --config` completes it to all 4 functions; `detach --all` removes them all.
+#[test]
+fn a_partly_attached_gpu_is_completed_by_the_domains_own_attach() {
+    let _g = need_daemon!();
+    let t = tempfile::tempdir().unwrap();
+    let gp4 = |args: &[&str]| {
+        let mut c = gpupass(&host("consumer-4fn"), t.path());
+        c.arg("-c").arg(test_uri()).args(args);
+        run(c)
+    };
+    let name = format!("{}partial", common::TEST_PREFIX);
+    let hostdev = |f: u8| {
+        format!(
+            "<hostdev mode='subsystem' type='pci' managed='yes'><source><address domain='0x0000' bus='0x01' slot='0x00' function='0x{f}'/></source></hostdev>"
+        )
+    };
+    let xml = common::tiny_domain_xml(&name, "").replace(
+        "<memballoon model='none'/>",
+        &format!("{}{}<memballoon model='none'/>", hostdev(0), hostdev(1)),
+    );
+    let file = t.path().join("d.xml");
+    std::fs::write(&file, xml).unwrap();
+    let r = common::virsh(&["define", file.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let d = TestDomain { name };
+    assert_eq!(d.hostdevs(true), ["0000:01:00.0", "0000:01:00.1"]);
+
+    let r = gp4(&["list", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let g = v["gpus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["address"] == "0000:01:00.0")
+        .unwrap()
+        .clone();
+    assert_eq!(g["state"], "partial", "{g}");
+    assert_eq!(
+        g["partial"][0]["missing"],
+        serde_json::json!(["0000:01:00.2", "0000:01:00.3"])
+    );
+
+    let other = TestDomain::define("partial-other", "");
+    let r = gp4(&["attach", &other.name, "--count", "1", "--config"]);
+    assert_eq!(r.code, 6, "{}", r.stderr);
+    assert!(other.hostdevs(true).is_empty());
+
+    let r = gp4(&["attach", &d.name, "--count", "1", "--config", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(
+        d.hostdevs(true),
+        [
+            "0000:01:00.0",
+            "0000:01:00.1",
+            "0000:01:00.2",
+            "0000:01:00.3"
+        ]
+    );
+    let r = gp4(&["list", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let g = v["gpus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["address"] == "0000:01:00.0")
+        .unwrap()
+        .clone();
+    assert_eq!(g["state"], "in-use", "{g}");
+    let r = gp4(&["detach", &d.name, "--all", "--config"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(d.hostdevs(true).is_empty());
+}
