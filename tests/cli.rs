@@ -102,6 +102,65 @@ fn libvirt_unreachable_is_exit_8_for_attach_and_a_warning_for_list() {
     assert_eq!(v["libvirt"]["connected"], false);
 }
 
+/// Runs a command, killing it (and failing the test) if it has not ended within `limit`.
+fn run_within(mut c: Command, limit: std::time::Duration) -> Run {
+    let mut child = c
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > limit {
+            child.kill().unwrap();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "gpupass still running after {limit:?}; stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap().into()
+}
+
+/// A libvirt socket that accepts and then never answers: attach gives up after
+/// --libvirt-timeout with exit 8 and one line instead of hanging; out-of-range values are
+/// refused at parse time.
+#[test]
+fn a_libvirt_that_never_answers_ends_in_exit_8_within_the_deadline() {
+    let t = tmp();
+    let sock = t.path().join("silent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in listener.incoming().flatten() {
+            held.push(c);
+        }
+    });
+    let uri = format!("qemu+unix:///system?socket={}", sock.display());
+    for verb in [
+        &["attach", "vm", "--count", "1", "--config"][..],
+        &["detach", "vm", "--all", "--config"][..],
+    ] {
+        let mut c = gpupass(&host("consumer-4fn"), &t.path().join("run"));
+        c.args(["-c", &uri])
+            .args(verb)
+            .args(["--libvirt-timeout", "2"]);
+        let start = std::time::Instant::now();
+        let r = run_within(c, std::time::Duration::from_secs(30));
+        assert_one_line_error(&r, 8, "libvirt did not answer within 2 s");
+        assert!(start.elapsed() < std::time::Duration::from_secs(10));
+    }
+    for bad in ["0", "3601", "x", "18446744073709551616"] {
+        let r = gp(
+            "consumer-4fn",
+            &["attach", "vm", "--count", "1", "--libvirt-timeout", bad],
+        );
+        assert_one_line_error(&r, 2, "--libvirt-timeout");
+    }
+}
+
 #[test]
 fn iommu_off_refuses_attach_before_touching_libvirt_state() {
     // The test driver answers but has no attach: reaching it would be a different error.
