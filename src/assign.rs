@@ -13,7 +13,7 @@ use crate::alloc::plan::{
     plan_attach, plan_detach, AttachRequest, DetachRequest, DetachUnit, Holdings,
 };
 use crate::alloc::AllocError;
-use crate::config::GpupassConfig;
+use crate::config::{GpupassConfig, RepairPartial};
 use crate::cpuset;
 use crate::host::discover::Inventory;
 use crate::libvirt::{DomainInfo, Hypervisor, Impact, LibvirtError, XmlView};
@@ -633,6 +633,67 @@ fn detach_unlocked(
     })
 }
 
+/// One GPU that [`repair_partials`] found partly in a domain, and what completing or removing
+/// it gave.
+#[derive(Debug)]
+pub struct RepairOutcome {
+    /// The GPU.
+    pub gpu: PciAddress,
+    /// The domain that held part of it.
+    pub domain: String,
+    /// The attach or detach.
+    pub result: Result<AssignReport, AssignError>,
+}
+
+/// Completes (`Complete`: attaches the missing functions) or removes (`Detach`: detaches the
+/// functions there) every GPU a domain holds only part of, in the definitions that hold part of
+/// it. Reads libvirt afresh under the lock, so an attach or detach that was in flight when the
+/// caller looked has finished (or rolled back) and is not mistaken for a crash's leftover.
+pub fn repair_partials(
+    hv: &dyn Hypervisor,
+    inv: &Inventory,
+    _lock: &HostLock,
+    mode: RepairPartial,
+    opts: &AssignOptions,
+) -> Result<Vec<RepairOutcome>, AssignError> {
+    if mode == RepairPartial::Off {
+        return Ok(Vec::new());
+    }
+    let holdings = read_holdings(hv)?;
+    let mut out = Vec::new();
+    for gpu in &inv.gpus {
+        for p in holdings.partial(&gpu.functions) {
+            let mut o = opts.clone();
+            o.impact = Some(Impact {
+                live: p.live,
+                config: p.config,
+            });
+            let result = match mode {
+                RepairPartial::Complete => attach_unlocked(
+                    hv,
+                    inv,
+                    &p.domain,
+                    &AttachRequest::Gpus(vec![gpu.address]),
+                    &o,
+                ),
+                RepairPartial::Detach | RepairPartial::Off => detach_unlocked(
+                    hv,
+                    inv,
+                    &p.domain,
+                    &DetachRequest::Gpus(vec![gpu.address]),
+                    &o,
+                ),
+            };
+            out.push(RepairOutcome {
+                gpu: gpu.address,
+                domain: p.domain,
+                result,
+            });
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -948,6 +1009,101 @@ mod tests {
         let req = AttachRequest::Gpus(vec![a("0000:18:00.0")]);
         attach_unlocked(&hv, &inv(), "vm", &req, &opts(None)).unwrap();
         assert_eq!(*hv.calls.borrow(), ["attach vm 0000:18:00.1 config"]);
+    }
+
+    #[test]
+    fn count_completes_the_domains_partial_gpu_and_others_are_still_refused() {
+        let mut half = defined();
+        half.config = BTreeSet::from([a("0000:18:00.1")]);
+        let hv = FakeHypervisor::default()
+            .with("vm", half)
+            .with("other", defined());
+        // Another domain cannot have it, whole or by count.
+        let err = attach_unlocked(
+            &hv,
+            &inv(),
+            "other",
+            &AttachRequest::Gpus(vec![a("0000:18:00.0")]),
+            &opts(None),
+        )
+        .unwrap_err();
+        assert_eq!(err.to_string(), "GPU 0000:18:00.0 is in use by domain 'vm'");
+        let one = AttachRequest::Count {
+            count: 1,
+            model: None,
+        };
+        let r = attach_unlocked(&hv, &inv(), "other", &one, &opts(None)).unwrap();
+        assert_eq!(r.gpus[0].gpu, a("0000:9a:00.0"));
+        hv.calls.borrow_mut().clear();
+        // The domain's own retried `--count 1` completes the partial GPU and takes nothing else.
+        let r = attach_unlocked(&hv, &inv(), "vm", &one, &opts(None)).unwrap();
+        assert_eq!(*hv.calls.borrow(), ["attach vm 0000:18:00.0 config"]);
+        assert_eq!(r.gpus[0].gpu, a("0000:18:00.0"));
+        assert!(
+            r.warnings[0].contains("only part of GPU 0000:18:00.0"),
+            "{:?}",
+            r.warnings
+        );
+        assert_eq!(hv.domains.borrow()["vm"].config.len(), 2);
+    }
+
+    #[test]
+    fn repair_completes_or_detaches_a_partial_gpu_in_the_partial_definition() {
+        let lock_dir = tempfile::tempdir().unwrap();
+        let lock = HostLock::acquire(lock_dir.path(), Duration::from_secs(1)).unwrap();
+        let partial = || {
+            let mut d = running();
+            d.live = BTreeSet::from([a("0000:18:00.0"), a("0000:18:00.1")]);
+            d.config = BTreeSet::from([a("0000:18:00.0")]);
+            FakeHypervisor::default().with("vm", d).with("whole", {
+                let mut w = defined();
+                w.config = BTreeSet::from([a("0000:9a:00.0"), a("0000:9a:00.1")]);
+                w
+            })
+        };
+        let hv = partial();
+        let none = repair_partials(&hv, &inv(), &lock, RepairPartial::Off, &opts(None)).unwrap();
+        assert!(none.is_empty() && hv.calls.borrow().is_empty());
+        let done =
+            repair_partials(&hv, &inv(), &lock, RepairPartial::Complete, &opts(None)).unwrap();
+        assert_eq!(done.len(), 1);
+        assert_eq!(
+            (done[0].gpu, done[0].domain.as_str()),
+            (a("0000:18:00.0"), "vm")
+        );
+        done[0].result.as_ref().unwrap();
+        assert_eq!(*hv.calls.borrow(), ["attach vm 0000:18:00.1 config"]);
+        assert_eq!(hv.domains.borrow()["vm"].config.len(), 2);
+        // Whole now: a second pass finds nothing.
+        let again =
+            repair_partials(&hv, &inv(), &lock, RepairPartial::Complete, &opts(None)).unwrap();
+        assert!(again.is_empty());
+
+        let hv = partial();
+        let done = repair_partials(&hv, &inv(), &lock, RepairPartial::Detach, &opts(None)).unwrap();
+        done[0].result.as_ref().unwrap();
+        assert_eq!(*hv.calls.borrow(), ["detach vm 0000:18:00.0 config"]);
+        let d = hv.domains.borrow()["vm"].clone();
+        assert!(d.config.is_empty(), "{d:?}");
+        assert_eq!(d.live.len(), 2, "the whole live definition is left alone");
+        assert_eq!(hv.domains.borrow()["whole"].config.len(), 2);
+    }
+
+    #[test]
+    fn detach_of_a_partial_gpu_removes_whatever_is_there() {
+        let mut half = defined();
+        half.config = BTreeSet::from([a("0000:18:00.1")]);
+        let hv = FakeHypervisor::default().with("vm", half);
+        let r = detach_unlocked(
+            &hv,
+            &inv(),
+            "vm",
+            &DetachRequest::Gpus(vec![a("0000:18:00.0")]),
+            &opts(None),
+        )
+        .unwrap();
+        assert_eq!(r.gpus[0].functions, [a("0000:18:00.1")]);
+        assert!(hv.domains.borrow()["vm"].config.is_empty());
     }
 
     #[test]

@@ -161,6 +161,22 @@ pub struct ServeConfig {
     pub token_file: Option<PathBuf>,
     /// Seconds between full reconciles with libvirt.
     pub reconcile_seconds: Option<u64>,
+    /// What the agent does with a GPU a domain holds only part of (after a crash).
+    #[serde(default)]
+    pub repair_partial: RepairPartial,
+}
+
+/// `serve.repair_partial`: what the agent does with a GPU a domain holds only part of.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RepairPartial {
+    /// Report it only (list, show, doctor, the API, metrics).
+    #[default]
+    Off,
+    /// Attach the missing functions to that domain.
+    Complete,
+    /// Detach the functions the domain has.
+    Detach,
 }
 
 impl ServeConfig {

@@ -35,7 +35,7 @@ Exit codes:
    5  GPU in use by another domain, or already attached to this one
    6  not enough free, passable GPUs (--count)
    7  GPU cannot be passed through (IOMMU off, IOMMU group shared with a host device)
-   8  libvirt unreachable
+   8  libvirt unreachable, or it did not answer within --libvirt-timeout
    9  libvirt refused the change (its message is shown)
   10  libvirt accepted the change but the domain XML does not show it (rolled back)
   11  a failure whose rollback also failed: check the domain by hand
@@ -316,6 +316,11 @@ struct CommonFlags {
     /// Seconds to wait for the host lock.
     #[arg(long, value_name = "SECONDS", default_value_t = 60)]
     lock_timeout: u64,
+    /// Seconds libvirt gets to connect, and then to complete the change under the host lock;
+    /// past that gpupass stops with exit 8, which releases the lock (1-3600).
+    #[arg(long, value_name = "SECONDS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    libvirt_timeout: u64,
 }
 
 fn run(g: &Global, command: LibvirtCommand) -> anyhow::Result<()> {
@@ -325,6 +330,7 @@ fn run(g: &Global, command: LibvirtCommand) -> anyhow::Result<()> {
         json: c.json,
         lock_timeout: Duration::from_secs(c.lock_timeout),
         detach_timeout: Duration::from_secs(detach_timeout),
+        libvirt_timeout: Duration::from_secs(c.libvirt_timeout),
     };
     match command {
         LibvirtCommand::Serve(f) => cli::serve::serve(

@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use crate::alloc::plan::{Holder, Holdings};
+use crate::alloc::plan::{Holder, Holdings, PartialHold};
 use crate::host::discover::{Gpu, Inventory, IommuState, PciDevice};
 use crate::host::readiness::{verdict, Blocker};
 use crate::model::{
@@ -101,6 +101,12 @@ pub struct GpuReport {
     pub used_by: Option<String>,
     /// Every domain that references it; `null` when libvirt could not be asked.
     pub references: Option<Vec<Reference>>,
+    /// `partial` when a domain holds only some of its functions (see `partial`), else `free`,
+    /// `in-use` or `unknown` (libvirt not asked), whatever `viable` says.
+    pub state: &'static str,
+    /// Domains holding only part of it (a crash mid-attach or mid-detach), each with the
+    /// functions it has and lacks; `null` when libvirt could not be asked.
+    pub partial: Option<Vec<PartialHold>>,
 }
 
 fn hex4(v: u16) -> String {
@@ -144,6 +150,13 @@ pub fn gpu_report(inv: &Inventory, gpu: &Gpu, holdings: Option<&Holdings>) -> Gp
         })
         .collect();
     let holders: Option<Vec<Holder>> = holdings.map(|h| h.holders(&gpu.functions));
+    let partial: Option<Vec<PartialHold>> = holdings.map(|h| h.partial(&gpu.functions));
+    let state = match (&holders, &partial) {
+        (_, Some(p)) if !p.is_empty() => "partial",
+        (Some(h), _) if !h.is_empty() => "in-use",
+        (Some(_), _) => "free",
+        (None, _) => "unknown",
+    };
     GpuReport {
         address: gpu.address,
         vendor_id: primary.map(|d| hex4(d.id.vendor)).unwrap_or_default(),
@@ -176,6 +189,8 @@ pub fn gpu_report(inv: &Inventory, gpu: &Gpu, holdings: Option<&Holdings>) -> Gp
                 })
                 .collect()
         }),
+        state,
+        partial,
     }
 }
 
@@ -244,8 +259,11 @@ pub struct LibvirtReport {
     pub stale_since: Option<u64>,
 }
 
-/// A short state word for the table.
+/// A short state word for the table (`partial` first: it needs a hand).
 pub fn state_word(r: &GpuReport) -> &'static str {
+    if r.state == "partial" {
+        return "partial";
+    }
     match (r.viable, r.boot_vga) {
         (false, _) => "blocked",
         (true, true) => "boot-vga",
@@ -331,6 +349,14 @@ pub fn table(list: &ListReport) -> String {
                 out.push_str(&format!("{}: blocked: {b}\n", g.address));
             }
         }
+        for p in g.partial.iter().flatten() {
+            out.push_str(&format!(
+                "{}: partial: {}; {}\n",
+                g.address,
+                p.summary(g.address),
+                p.fix(g.address)
+            ));
+        }
     }
     out
 }
@@ -406,6 +432,10 @@ pub fn details(g: &GpuReport, connected: bool) -> String {
             (_, false) => "unknown (libvirt not reachable)".into(),
         }
     ));
+    for p in g.partial.iter().flatten() {
+        o.push_str(&format!("  partial:      {}\n", p.summary(g.address)));
+        o.push_str(&format!("    fix: {}\n", p.fix(g.address)));
+    }
     o.push_str("  functions:\n");
     for f in &g.functions {
         o.push_str(&format!(

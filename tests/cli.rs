@@ -102,6 +102,65 @@ fn libvirt_unreachable_is_exit_8_for_attach_and_a_warning_for_list() {
     assert_eq!(v["libvirt"]["connected"], false);
 }
 
+/// Runs a command, killing it (and failing the test) if it has not ended within `limit`.
+fn run_within(mut c: Command, limit: std::time::Duration) -> Run {
+    let mut child = c
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > limit {
+            child.kill().unwrap();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "gpupass still running after {limit:?}; stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap().into()
+}
+
+/// A libvirt socket that accepts and then never answers: attach gives up after
+/// --libvirt-timeout with exit 8 and one line instead of hanging; out-of-range values are
+/// refused at parse time.
+#[test]
+fn a_libvirt_that_never_answers_ends_in_exit_8_within_the_deadline() {
+    let t = tmp();
+    let sock = t.path().join("silent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in listener.incoming().flatten() {
+            held.push(c);
+        }
+    });
+    let uri = format!("qemu+unix:///system?socket={}", sock.display());
+    for verb in [
+        &["attach", "vm", "--count", "1", "--config"][..],
+        &["detach", "vm", "--all", "--config"][..],
+    ] {
+        let mut c = gpupass(&host("consumer-4fn"), &t.path().join("run"));
+        c.args(["-c", &uri])
+            .args(verb)
+            .args(["--libvirt-timeout", "2"]);
+        let start = std::time::Instant::now();
+        let r = run_within(c, std::time::Duration::from_secs(30));
+        assert_one_line_error(&r, 8, "libvirt did not answer within 2 s");
+        assert!(start.elapsed() < std::time::Duration::from_secs(10));
+    }
+    for bad in ["0", "3601", "x", "18446744073709551616"] {
+        let r = gp(
+            "consumer-4fn",
+            &["attach", "vm", "--count", "1", "--libvirt-timeout", bad],
+        );
+        assert_one_line_error(&r, 2, "--libvirt-timeout");
+    }
+}
+
 #[test]
 fn iommu_off_refuses_attach_before_touching_libvirt_state() {
     // The test driver answers but has no attach: reaching it would be a different error.
@@ -325,6 +384,90 @@ fn used_by_comes_from_libvirt_domain_xml() {
         ],
     );
     assert_one_line_error(&r, 5, "already attached to domain 'vm-holding-9a'");
+}
+
+/// A domain that holds 1 of the consumer card's 4 functions (a crash mid-attach): `list --json`
+/// and `show` say `partial` and name the 3 missing functions, the table flags it, and doctor
+/// fails on it with the fix.
+#[test]
+fn a_partly_attached_gpu_is_flagged_with_its_missing_functions() {
+    let t = tmp();
+    let node = t.path().join("node.xml");
+    fs::write(
+        &node,
+        "<node>
+  <domain type='test'>
+    <name>vm-half</name>
+    <memory>131072</memory>
+    <os><type>hvm</type></os>
+    <devices>
+      <hostdev mode='subsystem' type='pci' managed='yes'>
+        <source><address domain='0x0000' bus='0x01' slot='0x00' function='0x1'/></source>
+      </hostdev>
+    </devices>
+  </domain>
+</node>
+",
+    )
+    .unwrap();
+    let uri = format!("test://{}", node.display());
+    let r = gp("consumer-4fn", &["-c", &uri, "list", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let g = v["gpus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["address"] == "0000:01:00.0")
+        .unwrap();
+    assert_eq!(g["state"], "partial", "{g}");
+    assert_eq!(g["used_by"], "vm-half");
+    let p = &g["partial"][0];
+    assert_eq!(p["domain"], "vm-half");
+    assert_eq!(p["held"], serde_json::json!(["0000:01:00.1"]));
+    assert_eq!(
+        p["missing"],
+        serde_json::json!(["0000:01:00.0", "0000:01:00.2", "0000:01:00.3"])
+    );
+    let r = gp("consumer-4fn", &["-c", &uri, "list"]);
+    assert!(
+        r.stdout
+            .lines()
+            .any(|l| l.starts_with("0000:01:00.0") && l.contains("partial")),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains(
+            "0000:01:00.0: partial: domain 'vm-half' holds only part of GPU 0000:01:00.0"
+        ),
+        "{}",
+        r.stdout
+    );
+    let r = gp("consumer-4fn", &["-c", &uri, "show", "0000:01:00.0"]);
+    assert!(
+        r.stdout
+            .contains("lacks 0000:01:00.0 0000:01:00.2 0000:01:00.3"),
+        "{}",
+        r.stdout
+    );
+    let r = gp("consumer-4fn", &["-c", &uri, "doctor", "--json"]);
+    assert_eq!(r.code, 13, "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let c = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "gpu 0000:01:00.0 assignment")
+        .expect("an assignment check");
+    assert_eq!(c["status"], "fail");
+    assert!(
+        c["fix"]
+            .as_str()
+            .unwrap()
+            .contains("gpupass attach vm-half --gpu 0000:01:00.0"),
+        "{c}"
+    );
 }
 
 #[test]

@@ -377,3 +377,230 @@ fn doctor_asks_the_real_daemon_for_its_vfio_backend() {
         .unwrap()
         .contains("no vfio PCI backend"));
 }
+
+/// A domain defined with 2 of the consumer card's 4 functions (what a crash mid-attach leaves):
+/// `list` flags it `partial`, another domain cannot take it, and the domain's own retried
+/// `attach --count 1 --config` completes it to all 4 functions; `detach --all` removes them all.
+#[test]
+fn a_partly_attached_gpu_is_completed_by_the_domains_own_attach() {
+    let _g = need_daemon!();
+    let t = tempfile::tempdir().unwrap();
+    let gp4 = |args: &[&str]| {
+        let mut c = gpupass(&host("consumer-4fn"), t.path());
+        c.arg("-c").arg(test_uri()).args(args);
+        run(c)
+    };
+    let name = format!("{}partial", common::TEST_PREFIX);
+    let hostdev = |f: u8| {
+        format!(
+            "<hostdev mode='subsystem' type='pci' managed='yes'><source><address domain='0x0000' bus='0x01' slot='0x00' function='0x{f}'/></source></hostdev>"
+        )
+    };
+    let xml = common::tiny_domain_xml(&name, "").replace(
+        "<memballoon model='none'/>",
+        &format!("{}{}<memballoon model='none'/>", hostdev(0), hostdev(1)),
+    );
+    let file = t.path().join("d.xml");
+    std::fs::write(&file, xml).unwrap();
+    let r = common::virsh(&["define", file.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let d = TestDomain { name };
+    assert_eq!(d.hostdevs(true), ["0000:01:00.0", "0000:01:00.1"]);
+
+    let r = gp4(&["list", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let g = v["gpus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["address"] == "0000:01:00.0")
+        .unwrap()
+        .clone();
+    assert_eq!(g["state"], "partial", "{g}");
+    assert_eq!(
+        g["partial"][0]["missing"],
+        serde_json::json!(["0000:01:00.2", "0000:01:00.3"])
+    );
+
+    let other = TestDomain::define("partial-other", "");
+    let r = gp4(&["attach", &other.name, "--count", "1", "--config"]);
+    assert_eq!(r.code, 6, "{}", r.stderr);
+    assert!(other.hostdevs(true).is_empty());
+
+    let r = gp4(&["attach", &d.name, "--count", "1", "--config", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(
+        d.hostdevs(true),
+        [
+            "0000:01:00.0",
+            "0000:01:00.1",
+            "0000:01:00.2",
+            "0000:01:00.3"
+        ]
+    );
+    let r = gp4(&["list", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let g = v["gpus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["address"] == "0000:01:00.0")
+        .unwrap()
+        .clone();
+    assert_eq!(g["state"], "in-use", "{g}");
+    let r = gp4(&["detach", &d.name, "--all", "--config"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(d.hostdevs(true).is_empty());
+}
+
+/// Runs a command, killing it (and failing the test) if it has not ended within `limit`.
+fn run_within(mut c: std::process::Command, limit: std::time::Duration) -> Run {
+    let mut child = c
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > limit {
+            child.kill().unwrap();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "gpupass still running after {limit:?}; stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap().into()
+}
+
+/// A proxy in front of the daemon's socket that relays libvirt's RPC until the client asks to
+/// look a domain up by name (the first call `attach` makes under the host lock), then goes
+/// silent both ways: a libvirtd that stops answering after a few replies.
+fn stalling_proxy(listen: &std::path::Path, upstream: std::path::PathBuf) {
+    use std::io::{Read, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    const REMOTE_PROGRAM: u32 = 0x2000_8086;
+    const REMOTE_PROC_DOMAIN_LOOKUP_BY_NAME: u32 = 23;
+    let listener = UnixListener::bind(listen).unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for client in listener.incoming().flatten() {
+            let Ok(server) = UnixStream::connect(&upstream) else {
+                return;
+            };
+            let stalled = Arc::new(AtomicBool::new(false));
+            let (mut from_server, mut to_client) =
+                (server.try_clone().unwrap(), client.try_clone().unwrap());
+            let s2 = Arc::clone(&stalled);
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 65536];
+                while let Ok(n) = from_server.read(&mut buf) {
+                    if n == 0 || s2.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    if to_client.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+            let (mut from_client, mut to_server) = (client.try_clone().unwrap(), server);
+            held.push(client);
+            std::thread::spawn(move || loop {
+                let mut len = [0u8; 4];
+                if from_client.read_exact(&mut len).is_err() {
+                    return;
+                }
+                let n = u32::from_be_bytes(len) as usize;
+                let mut rest = vec![0u8; n.saturating_sub(4)];
+                if from_client.read_exact(&mut rest).is_err() {
+                    return;
+                }
+                let word = |i: usize| u32::from_be_bytes(rest[i..i + 4].try_into().unwrap());
+                if rest.len() >= 12
+                    && word(0) == REMOTE_PROGRAM
+                    && word(8) == REMOTE_PROC_DOMAIN_LOOKUP_BY_NAME
+                {
+                    stalled.store(true, Ordering::SeqCst);
+                }
+                if stalled.load(Ordering::SeqCst) {
+                    continue;
+                }
+                if to_server.write_all(&len).is_err() || to_server.write_all(&rest).is_err() {
+                    return;
+                }
+            });
+        }
+    });
+}
+
+/// libvirt stops answering while `attach` holds the host lock: gpupass gives up after
+/// --libvirt-timeout with exit 8 and one line, the lock is free at once, and the next attach
+/// through the real daemon works (no exit 12).
+#[test]
+fn a_libvirt_that_stops_answering_under_the_lock_releases_it_with_exit_8() {
+    let _g = need_daemon!();
+    let upstream = std::path::PathBuf::from(
+        std::env::var("GPUPASS_TEST_SOCKET").unwrap_or_else(|_| "/run/libvirt/libvirt-sock".into()),
+    );
+    if !upstream.exists() {
+        assert!(
+            !common::required(),
+            "no daemon socket at {}",
+            upstream.display()
+        );
+        eprintln!("SKIPPED: no daemon socket at {}", upstream.display());
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let sock = t.path().join("stalling.sock");
+    stalling_proxy(&sock, upstream);
+    let d = TestDomain::define("deadline", "");
+    let run_dir = t.path().join("run");
+    let mut c = gpupass(&host("hgx-8gpu"), &run_dir);
+    c.arg("-c")
+        .arg(format!("qemu+unix:///system?socket={}", sock.display()))
+        .args([
+            "attach",
+            &d.name,
+            "--count",
+            "1",
+            "--config",
+            "--libvirt-timeout",
+            "3",
+        ]);
+    let start = std::time::Instant::now();
+    let r = run_within(c, std::time::Duration::from_secs(40));
+    assert_eq!(r.code, 8, "{}", r.stderr);
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!(
+            "attach to '{}': libvirt did not answer within 3 s",
+            d.name
+        )),
+        "{}",
+        r.stderr
+    );
+    assert!(start.elapsed() < std::time::Duration::from_secs(20));
+    // The lock was taken (the stall came after it) and is free now.
+    let lock = std::fs::File::open(run_dir.join("gpupass.lock")).expect("the lock file exists");
+    lock.try_lock().expect("the host lock is free");
+    drop(lock);
+    let r = gp(
+        &run_dir,
+        &[
+            "attach",
+            &d.name,
+            "--count",
+            "1",
+            "--config",
+            "--lock-timeout",
+            "1",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(d.hostdevs(true).len(), 1);
+}

@@ -70,11 +70,13 @@ pub fn render(
     let mut r = Registry::with_prefix("gpupass");
     let holdings = s.holdings();
     let gpus = Family::<StateLabels, Gauge>::default();
-    for st in ["free", "assigned", "not_passable"] {
+    for st in ["free", "assigned", "partial", "not_passable"] {
         gpus.get_or_create(&StateLabels { state: st.into() }).set(0);
     }
     for g in &s.inventory.gpus {
-        let state = if !holdings.holders(&g.functions).is_empty() {
+        let state = if !holdings.partial(&g.functions).is_empty() {
+            "partial"
+        } else if !holdings.holders(&g.functions).is_empty() {
             "assigned"
         } else if !verdict(&s.inventory, g).viable {
             "not_passable"
@@ -88,7 +90,7 @@ pub fn render(
     }
     r.register(
         "gpus",
-        "GPUs of the host by state (assigned: referenced by a domain)",
+        "GPUs of the host by state (assigned: referenced by a domain; partial: a domain holds only some of its functions)",
         gpus,
     );
     let per_domain = Family::<DomainLabels, Gauge>::default();

@@ -254,6 +254,13 @@ pub fn serve(opts: ServeOptions) -> Result<(), AgentError> {
         config: opts.config.clone(),
         reconcile_every: opts.reconcile_every,
         max_backoff: Duration::from_secs(30),
+        repair: watch::RepairOptions::from_config(
+            &opts.config,
+            &opts.run_dir,
+            &opts.template,
+            &ledger,
+            opts.host_root == Path::new("/"),
+        ),
     };
     let watcher = {
         let (shared, tx) = (Arc::clone(&shared), tx.clone());

@@ -11,8 +11,10 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::agent::state::{open_sessions, usage_ops, DomainView, Snapshot, UsageOp};
-use crate::assign::{self, AssignError, DomainDevices};
-use crate::config::GpupassConfig;
+use crate::alloc::lease::LeaseStore;
+use crate::alloc::lock::HostLock;
+use crate::assign::{self, AssignError, AssignOptions, DomainDevices};
+use crate::config::{GpupassConfig, RepairPartial};
 use crate::host::discover::discover;
 use crate::host::sysfs::Sysfs;
 use crate::libvirt::events::{self, LibvirtEvent};
@@ -21,6 +23,7 @@ use crate::libvirt::{DomainInfo, Hypervisor, LibvirtError};
 use crate::request;
 use crate::usage::unix_now;
 use crate::usage::Ledger;
+use crate::xml::compose::HostdevTemplate;
 
 /// A message to the watcher.
 #[derive(Debug)]
@@ -55,6 +58,48 @@ pub struct WatchOptions {
     pub reconcile_every: Duration,
     /// Longest wait between reconnection attempts.
     pub max_backoff: Duration,
+    /// Complete or remove partly attached GPUs (`serve.repair_partial`); `None`: report only.
+    pub repair: Option<RepairOptions>,
+}
+
+/// How the agent repairs a GPU a domain holds only part of.
+#[derive(Debug, Clone)]
+pub struct RepairOptions {
+    /// Complete or detach.
+    pub mode: RepairPartial,
+    /// The run dir (host lock).
+    pub run_dir: PathBuf,
+    /// How the attach or detach runs.
+    pub assign: AssignOptions,
+}
+
+/// How long a repair waits for the host lock before leaving it to the next reconcile.
+const REPAIR_LOCK_WAIT: Duration = Duration::from_secs(5);
+
+impl RepairOptions {
+    /// From `serve.repair_partial`; `None` when it is `off`.
+    pub fn from_config(
+        config: &GpupassConfig,
+        run_dir: &std::path::Path,
+        template: &HostdevTemplate,
+        ledger: &Ledger,
+        manage_drivers: bool,
+    ) -> Option<Self> {
+        let mode = config.serve.repair_partial;
+        (mode != RepairPartial::Off).then(|| RepairOptions {
+            mode,
+            run_dir: run_dir.to_owned(),
+            assign: AssignOptions {
+                template: template.clone(),
+                impact: None,
+                detach_timeout: Duration::from_secs(30),
+                leases: Some(LeaseStore::new(run_dir)),
+                manage_drivers,
+                config: config.clone(),
+                ledger: Some(ledger.clone()),
+            },
+        })
+    }
 }
 
 /// The shared state: readers take the current snapshot (an `Arc` clone, no copy); the watcher
@@ -165,6 +210,7 @@ fn serve_connection(
     // Registrations go before the connection does.
     let _sub = sub;
     reconcile(opts, shared, hv)?;
+    repair(opts, shared, hv)?;
     let mut next = Instant::now() + opts.reconcile_every;
     loop {
         let wait = next.saturating_duration_since(Instant::now());
@@ -177,6 +223,7 @@ fn serve_connection(
             Msg::Shutdown => return Ok(()),
             Msg::Reconcile => {
                 reconcile(opts, shared, hv)?;
+                repair(opts, shared, hv)?;
                 next = Instant::now() + opts.reconcile_every;
             }
             Msg::Event { generation: g, .. } if g != generation => {}
@@ -279,6 +326,58 @@ fn reconcile(opts: &WatchOptions, shared: &Shared, hv: &dyn Hypervisor) -> Resul
         s.counters.last_reconcile_ms = ms;
     });
     tracing::debug!(domains = n, ms, "reconciled");
+    Ok(())
+}
+
+/// Completes or removes the GPUs domains hold only part of, when configured and the last
+/// reconcile saw any. Under the host lock (a CLI attach in flight finishes first, and the
+/// executor re-reads libvirt); when the lock is busy, the next reconcile tries again.
+fn repair(opts: &WatchOptions, shared: &Shared, hv: &dyn Hypervisor) -> Result<(), Lost> {
+    let Some(r) = &opts.repair else {
+        return Ok(());
+    };
+    let snap = current(shared);
+    let holdings = snap.holdings();
+    if !snap
+        .inventory
+        .gpus
+        .iter()
+        .any(|g| !holdings.partial(&g.functions).is_empty())
+    {
+        return Ok(());
+    }
+    let lock = match HostLock::acquire(&r.run_dir, REPAIR_LOCK_WAIT) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "partly attached GPU not repaired now");
+            return Ok(());
+        }
+    };
+    let outcomes = match assign::repair_partials(hv, &snap.inventory, &lock, r.mode, &r.assign) {
+        Ok(o) => o,
+        Err(AssignError::Libvirt(e)) if lost(&e) => return Err(Lost(e.to_string())),
+        Err(e) => {
+            tracing::warn!(error = %e, "partly attached GPUs not repaired");
+            return Ok(());
+        }
+    };
+    drop(lock);
+    for o in &outcomes {
+        match &o.result {
+            Ok(rep) => tracing::info!(
+                domain = %o.domain, gpu = %o.gpu, action = rep.action,
+                "partly attached GPU repaired"
+            ),
+            Err(e) => tracing::warn!(
+                domain = %o.domain, gpu = %o.gpu, error = %e,
+                "partly attached GPU could not be repaired"
+            ),
+        }
+    }
+    let domains: BTreeSet<&str> = outcomes.iter().map(|o| o.domain.as_str()).collect();
+    for d in domains {
+        refresh(opts, shared, hv, d)?;
+    }
     Ok(())
 }
 
@@ -387,6 +486,7 @@ mod tests {
             config: GpupassConfig::default(),
             reconcile_every: Duration::from_secs(60),
             max_backoff: Duration::from_secs(30),
+            repair: None,
         };
         let dom = |addr: &str| FakeDomain {
             active: false,
@@ -418,6 +518,75 @@ mod tests {
         hv.domains.borrow_mut().remove("vm1");
         refresh(&opts, &shared, &hv, "vm1").unwrap();
         assert!(!current(&shared).domains.contains_key("vm1"));
+    }
+
+    #[test]
+    fn a_partly_attached_gpu_is_reported_and_repaired_only_when_configured() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/hosts/consumer-4fn"
+        );
+        let mut opts = WatchOptions {
+            uri: "fake:///".into(),
+            host_root: root.into(),
+            ledger: Ledger::new(dir.path()),
+            config: GpupassConfig::default(),
+            reconcile_every: Duration::from_secs(60),
+            max_backoff: Duration::from_secs(30),
+            repair: None,
+        };
+        let half = FakeDomain {
+            persistent: true,
+            config: [a("0000:01:00.0"), a("0000:01:00.1")].into(),
+            ..FakeDomain::default()
+        };
+        let hv = FakeHypervisor::default().with("vm", half);
+        let shared: Shared = Default::default();
+        reconcile(&opts, &shared, &hv).unwrap();
+        repair(&opts, &shared, &hv).unwrap();
+        let s = current(&shared);
+        let report = crate::agent::api::list_report(&s, "fake:///");
+        let g = report
+            .gpus
+            .iter()
+            .find(|g| g.address == a("0000:01:00.0"))
+            .unwrap();
+        assert_eq!(g.state, "partial");
+        let p = &g.partial.as_ref().unwrap()[0];
+        assert_eq!(p.missing, [a("0000:01:00.2"), a("0000:01:00.3")]);
+        let metrics =
+            crate::agent::metrics::render(&s, None, &BTreeMap::new(), &BTreeMap::new()).unwrap();
+        assert!(
+            metrics.contains("gpupass_gpus{state=\"partial\"} 1"),
+            "{metrics}"
+        );
+        assert!(hv.calls.borrow().is_empty(), "report only by default");
+
+        let config = GpupassConfig::parse("[serve]\nrepair_partial = \"complete\"\n").unwrap();
+        let template = HostdevTemplate::builtin();
+        opts.repair = RepairOptions::from_config(
+            &config,
+            &dir.path().join("run"),
+            &template,
+            &opts.ledger,
+            false,
+        );
+        repair(&opts, &shared, &hv).unwrap();
+        assert_eq!(
+            *hv.calls.borrow(),
+            [
+                "attach vm 0000:01:00.2 config",
+                "attach vm 0000:01:00.3 config"
+            ]
+        );
+        let s = current(&shared);
+        assert_eq!(
+            s.domains["vm"].config.len(),
+            4,
+            "refreshed after the repair"
+        );
+        assert!(GpupassConfig::parse("[serve]\nrepair_partial = \"sometimes\"\n").is_err());
     }
 
     #[test]

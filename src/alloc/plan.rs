@@ -1,7 +1,10 @@
-//! Decides which GPUs an attach takes and which a detach gives back (pure: no IO). Holdings
-//! come from libvirt's own XML, passed in; the caller holds the host lock.
+//! Decides which GPUs an attach takes and which a detach gives back, and which GPUs a domain
+//! holds only part of (pure: no IO). Holdings come from libvirt's own XML, passed in; the caller
+//! holds the host lock.
 
 use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Serialize;
 
 use crate::alloc::AllocError;
 use crate::host::discover::{Gpu, Inventory};
@@ -64,6 +67,58 @@ impl Holdings {
         self.owners.get(domain).map(String::as_str)
     }
 
+    /// Which of `functions` the domain references in its running (`running`) or persistent
+    /// definition.
+    pub fn functions_of(
+        &self,
+        domain: &str,
+        functions: &[PciAddress],
+        running: bool,
+    ) -> Vec<PciAddress> {
+        functions
+            .iter()
+            .filter(|f| {
+                self.by_address.get(f).is_some_and(|hs| {
+                    hs.iter()
+                        .any(|h| h.domain == domain && h.running == running)
+                })
+            })
+            .copied()
+            .collect()
+    }
+
+    /// The domains that hold part of a GPU (`functions`, all of its functions): a definition
+    /// that references some of them but not all. VFIO gives a whole GPU or none; a crash
+    /// between two functions' attach or detach leaves this.
+    pub fn partial(&self, functions: &[PciAddress]) -> Vec<PartialHold> {
+        let mut out = Vec::new();
+        for h in self.holders(functions) {
+            let live = self.functions_of(&h.domain, functions, true);
+            let config = self.functions_of(&h.domain, functions, false);
+            let part = |held: &[PciAddress]| !held.is_empty() && held.len() < functions.len();
+            let (live_part, config_part) = (part(&live), part(&config));
+            if !live_part && !config_part {
+                continue;
+            }
+            let mut held: BTreeSet<PciAddress> = BTreeSet::new();
+            let mut missing: BTreeSet<PciAddress> = BTreeSet::new();
+            for (is_part, have) in [(live_part, &live), (config_part, &config)] {
+                if is_part {
+                    held.extend(have.iter().copied());
+                    missing.extend(functions.iter().filter(|f| !have.contains(f)).copied());
+                }
+            }
+            out.push(PartialHold {
+                domain: h.domain,
+                live: live_part,
+                config: config_part,
+                held: held.into_iter().collect(),
+                missing: missing.into_iter().collect(),
+            });
+        }
+        out
+    }
+
     /// Domains referencing any of `functions`, running ones first, each once (the first is the
     /// GPU's `used_by`).
     pub fn holders(&self, functions: &[PciAddress]) -> Vec<Holder> {
@@ -79,6 +134,57 @@ impl Holdings {
             .collect();
         out.sort_by(|a, b| b.running.cmp(&a.running).then(a.domain.cmp(&b.domain)));
         out
+    }
+}
+
+/// A GPU that a domain holds only part of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PartialHold {
+    /// The domain.
+    pub domain: String,
+    /// Its running definition holds part of the GPU.
+    pub live: bool,
+    /// Its persistent definition holds part of the GPU.
+    pub config: bool,
+    /// The functions it has (in the partial definitions).
+    pub held: Vec<PciAddress>,
+    /// The functions it lacks there.
+    pub missing: Vec<PciAddress>,
+}
+
+impl PartialHold {
+    /// `live`, `config` or `live+config`: the definitions that hold part of the GPU.
+    pub fn definitions(&self) -> &'static str {
+        match (self.live, self.config) {
+            (true, true) => "live+config",
+            (true, false) => "live",
+            _ => "config",
+        }
+    }
+
+    /// Who holds what of `gpu` and what is missing, for people.
+    pub fn summary(&self, gpu: PciAddress) -> String {
+        let list = |v: &[PciAddress]| {
+            v.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        format!(
+            "domain '{}' holds only part of GPU {gpu} ({} definition: has {}, lacks {})",
+            self.domain,
+            self.definitions(),
+            list(&self.held),
+            list(&self.missing)
+        )
+    }
+
+    /// The two ways out, as commands.
+    pub fn fix(&self, gpu: PciAddress) -> String {
+        format!(
+            "complete it with `gpupass attach {d} --gpu {gpu}` or remove it with `gpupass detach {d} --gpu {gpu}`",
+            d = self.domain
+        )
     }
 }
 
@@ -190,6 +296,47 @@ pub fn plan_attach(
             Ok(AttachPlan { gpus, warnings })
         }
         AttachRequest::Count { count, model } => {
+            // A GPU the domain holds only part of (a crash mid-attach or mid-detach) counts as
+            // one of the N and is completed first: retrying the attach finishes the job.
+            let mut completing: Vec<PciAddress> = Vec::new();
+            for gpu in &inv.gpus {
+                if completing.len() >= *count {
+                    break;
+                }
+                let Some(dev) = inv.device(gpu.address) else {
+                    continue;
+                };
+                if model.is_some_and(|m| m != dev.id) {
+                    continue;
+                }
+                let Some(p) = holdings
+                    .partial(&gpu.functions)
+                    .into_iter()
+                    .find(|p| p.domain == domain)
+                else {
+                    continue;
+                };
+                let v = verdict(inv, gpu);
+                if !v.viable {
+                    return Err(AllocError::NotPassable {
+                        gpu: gpu.address,
+                        reason: v
+                            .blockers
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join("; "),
+                    });
+                }
+                if let Some(e) = held_elsewhere(inv, holdings, gpu, &v, domain) {
+                    return Err(e);
+                }
+                warnings.push(format!(
+                    "{}: completing it (counted as one of the {count})",
+                    p.summary(gpu.address)
+                ));
+                completing.push(gpu.address);
+            }
             let mut free: Vec<(bool, PciAddress)> = Vec::new();
             let (mut held, mut blocked, mut boot, mut other_model) = (0, 0, 0, 0);
             for gpu in &inv.gpus {
@@ -198,6 +345,9 @@ pub fn plan_attach(
                 };
                 if model.is_some_and(|m| m != dev.id) {
                     other_model += 1;
+                    continue;
+                }
+                if completing.contains(&gpu.address) {
                     continue;
                 }
                 let v = verdict(inv, gpu);
@@ -214,7 +364,8 @@ pub fn plan_attach(
                     free.push((!on_preferred, gpu.address));
                 }
             }
-            if free.len() < *count {
+            let want = count.saturating_sub(completing.len());
+            if free.len() < want {
                 let mut parts = vec![format!("{held} in use"), format!("{blocked} not passable")];
                 if boot > 0 {
                     parts.push(format!("{boot} boot VGA"));
@@ -222,19 +373,24 @@ pub fn plan_attach(
                 if model.is_some() {
                     parts.push(format!("{other_model} of other models"));
                 }
+                if !completing.is_empty() {
+                    parts.push(format!(
+                        "{} partly in domain '{domain}', counted",
+                        completing.len()
+                    ));
+                }
                 return Err(AllocError::no_free(
                     *count,
-                    free.len(),
+                    free.len().saturating_add(completing.len()),
                     *model,
                     parts.join(", "),
                 ));
             }
             // Preferred NUMA node first, then the lowest address.
             free.sort();
-            Ok(AttachPlan {
-                gpus: free.into_iter().take(*count).map(|(_, a)| a).collect(),
-                warnings,
-            })
+            let mut gpus = completing;
+            gpus.extend(free.into_iter().take(want).map(|(_, a)| a));
+            Ok(AttachPlan { gpus, warnings })
         }
     }
 }
@@ -465,7 +621,9 @@ mod tests {
         let inv = eight();
         let mut h = Holdings::default();
         h.add(a("0000:18:00.1"), "other", false);
+        // vm holds all of 2a (a GPU it holds only part of would be completed first).
         h.add(a("0000:2a:00.0"), "vm", true);
+        h.add(a("0000:2a:00.1"), "vm", true);
         let req = AttachRequest::Count {
             count: 2,
             model: None,
@@ -487,6 +645,58 @@ mod tests {
             err.to_string(),
             "no free GPU: 3 wanted, 2 free and passable (2 in use, 0 not passable, 1 boot VGA)"
         );
+    }
+
+    #[test]
+    fn a_gpu_partly_in_a_definition_is_partial_and_counted_for_its_domain_only() {
+        let inv = eight();
+        let mut h = Holdings::default();
+        // vm runs with the whole GPU but its persistent definition lost the audio function.
+        h.add_domain(
+            "vm",
+            None,
+            &[a("0000:18:00.0"), a("0000:18:00.1")],
+            &[a("0000:18:00.0")],
+        );
+        // whole: both functions in its config; never partial.
+        h.add_domain("whole", None, &[], &[a("0000:2a:00.0"), a("0000:2a:00.1")]);
+        let gpu = |x: &str| inv.gpu(a(x)).unwrap().functions.clone();
+        let p = h.partial(&gpu("0000:18:00.0"));
+        assert_eq!(
+            p,
+            [PartialHold {
+                domain: "vm".into(),
+                live: false,
+                config: true,
+                held: vec![a("0000:18:00.0")],
+                missing: vec![a("0000:18:00.1")],
+            }]
+        );
+        assert!(p[0]
+            .summary(a("0000:18:00.0"))
+            .contains("config definition: has 0000:18:00.0, lacks 0000:18:00.1"));
+        assert!(h.partial(&gpu("0000:2a:00.0")).is_empty());
+        assert!(h.partial(&gpu("0000:9a:00.0")).is_empty());
+        let one = AttachRequest::Count {
+            count: 1,
+            model: None,
+        };
+        let p = plan_attach(&inv, &h, "vm", &one, &BTreeSet::new()).unwrap();
+        assert_eq!(p.gpus, [a("0000:18:00.0")]);
+        let two = AttachRequest::Count {
+            count: 2,
+            model: None,
+        };
+        let p = plan_attach(&inv, &h, "vm", &two, &BTreeSet::new()).unwrap();
+        assert_eq!(p.gpus, [a("0000:18:00.0"), a("0000:9a:00.0")]);
+        // Another domain's count skips it; of another model it does not count.
+        let p = plan_attach(&inv, &h, "other", &one, &BTreeSet::new()).unwrap();
+        assert_eq!(p.gpus, [a("0000:9a:00.0")]);
+        let aspeed = AttachRequest::Count {
+            count: 1,
+            model: Some("1a03:2000".parse().unwrap()),
+        };
+        plan_attach(&inv, &h, "vm", &aspeed, &BTreeSet::new()).unwrap_err();
     }
 
     #[test]

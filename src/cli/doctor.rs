@@ -3,6 +3,7 @@
 use serde::Serialize;
 
 use gpupass::alloc::AllocError;
+use gpupass::assign::read_holdings;
 use gpupass::host::doctor::{checks, summary, Check, ChecksFailed, LibvirtFacts, Status};
 use gpupass::host::probe::gather;
 use gpupass::host::sysfs::Sysfs;
@@ -30,11 +31,15 @@ fn libvirt_facts(uri: &str) -> LibvirtFacts {
                 .domain_capabilities()
                 .ok()
                 .and_then(|x| pci_backends(&x).ok()),
+            holdings: read_holdings(&hv)
+                .map_err(|e| tracing::warn!("{e}; partly attached GPUs are not checked"))
+                .ok(),
         },
         Err(e) => LibvirtFacts {
             uri: uri.to_owned(),
             reachable: Err(e.to_string()),
             pci_backends: None,
+            holdings: None,
         },
     }
 }

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use crate::alloc::plan::Holdings;
 use crate::host::discover::{Gpu, Inventory};
 use crate::host::readiness::{verdict, Blocker};
 use crate::model::PciAddress;
@@ -71,6 +72,8 @@ pub struct LibvirtFacts {
     pub reachable: Result<(), String>,
     /// The PCI passthrough backends of `domcapabilities`, when read.
     pub pci_backends: Option<Vec<String>>,
+    /// Who holds which function, when read.
+    pub holdings: Option<Holdings>,
 }
 
 /// Everything the checks look at.
@@ -274,6 +277,18 @@ fn gpu_checks(f: &HostFacts, gpu: &Gpu, out: &mut Vec<Check>) {
     } else {
         check(name("drivers"), Status::Ok, drivers.join(" "), None)
     });
+    // A domain with only some of the GPU's functions (a crash mid-attach or mid-detach): the
+    // guest sees half a card and the rest cannot go anywhere else.
+    if let Some(h) = f.libvirt.as_ref().and_then(|l| l.holdings.as_ref()) {
+        for p in h.partial(&gpu.functions) {
+            out.push(check(
+                name("assignment"),
+                Status::Fail,
+                p.summary(gpu.address),
+                Some(&p.fix(gpu.address)),
+            ));
+        }
+    }
     let reset = inv.device(gpu.address).and_then(|d| d.reset_method.clone());
     out.push(match reset.as_deref() {
         Some("") => check(

@@ -9,6 +9,12 @@ use virt::sys;
 use crate::libvirt::{nodedev_name, DomainInfo, Hypervisor, Impact, LibvirtError, XmlView};
 use crate::model::PciAddress;
 
+/// Seconds between keepalive pings while a call waits for libvirtd.
+const KEEPALIVE_INTERVAL_S: i32 = 5;
+/// Unanswered pings after which the connection counts as dead (libvirt closes it and the
+/// waiting call fails): a dead or stuck peer is noticed within about 5 × (3 + 1) s.
+const KEEPALIVE_COUNT: u32 = 3;
+
 /// A libvirt connection.
 pub struct VirtHypervisor {
     conn: Connect,
@@ -44,10 +50,19 @@ impl VirtHypervisor {
     pub fn open(uri: &str) -> Result<Self, LibvirtError> {
         // Without this, libvirt prints every error to stderr itself, on top of ours.
         virt::error::clear_error_callback();
+        // libvirt's keepalive needs an event loop registered before the connection opens.
+        if let Err(e) = crate::libvirt::events::start_event_loop() {
+            tracing::debug!(error = %e, "no libvirt event loop: no keepalive");
+        }
         let conn = Connect::open(Some(uri)).map_err(|e| LibvirtError::Connect {
             uri: uri.to_owned(),
             message: message(&e),
         })?;
+        // A peer that stops answering (a hung libvirtd, a stuck proxy) then fails the waiting
+        // call instead of blocking it forever. Drivers without it (test:///) just go without.
+        if let Err(e) = conn.set_keep_alive(KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT) {
+            tracing::debug!(uri, "libvirt keepalive not enabled: {}", message(&e));
+        }
         Ok(Self {
             conn,
             uri: uri.to_owned(),
