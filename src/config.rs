@@ -164,6 +164,16 @@ pub struct ServeConfig {
     /// What the agent does with a GPU a domain holds only part of (after a crash).
     #[serde(default)]
     pub repair_partial: RepairPartial,
+    /// Milliseconds a client gets to send a request's headers (default 10000).
+    pub header_timeout_ms: Option<u64>,
+    /// Milliseconds a client gets to send a request's body (default 30000).
+    pub body_timeout_ms: Option<u64>,
+    /// Milliseconds an idle keep-alive connection stays open (default 5000).
+    pub idle_timeout_ms: Option<u64>,
+    /// Connections open at once on each listener (default 64).
+    pub max_connections: Option<u64>,
+    /// Milliseconds requests in flight get to finish at shutdown (default 2000).
+    pub shutdown_grace_ms: Option<u64>,
 }
 
 /// `serve.repair_partial`: what the agent does with a GPU a domain holds only part of.
@@ -303,6 +313,18 @@ impl GpupassConfig {
         if self.serve.reconcile_seconds == Some(0) {
             return Err("serve.reconcile_seconds must be at least 1".into());
         }
+        let s = &self.serve;
+        for (key, v, min, max) in [
+            ("header_timeout_ms", s.header_timeout_ms, 1, 3_600_000),
+            ("body_timeout_ms", s.body_timeout_ms, 1, 3_600_000),
+            ("idle_timeout_ms", s.idle_timeout_ms, 1, 3_600_000),
+            ("max_connections", s.max_connections, 1, 4096),
+            ("shutdown_grace_ms", s.shutdown_grace_ms, 0, 60_000),
+        ] {
+            if v.is_some_and(|v| !(min..=max).contains(&v)) {
+                return Err(format!("serve.{key} must be between {min} and {max}"));
+            }
+        }
         for (i, r) in self.rules.iter().enumerate() {
             glob::Pattern::new(&r.domain)
                 .map_err(|e| format!("rules[{i}].domain '{}': {e}", r.domain))?;
@@ -356,6 +378,23 @@ mod tests {
             ),
             ("[paths]\nrundir = \"/x\"\n", "unknown field `rundir`"),
             ("[serve]\nreconcile_seconds = 0\n", "at least 1"),
+            (
+                "[serve]\nheader_timeout_ms = 0\n",
+                "serve.header_timeout_ms must be between 1 and 3600000",
+            ),
+            (
+                "[serve]\nbody_timeout_ms = 9223372036854775807\n",
+                "serve.body_timeout_ms must be between 1 and 3600000",
+            ),
+            (
+                "[serve]\nmax_connections = 0\n",
+                "serve.max_connections must be between 1 and 4096",
+            ),
+            (
+                "[serve]\nshutdown_grace_ms = 60001\n",
+                "serve.shutdown_grace_ms must be between 0 and 60000",
+            ),
+            ("[serve]\nidle_timeout_ms = -1\n", "expected u64"),
         ] {
             let err = GpupassConfig::parse(bad).unwrap_err();
             assert!(err.contains(want), "{bad}: {err}");

@@ -2,16 +2,19 @@
 //! `/etc/modprobe.d/gpupass-vfio.conf` (`options vfio-pci ids=…`, `softdep <driver> pre:
 //! vfio-pci`), the initramfs module list (Debian `/etc/initramfs-tools/modules` or a dracut
 //! drop-in), and the kernel command-line words still missing. `plan` decides (pure); `read_current`
-//! and `apply` are the IO, always under a host root, writing atomically with a backup.
+//! and `apply` are the IO, always under a host root (every path read or written is checked by
+//! `host::sysfs::confine`: no link leads them out), writing atomically with a backup.
 
 use std::collections::BTreeSet;
 use std::fs;
 use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::host::discover::Inventory;
 use crate::host::readiness::VFIO_READY_DRIVERS;
-use crate::model::{PciAddress, PciId};
+use crate::host::sysfs::{confine, SysfsError};
+use crate::model::{DriverName, PciAddress, PciId};
 
 /// Errors from host-config.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +33,9 @@ pub enum HostConfigError {
         #[source]
         source: io::Error,
     },
+    /// A file's path leads out of the host root, or the file is a link.
+    #[error(transparent)]
+    Unsafe(#[from] SysfsError),
 }
 
 /// Which initramfs generator the host uses.
@@ -130,8 +136,9 @@ pub struct Current {
     pub debian_modules: Option<String>,
     /// The dracut drop-in.
     pub dracut: Option<String>,
-    /// Kernel module name of each bound driver (from `drivers/<d>/module`), when known.
-    pub driver_modules: Vec<(String, String)>,
+    /// Kernel module name of each bound driver (from `drivers/<d>/module`), when known; only
+    /// valid module names (they go into the modprobe file).
+    pub driver_modules: Vec<(String, DriverName)>,
 }
 
 fn module_of(driver: &str, current: &Current) -> String {
@@ -139,7 +146,7 @@ fn module_of(driver: &str, current: &Current) -> String {
         .driver_modules
         .iter()
         .find(|(d, _)| d == driver)
-        .map(|(_, m)| m.clone())
+        .map(|(_, m)| m.to_string())
         .unwrap_or_else(|| driver.replace('-', "_"))
 }
 
@@ -334,7 +341,8 @@ pub fn plan(
 }
 
 fn read(root: &Path, rel: &str) -> Result<Option<String>, HostConfigError> {
-    let path = root.join(rel);
+    // The same check as the write: a preview of a file that cannot be written fails the same way.
+    let path = confine(root, rel, false)?;
     match fs::read_to_string(&path) {
         Ok(t) => Ok(Some(t)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -357,10 +365,12 @@ pub fn read_current(root: &Path, inv: &Inventory) -> Result<Current, HostConfigE
         .collect();
     for d in drivers {
         let link = root.join("sys/bus/pci/drivers").join(&d).join("module");
-        if let Some(m) = fs::read_link(&link)
-            .ok()
-            .and_then(|t| t.file_name().and_then(|n| n.to_str()).map(str::to_owned))
-        {
+        // A name that is not a module name is ignored: the driver's own name stands in.
+        if let Some(m) = fs::read_link(&link).ok().and_then(|t| {
+            t.file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.parse::<DriverName>().ok())
+        }) {
             driver_modules.push((d, m));
         }
     }
@@ -375,34 +385,64 @@ pub fn read_current(root: &Path, inv: &Inventory) -> Result<Current, HostConfigE
 }
 
 /// Writes every changed file atomically under `root`, keeping a copy of what it replaces as
-/// `<file>.gpupass-bak.<unix time>`. Returns the backups made.
+/// `<file>.gpupass-bak.<unix time>`. Returns the backups made. Each file's directory is made
+/// and resolved under the root first ([`confine`]); the temp file and the backup are created
+/// new (`O_EXCL`, `O_NOFOLLOW`), never through a planted name.
 pub fn apply(
     root: &Path,
     plan: &HostConfigPlan,
     now: u64,
 ) -> Result<Vec<PathBuf>, HostConfigError> {
+    // Every path checked before the first write: nothing is half-written.
+    for f in plan.files.iter().filter(|f| f.changes()) {
+        confine(root, f.path, false)?;
+    }
     let mut backups = Vec::new();
     for f in plan.files.iter().filter(|f| f.changes()) {
-        let path = root.join(f.path);
+        let path = confine(root, f.path, true)?;
         let io_err = |action, source| HostConfigError::Io {
             action,
-            path: path.clone(),
+            path: root.join(f.path),
             source,
         };
         let dir = path.parent().expect("host-config paths have a parent");
-        fs::create_dir_all(dir).map_err(|e| io_err("create the directory of", e))?;
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+        let create_new = |p: &Path| {
+            fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o644)
+                .custom_flags(nix::libc::O_NOFOLLOW)
+                .open(p)
+        };
         if f.current.is_some() {
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-            let backup = dir.join(format!("{name}.gpupass-bak.{now}"));
-            fs::copy(&path, &backup).map_err(|e| io_err("back up", e))?;
+            let mut from = fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(nix::libc::O_NOFOLLOW)
+                .open(&path)
+                .map_err(|e| io_err("back up", e))?;
+            // A second apply within the same second keeps both old files.
+            let mut n = 0u32;
+            let (backup, mut to) = loop {
+                let backup = match n {
+                    0 => dir.join(format!("{name}.gpupass-bak.{now}")),
+                    _ => dir.join(format!("{name}.gpupass-bak.{now}.{n}")),
+                };
+                match create_new(&backup) {
+                    Ok(to) => break (backup, to),
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists && n < 100 => n += 1,
+                    Err(e) => return Err(io_err("back up", e)),
+                }
+            };
+            io::copy(&mut from, &mut to)
+                .and_then(|_| to.sync_all())
+                .map_err(|e| io_err("back up", e))?;
             backups.push(backup);
         }
-        let tmp = dir.join(format!(
-            ".{}.gpupass.{}",
-            f.path.rsplit('/').next().unwrap_or("f"),
-            std::process::id()
-        ));
-        let mut file = fs::File::create(&tmp).map_err(|e| io_err("write", e))?;
+        let tmp = dir.join(format!(".{name}.gpupass.{}", std::process::id()));
+        // A temp file left by a killed run of this pid is ours to replace.
+        let _ = fs::remove_file(&tmp);
+        let mut file = create_new(&tmp).map_err(|e| io_err("write", e))?;
         file.write_all(f.wanted.as_bytes())
             .and_then(|()| file.sync_all())
             .map_err(|e| io_err("write", e))?;

@@ -478,7 +478,7 @@ fn exit_code(err: &anyhow::Error) -> u8 {
         if let Some(e) = cause.downcast_ref::<HostConfigError>() {
             return match e {
                 HostConfigError::NothingSelected(_) => 3,
-                HostConfigError::Io { .. } => 1,
+                _ => 1,
             };
         }
         if cause.downcast_ref::<ChecksFailed>().is_some() {

@@ -23,6 +23,12 @@ pub enum ModelError {
         /// What the user gave (shortened when long).
         input: String,
     },
+    /// A driver or kernel module name with characters a kernel module name never has.
+    #[error("invalid driver name '{input}': expected 1 to {DRIVER_NAME_MAX} of A-Z a-z 0-9 _ -, e.g. vfio-pci")]
+    InvalidDriverName {
+        /// What was given (shortened when long).
+        input: String,
+    },
 }
 
 /// Keeps error messages one readable line even for hostile input.
@@ -138,6 +144,86 @@ impl Serialize for PciAddress {
 }
 
 impl<'de> Deserialize<'de> for PciAddress {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Longest driver name accepted: the kernel's `MODULE_NAME_LEN` is 64 bytes with the NUL.
+pub const DRIVER_NAME_MAX: usize = 63;
+
+/// A kernel driver or module name (`vfio-pci`, `nvidia`, `snd_hda_intel`): 1 to
+/// [`DRIVER_NAME_MAX`] of `A-Z a-z 0-9 _ -`.
+///
+/// A value that parsed is one plain path component (no `/`, no `.`), so
+/// `sys/bus/pci/drivers/<name>` can never leave `drivers/`, and it never carries a newline into
+/// a modprobe file.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DriverName(String);
+
+impl DriverName {
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The name, owned.
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
+impl fmt::Display for DriverName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl AsRef<str> for DriverName {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl PartialEq<str> for DriverName {
+    fn eq(&self, other: &str) -> bool {
+        self.0 == other
+    }
+}
+
+impl FromStr for DriverName {
+    type Err = ModelError;
+
+    fn from_str(input: &str) -> Result<Self, Self::Err> {
+        let ok = !input.is_empty()
+            && input.len() <= DRIVER_NAME_MAX
+            && input
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if ok {
+            Ok(Self(input.to_owned()))
+        } else {
+            Err(ModelError::InvalidDriverName {
+                input: shown(input),
+            })
+        }
+    }
+}
+
+impl From<DriverName> for String {
+    fn from(d: DriverName) -> String {
+        d.0
+    }
+}
+
+impl Serialize for DriverName {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for DriverName {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         s.parse().map_err(serde::de::Error::custom)
@@ -374,5 +460,31 @@ mod tests {
             device: 0xfff0,
         };
         assert_eq!(device_name(unknown), None);
+    }
+
+    #[test]
+    fn driver_names_are_one_plain_path_component() {
+        for ok in [
+            "vfio-pci",
+            "pci-stub",
+            "nvidia",
+            "snd_hda_intel",
+            "i915",
+            "a",
+        ] {
+            assert_eq!(ok.parse::<DriverName>().unwrap().as_str(), ok);
+        }
+        let long = "a".repeat(DRIVER_NAME_MAX + 1);
+        for bad in [
+            "", "..", ".", "../../x", "a/b", "nvidia\n", "a b", "vfio.pci", "/x", &long,
+        ] {
+            let e = bad.parse::<DriverName>().unwrap_err().to_string();
+            assert!(e.contains("invalid driver name"), "{bad:?}: {e}");
+            assert!(!e.contains('\n'), "one line: {e}");
+        }
+        assert!("a".repeat(DRIVER_NAME_MAX).parse::<DriverName>().is_ok());
+        let d: DriverName = serde_json::from_str("\"nvidia\"").unwrap();
+        assert_eq!(serde_json::to_string(&d).unwrap(), "\"nvidia\"");
+        assert!(serde_json::from_str::<DriverName>("\"../../../../some/dir\"").is_err());
     }
 }

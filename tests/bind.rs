@@ -9,7 +9,7 @@ mod common;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -19,15 +19,22 @@ use common::{gpupass, host_copy, run, Run};
 struct FakeKernel {
     stop: Arc<AtomicBool>,
     handle: Option<JoinHandle<()>>,
+    /// Every write it consumed, in order, as `write "VALUE" to PATH` (a dry run's words).
+    seen: Arc<Mutex<Vec<String>>>,
 }
 
-fn take(path: &Path) -> Option<String> {
+type Seen = Mutex<Vec<String>>;
+
+fn take(path: &Path, seen: &Seen) -> Option<String> {
     let text = fs::read_to_string(path).ok()?;
     let v = text.trim().to_owned();
     if v.is_empty() {
         return None;
     }
     fs::write(path, "").ok()?;
+    seen.lock()
+        .unwrap()
+        .push(format!("write {v:?} to {}", path.display()));
     Some(v)
 }
 
@@ -38,22 +45,22 @@ fn link_driver(sys: &Path, bdf: &str, driver: &str) {
         .unwrap();
 }
 
-fn tick(sys: &Path) {
+fn tick(sys: &Path, seen: &Seen) {
     let drivers = sys.join("bus/pci/drivers");
     let all: Vec<_> = fs::read_dir(&drivers).unwrap().flatten().collect();
     // Unbinds before binds, as the writes were made.
     for d in &all {
-        if let Some(bdf) = take(&d.path().join("unbind")) {
+        if let Some(bdf) = take(&d.path().join("unbind"), seen) {
             let _ = fs::remove_file(sys.join("bus/pci/devices").join(&bdf).join("driver"));
             let _ = fs::remove_file(d.path().join(&bdf));
         }
     }
     for d in &all {
-        if let Some(bdf) = take(&d.path().join("bind")) {
+        if let Some(bdf) = take(&d.path().join("bind"), seen) {
             link_driver(sys, &bdf, &d.file_name().into_string().unwrap());
         }
     }
-    if let Some(bdf) = take(&sys.join("bus/pci/drivers_probe")) {
+    if let Some(bdf) = take(&sys.join("bus/pci/drivers_probe"), seen) {
         let dev = sys.join("bus/pci/devices").join(&bdf);
         let ov = fs::read_to_string(dev.join("driver_override")).unwrap_or_default();
         let ov = ov.trim();
@@ -69,16 +76,23 @@ impl FakeKernel {
         let stop = Arc::new(AtomicBool::new(false));
         let sys = root.join("sys");
         let s = stop.clone();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
         let handle = std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
-                tick(&sys);
+                tick(&sys, &log);
                 std::thread::sleep(Duration::from_millis(2));
             }
         });
         FakeKernel {
             stop,
             handle: Some(handle),
+            seen,
         }
+    }
+
+    fn seen(&self) -> Vec<String> {
+        std::mem::take(&mut *self.seen.lock().unwrap())
     }
 }
 
@@ -139,10 +153,10 @@ fn dry_run_prints_the_exact_writes_in_order_and_changes_nothing() {
     let root = h.root.path().display().to_string();
     let want = [
         format!("write \"vfio-pci\" to {root}/sys/bus/pci/devices/0000:03:00.0/driver_override"),
-        format!("write \"0000:03:00.0\" to {root}/sys/bus/pci/devices/0000:03:00.0/driver/unbind"),
+        format!("write \"0000:03:00.0\" to {root}/sys/bus/pci/drivers/pci-stub/unbind"),
         format!("write \"0000:03:00.0\" to {root}/sys/bus/pci/drivers_probe"),
         format!("write \"vfio-pci\" to {root}/sys/bus/pci/devices/0000:03:00.1/driver_override"),
-        format!("write \"0000:03:00.1\" to {root}/sys/bus/pci/devices/0000:03:00.1/driver/unbind"),
+        format!("write \"0000:03:00.1\" to {root}/sys/bus/pci/drivers/pci-stub/unbind"),
         format!("write \"0000:03:00.1\" to {root}/sys/bus/pci/drivers_probe"),
     ];
     let lines: Vec<&str> = r
@@ -326,4 +340,192 @@ fn missing_driver_unknown_device_and_no_iommu_are_clear_errors() {
     let off = Host::new("iommu-off");
     assert_eq!(off.gp(&["bind", "0000:3b:00.0"]).code, 7);
     assert_eq!(off.gp(&["bind", "../../x"]).code, 2);
+}
+
+/// The `write …` lines of a dry run, and the `wrote …` lines of the real run in the same words.
+fn write_lines(out: &str, verb: &str) -> Vec<String> {
+    out.lines()
+        .filter_map(|l| l.strip_prefix(&format!("{verb} ")))
+        .map(|l| format!("write {l}"))
+        .collect()
+}
+
+#[test]
+fn the_dry_run_lists_exactly_what_bind_and_restore_write() {
+    let h = Host::new("seeds-k4200");
+    let k = FakeKernel::start(h.root.path());
+    for args in [["bind", "0000:03:00.0"], ["restore", "0000:03:00.0"]] {
+        let dry = h.gp(&[args[0], args[1], "--dry-run"]);
+        assert_eq!(dry.code, 0, "{args:?}: {}", dry.stderr);
+        let planned = write_lines(&dry.stdout, "write");
+        assert!(!planned.is_empty(), "{}", dry.stdout);
+        assert!(k.seen().is_empty(), "the dry run wrote nothing");
+        let r = h.gp(&args);
+        assert_eq!(r.code, 0, "{args:?}: {}", r.stderr);
+        assert_eq!(write_lines(&r.stdout, "wrote"), planned, "{args:?}");
+        // What the kernel saw is the planned list without the driver_override writes, which
+        // stay in their files: the last one planned for each device is what is there now.
+        let kernel: Vec<String> = planned
+            .iter()
+            .filter(|l| !l.ends_with("/driver_override"))
+            .cloned()
+            .collect();
+        assert_eq!(k.seen(), kernel, "{args:?}");
+        for f in ["0000:03:00.0", "0000:03:00.1"] {
+            let rel = format!("sys/bus/pci/devices/{f}/driver_override");
+            let last = planned
+                .iter()
+                .rev()
+                .find(|l| l.ends_with(&rel))
+                .expect("an override write for each device");
+            assert!(
+                last.starts_with(&format!("write {:?} to", h.read(&rel))),
+                "{last}"
+            );
+        }
+    }
+}
+
+/// An outside directory standing in for a driver, with the files a driver directory has.
+fn outside_driver(parent: &Path, name: &str) -> PathBuf {
+    let d = parent.join(name);
+    fs::create_dir_all(&d).unwrap();
+    for f in ["bind", "unbind", "new_id", "remove_id"] {
+        fs::write(d.join(f), "").unwrap();
+    }
+    d
+}
+
+fn assert_untouched(outside: &Path) {
+    for f in ["bind", "unbind"] {
+        assert_eq!(
+            fs::read_to_string(outside.join(f)).unwrap(),
+            "",
+            "{} was written",
+            outside.join(f).display()
+        );
+    }
+}
+
+#[test]
+fn a_driver_link_leading_out_of_the_root_is_never_written_through() {
+    // (1) A device's `driver` link points at a directory outside the root. Only its name
+    // counts, and there is no such driver under the root: refused before any write.
+    let h = Host::new("seeds-k4200");
+    let _k = FakeKernel::start(h.root.path());
+    let out = tempfile::tempdir().unwrap();
+    let evil = outside_driver(out.path(), "snd_hda_intel");
+    let link = h.dev("0000:03:00.1").join("driver");
+    fs::remove_file(&link).unwrap();
+    std::os::unix::fs::symlink(&evil, &link).unwrap();
+    for extra in [&["--force"][..], &["--dry-run"][..]] {
+        let mut args = vec!["bind", "0000:03:00.0"];
+        args.extend_from_slice(extra);
+        let r = h.gp(&args);
+        assert_untouched(&evil);
+        assert_eq!(r.code, 1, "{extra:?}: {}", r.stderr);
+        assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+        assert!(
+            r.stderr.contains("0000:03:00.1 is bound to snd_hda_intel")
+                && r.stderr.contains("is not a driver directory"),
+            "{}",
+            r.stderr
+        );
+        assert!(r.stdout.is_empty(), "{}", r.stdout);
+        assert_eq!(
+            h.read("sys/bus/pci/devices/0000:03:00.0/driver_override"),
+            "(null)\n",
+            "nothing written in the root either"
+        );
+        assert_eq!(h.driver("0000:03:00.0").as_deref(), Some("pci-stub"));
+        assert_eq!(h.records(), serde_json::json!({}));
+    }
+
+    // (2) The driver's own directory under the root is a link to the outside one.
+    let h = Host::new("seeds-k4200");
+    let _k = FakeKernel::start(h.root.path());
+    let out = tempfile::tempdir().unwrap();
+    let evil = outside_driver(out.path(), "pci-stub");
+    let drivers = h.root.path().join("sys/bus/pci/drivers");
+    fs::remove_dir_all(drivers.join("pci-stub")).unwrap();
+    std::os::unix::fs::symlink(&evil, drivers.join("pci-stub")).unwrap();
+    for extra in [&["--force"][..], &["--dry-run"][..]] {
+        let mut args = vec!["bind", "0000:03:00.0"];
+        args.extend_from_slice(extra);
+        let r = h.gp(&args);
+        assert_untouched(&evil);
+        assert_eq!(r.code, 1, "{extra:?}: {}", r.stderr);
+        assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+        assert!(
+            r.stderr.contains("pci-stub/unbind") && r.stderr.contains("outside the host root"),
+            "{}",
+            r.stderr
+        );
+        assert_eq!(
+            h.read("sys/bus/pci/devices/0000:03:00.0/driver_override"),
+            "(null)\n"
+        );
+        assert_eq!(h.records(), serde_json::json!({}));
+    }
+
+    // (3) A driver link whose last component is no driver name: one line, nothing written.
+    let h = Host::new("seeds-k4200");
+    let link = h.dev("0000:03:00.1").join("driver");
+    fs::remove_file(&link).unwrap();
+    std::os::unix::fs::symlink("../../../../bus/pci/drivers/pci stub", &link).unwrap();
+    let r = h.gp(&["bind", "0000:03:00.0", "--dry-run"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("which is not a kernel driver name"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn a_driver_name_in_the_binding_record_must_be_a_driver_name() {
+    let h = Host::new("seeds-k4200");
+    let _k = FakeKernel::start(h.root.path());
+    // A sibling of the host root, reached from sys/bus/pci/drivers by climbing out of it.
+    let parent = h.root.path().parent().unwrap();
+    let out = tempfile::tempdir_in(parent).unwrap();
+    let evil = outside_driver(out.path(), "dir");
+    let climb = format!(
+        "../../../../../{}/dir",
+        out.path().file_name().unwrap().to_str().unwrap()
+    );
+    assert!(h
+        .root
+        .path()
+        .join("sys/bus/pci/drivers")
+        .join(&climb)
+        .is_dir());
+    let rec = serde_json::json!({
+        "0000:03:00.0": {"original": climb, "driver": "vfio-pci", "requested": "0000:03:00.0", "persisted": false},
+    });
+    fs::write(
+        h.state.path().join("bindings.json"),
+        serde_json::to_vec(&rec).unwrap(),
+    )
+    .unwrap();
+    for extra in [&[][..], &["--dry-run"][..]] {
+        let mut args = vec!["restore", "0000:03:00.0"];
+        args.extend_from_slice(extra);
+        let r = h.gp(&args);
+        assert_untouched(&evil);
+        assert_eq!(r.code, 1, "{extra:?}: {}", r.stderr);
+        assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+        assert!(
+            r.stderr.contains("bindings.json is not valid")
+                && r.stderr.contains("invalid driver name"),
+            "{}",
+            r.stderr
+        );
+        assert_eq!(
+            h.read("sys/bus/pci/devices/0000:03:00.0/driver_override"),
+            "(null)\n"
+        );
+        assert_eq!(h.driver("0000:03:00.0").as_deref(), Some("pci-stub"));
+    }
 }

@@ -182,3 +182,56 @@ fn nothing_to_configure_is_a_clear_error() {
     );
     assert_eq!(r.code, 2);
 }
+
+#[test]
+fn a_link_leading_out_of_the_root_is_refused_and_nothing_is_written() {
+    // etc/modprobe.d is a link to a directory outside the root.
+    let root = host_copy("seeds-k4200");
+    let out = tempfile::tempdir().unwrap();
+    let modules = root.path().join("etc/initramfs-tools/modules");
+    let before = fs::read_to_string(&modules).unwrap();
+    std::os::unix::fs::symlink(out.path(), root.path().join("etc/modprobe.d")).unwrap();
+    for args in [&["--apply"][..], &[][..]] {
+        let r = hc(root.path(), args);
+        assert_eq!(
+            fs::read_dir(out.path()).unwrap().count(),
+            0,
+            "{args:?}: a file was created outside the root"
+        );
+        assert_eq!(r.code, 1, "{args:?}: {}", r.stderr);
+        assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+        assert!(
+            r.stderr.contains("etc/modprobe.d/gpupass-vfio.conf")
+                && r.stderr.contains("outside the host root"),
+            "{}",
+            r.stderr
+        );
+        assert!(r.stdout.is_empty(), "{}", r.stdout);
+        assert_eq!(
+            fs::read_to_string(&modules).unwrap(),
+            before,
+            "nothing half-written"
+        );
+    }
+
+    // The file itself a link (to a file outside): not written through, not replaced.
+    let root = host_copy("seeds-k4200");
+    let target = out.path().join("modules");
+    fs::write(&target, "outside\n").unwrap();
+    let modules = root.path().join("etc/initramfs-tools/modules");
+    fs::remove_file(&modules).unwrap();
+    std::os::unix::fs::symlink(&target, &modules).unwrap();
+    let r = hc(root.path(), &["--apply"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    assert!(r.stderr.contains("symbolic link"), "{}", r.stderr);
+    assert_eq!(fs::read_to_string(&target).unwrap(), "outside\n");
+    assert!(fs::symlink_metadata(&modules)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert!(!root
+        .path()
+        .join("etc/modprobe.d/gpupass-vfio.conf")
+        .exists());
+}

@@ -104,6 +104,9 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
         // SIGTERM: the agent shuts down cleanly and removes its socket.
         let _ = Command::new("kill")
             .arg(self.child.id().to_string())
@@ -731,4 +734,220 @@ fn socket_and_tcp_access() {
             "no group kvm to test --socket-group with"
         );
     }
+}
+
+/// Setup for the slow-client tests: the daemon must answer (the agent reads it), but they make
+/// no domains, so nothing is cleaned.
+fn setup_no_domains() -> Option<std::sync::MutexGuard<'static, ()>> {
+    let guard = daemon_lock();
+    daemon_available().then_some(guard)
+}
+
+/// An agent on the unix socket and on loopback TCP with a token; returns it and the address.
+fn tcp_agent(config: &str) -> (Agent, String, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    fs::write(&token, "0123456789abcdef-token\n").unwrap();
+    fs::set_permissions(&token, fs::Permissions::from_mode(0o600)).unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let tcp = format!("127.0.0.1:{port}");
+    let tok = token.to_str().unwrap().to_owned();
+    let agent = Agent::start(config, &["--tcp", &tcp, "--token-file", &tok]);
+    (agent, tcp, dir)
+}
+
+/// GET /v1/health over TCP with the token.
+fn tcp_health(addr: &str) -> u16 {
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return 0;
+    };
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    if write!(
+        s,
+        "GET /v1/health HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer 0123456789abcdef-token\r\nConnection: close\r\n\r\n"
+    )
+    .is_err()
+    {
+        return 0;
+    }
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    parse_response(&raw).0
+}
+
+/// The start of a request whose headers never end.
+const PARTIAL: &[u8] = b"GET /v1/health HTTP/1.1\r\nHost: x\r\nX-Slow: ";
+
+fn slow_tcp(addr: &str) -> std::net::TcpStream {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(PARTIAL).unwrap();
+    s
+}
+
+fn slow_unix(socket: &Path) -> UnixStream {
+    let mut s = UnixStream::connect(socket).unwrap();
+    s.write_all(PARTIAL).unwrap();
+    s
+}
+
+/// Whether the agent closed the connection (EOF or reset) within `d`.
+fn closed_within(s: &mut impl Read, d: Duration, set: impl Fn(Option<Duration>)) -> bool {
+    set(Some(d));
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return false
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+fn tcp_closed(s: &mut std::net::TcpStream, d: Duration) -> bool {
+    let c = s.try_clone().unwrap();
+    closed_within(s, d, |t| c.set_read_timeout(t).unwrap())
+}
+
+fn unix_closed(s: &mut UnixStream, d: Duration) -> bool {
+    let c = s.try_clone().unwrap();
+    closed_within(s, d, |t| c.set_read_timeout(t).unwrap())
+}
+
+fn open_fds(pid: u32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+}
+
+/// Slowloris: connections that never finish their headers are closed after the header timeout
+/// on both listeners, a body that never arrives gets 408, and real requests are answered all
+/// the while.
+#[test]
+fn slow_headers_and_bodies_are_cut_off_while_real_requests_are_served() {
+    let Some(_g) = setup_no_domains() else { return };
+    let (agent, tcp, _t) = tcp_agent("[serve]\nheader_timeout_ms = 1000\nbody_timeout_ms = 1000\n");
+    let t0 = Instant::now();
+    let mut slow_t: Vec<_> = (0..20).map(|_| slow_tcp(&tcp)).collect();
+    let mut slow_u: Vec<_> = (0..20).map(|_| slow_unix(&agent.socket)).collect();
+    // A body announced and never sent.
+    let mut body = UnixStream::connect(&agent.socket).unwrap();
+    body.write_all(
+        b"POST /v1/domains/x/attach HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
+    )
+    .unwrap();
+    for _ in 0..3 {
+        assert_eq!(agent.get("/v1/health").0, 200);
+        assert_eq!(tcp_health(&tcp), 200);
+    }
+    for (i, s) in slow_t.iter_mut().enumerate() {
+        assert!(
+            tcp_closed(s, Duration::from_secs(5)),
+            "TCP slow client {i} still open"
+        );
+    }
+    for (i, s) in slow_u.iter_mut().enumerate() {
+        assert!(
+            unix_closed(s, Duration::from_secs(5)),
+            "unix slow client {i} still open"
+        );
+    }
+    assert!(
+        t0.elapsed() >= Duration::from_millis(900),
+        "closed after the timeout, not at once"
+    );
+    body.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut raw = Vec::new();
+    let _ = body.read_to_end(&mut raw);
+    let (code, text) = parse_response(&raw);
+    assert_eq!(code, 408, "{text}");
+    assert!(text.contains("\"code\":\"request_timeout\""), "{text}");
+    assert_eq!(agent.get("/v1/health").0, 200);
+    assert_eq!(tcp_health(&tcp), 200);
+}
+
+/// Past the cap, connections are closed (the longest-idle slow one makes room for a new one),
+/// so the agent's file handles stay bounded and a real request still gets in.
+#[test]
+fn connections_beyond_the_cap_are_closed_and_file_handles_stay_bounded() {
+    let Some(_g) = setup_no_domains() else { return };
+    let (agent, tcp, _t) = tcp_agent("[serve]\nheader_timeout_ms = 60000\nmax_connections = 8\n");
+    let pid = agent.child.id();
+    assert_eq!(tcp_health(&tcp), 200);
+    let before = open_fds(pid);
+    let mut slow_t: Vec<_> = (0..100).map(|_| slow_tcp(&tcp)).collect();
+    let mut slow_u: Vec<_> = (0..100).map(|_| slow_unix(&agent.socket)).collect();
+    // Let the agent accept them all: one at a time, each taking an idle one's place.
+    let bound = before + 2 * 8 + 4;
+    let t0 = Instant::now();
+    let mut last = open_fds(pid);
+    while t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(200));
+        last = open_fds(pid);
+    }
+    assert!(
+        last <= bound,
+        "{last} file handles open with 200 slow clients, {before} before (cap 8 a listener)"
+    );
+    assert_eq!(agent.get("/v1/health").0, 200, "a real request gets in");
+    assert_eq!(tcp_health(&tcp), 200, "on TCP too");
+    let closed_t = slow_t
+        .iter_mut()
+        .map(|s| tcp_closed(s, Duration::from_millis(100)))
+        .filter(|c| *c)
+        .count();
+    let closed_u = slow_u
+        .iter_mut()
+        .map(|s| unix_closed(s, Duration::from_millis(100)))
+        .filter(|c| *c)
+        .count();
+    assert!(closed_t >= 92 && closed_u >= 92, "{closed_t} {closed_u}");
+}
+
+/// SIGTERM with slow clients open: the agent stops within its shutdown grace (2 s by default),
+/// not when the clients please.
+#[test]
+fn sigterm_with_slow_clients_open_exits_within_the_grace() {
+    let Some(_g) = setup_no_domains() else { return };
+    let (mut agent, tcp, _t) = tcp_agent("[serve]\nheader_timeout_ms = 60000\n");
+    let _slow_t: Vec<_> = (0..50).map(|_| slow_tcp(&tcp)).collect();
+    let _slow_u: Vec<_> = (0..50).map(|_| slow_unix(&agent.socket)).collect();
+    // A request in flight whose body never comes.
+    let mut body = std::net::TcpStream::connect(&tcp).unwrap();
+    body.write_all(
+        b"POST /v1/domains/x/attach HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer 0123456789abcdef-token\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
+    )
+    .unwrap();
+    assert_eq!(agent.get("/v1/health").0, 200);
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    let st = Command::new("kill")
+        .arg(agent.child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let status = loop {
+        if let Some(s) = agent.child.try_wait().unwrap() {
+            break s;
+        }
+        if t0.elapsed() > Duration::from_secs(8) {
+            panic!(
+                "gpupass serve still running 8 s after SIGTERM; log:\n{}",
+                agent.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(5), "exit took {took:?}");
+    assert_eq!(status.code(), Some(0), "{}", agent.log());
+    assert!(!agent.socket.exists(), "socket removed");
 }

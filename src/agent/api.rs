@@ -63,6 +63,8 @@ pub struct Api {
     pub manage_drivers: bool,
     /// Decisions by (action, code), for metrics.
     pub decisions: Mutex<BTreeMap<(String, String), u64>>,
+    /// Time a client gets to send a request body ([`read_body_within`]).
+    pub body_timeout: Duration,
 }
 
 impl Api {
@@ -184,6 +186,10 @@ pub fn router(api: Arc<Api>, auth: Option<Arc<String>>) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&api),
+            read_body_within,
+        ))
         .with_state(api);
     match auth {
         None => r,
@@ -204,6 +210,58 @@ pub fn router(api: Arc<Api>, auth: Option<Arc<String>>) -> Router {
                 }
             },
         )),
+    }
+}
+
+/// Reads the whole request body (at most [`MAX_BODY`] bytes) within the body timeout before
+/// the handler runs: a client that trickles its body gets 408 and its connection closes,
+/// instead of holding a task and a socket for as long as it likes. Inside the token check on
+/// TCP, so only an authorized client's body is ever read.
+async fn read_body_within(
+    State(api): State<Arc<Api>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let (parts, body) = req.into_parts();
+    match tokio::time::timeout(api.body_timeout, axum::body::to_bytes(body, MAX_BODY)).await {
+        Ok(Ok(bytes)) => {
+            next.run(axum::extract::Request::from_parts(parts, bytes.into()))
+                .await
+        }
+        Ok(Err(e)) => {
+            let too_large =
+                std::iter::successors(Some(&e as &(dyn std::error::Error + 'static)), |e| {
+                    e.source()
+                })
+                .any(|e| e.is::<http_body_util::LengthLimitError>());
+            if too_large {
+                ApiError::with(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    format!("request body is larger than {MAX_BODY} bytes"),
+                )
+                .into_response()
+            } else {
+                ApiError::bad(format!("failed to read the request body: {e}")).into_response()
+            }
+        }
+        Err(_) => {
+            let mut r = ApiError::with(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!(
+                    "the request body did not arrive within {} ms",
+                    api.body_timeout.as_millis()
+                ),
+            )
+            .into_response();
+            // The rest of the body is never read: the connection cannot carry another request.
+            r.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+            r
+        }
     }
 }
 

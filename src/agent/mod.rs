@@ -1,9 +1,11 @@
 //! `gpupass serve`: the host agent. A watcher thread keeps a derived state from libvirt's
 //! events and periodic reconciles (`watch`, `state`); an HTTP/JSON API on a unix socket, and
-//! optionally on loopback TCP with a bearer token, serves it (`api`, `metrics`) on tokio.
+//! optionally on loopback TCP with a bearer token, serves it (`api`, `metrics`) on tokio, each
+//! listener with timeouts and a connection cap (`server`).
 
 pub mod api;
 pub mod metrics;
+pub mod server;
 pub mod state;
 pub mod watch;
 
@@ -17,6 +19,7 @@ use std::sync::{mpsc, Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use crate::agent::api::Api;
+use crate::agent::server::ConnLimits;
 use crate::agent::state::Snapshot;
 use crate::agent::watch::{Msg, WatchOptions};
 use crate::config::GpupassConfig;
@@ -86,6 +89,8 @@ pub struct ServeOptions {
     pub reconcile_every: Duration,
     /// Host-lock wait for attach/detach.
     pub lock_timeout: Duration,
+    /// Timeouts and the connection cap of each listener.
+    pub limits: ConnLimits,
 }
 
 fn socket_err(path: &Path, message: impl Into<String>) -> AgentError {
@@ -199,26 +204,6 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
-/// Serves `app` on `listener` until `stop` fires, then lets requests in flight finish.
-fn spawn_listener<L>(
-    servers: &mut tokio::task::JoinSet<io::Result<()>>,
-    listener: L,
-    app: axum::Router,
-    stop: &tokio::sync::broadcast::Sender<()>,
-) where
-    L: axum::serve::Listener,
-    L::Addr: std::fmt::Debug,
-{
-    let mut stop = stop.subscribe();
-    servers.spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stop.recv().await;
-            })
-            .await
-    });
-}
-
 /// Runs the agent until SIGTERM or SIGINT.
 pub fn serve(opts: ServeOptions) -> Result<(), AgentError> {
     crate::fsutil::private_dir(&opts.run_dir)?;
@@ -281,6 +266,7 @@ pub fn serve(opts: ServeOptions) -> Result<(), AgentError> {
         lock_timeout: opts.lock_timeout,
         manage_drivers: opts.host_root == Path::new("/"),
         decisions: Mutex::new(BTreeMap::new()),
+        body_timeout: opts.limits.body_timeout,
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -291,30 +277,33 @@ pub fn serve(opts: ServeOptions) -> Result<(), AgentError> {
     let result = runtime.block_on(async {
         let unix = tokio::net::UnixListener::from_std(listener)
             .map_err(|e| socket_err(&opts.socket, e.to_string()))?;
-        let (stop_tx, _) = tokio::sync::broadcast::channel::<()>(1);
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut servers = tokio::task::JoinSet::new();
-        spawn_listener(
-            &mut servers,
+        let limits = opts.limits;
+        servers.spawn(server::serve(
             unix,
             api::router(Arc::clone(&api), None),
-            &stop_tx,
-        );
+            limits,
+            stop_rx.clone(),
+        ));
         if let (Some(addr), Some(token)) = (opts.tcp, token) {
             let tcp = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|e| AgentError::Tcp(format!("bind {addr}: {e}")))?;
             let app = api::router(Arc::clone(&api), Some(token));
-            spawn_listener(&mut servers, tcp, app, &stop_tx);
+            servers.spawn(server::serve(tcp, app, limits, stop_rx));
             tracing::info!(%addr, "API also on TCP (bearer token)");
         }
         tracing::info!(socket = %opts.socket.display(), uri = %opts.uri, "gpupass agent serving");
         shutdown_signal().await;
-        let _ = stop_tx.send(());
-        while let Some(r) = servers.join_next().await {
-            if let Ok(Err(e)) = r {
-                tracing::warn!(error = %e, "API listener ended with an error");
-            }
+        let _ = stop_tx.send(true);
+        // Each listener bounds its own drain by the grace; this bounds them all the same.
+        let all = async { while servers.join_next().await.is_some() {} };
+        let bound = limits.shutdown_grace.saturating_add(Duration::from_secs(1));
+        if tokio::time::timeout(bound, all).await.is_err() {
+            tracing::warn!("API listeners did not stop within the shutdown grace; exiting");
         }
+        servers.abort_all();
         Ok::<(), AgentError>(())
     });
     let _ = tx.send(Msg::Shutdown);

@@ -10,7 +10,7 @@ use crate::bind::BindError;
 use crate::host::discover::Inventory;
 use crate::host::doctor::NodeHolder;
 use crate::host::readiness::VFIO_READY_DRIVERS;
-use crate::model::PciAddress;
+use crate::model::{DriverName, PciAddress};
 
 /// One device's move.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -18,9 +18,9 @@ pub struct Move {
     /// The device.
     pub address: PciAddress,
     /// Its driver now (`None` = unbound).
-    pub from: Option<String>,
+    pub from: Option<DriverName>,
     /// Its driver afterwards (`None` = left unbound).
-    pub to: Option<String>,
+    pub to: Option<DriverName>,
 }
 
 /// One write to a sysfs file, relative to the host root.
@@ -34,6 +34,12 @@ pub struct SysfsWrite {
 
 fn dev_path(a: PciAddress, attr: &str) -> String {
     format!("sys/bus/pci/devices/{a}/{attr}")
+}
+
+/// A driver's own directory, built from its name: a device's `driver` link is never followed
+/// for a write (a planted link would lead the write anywhere).
+fn driver_path(d: &DriverName, attr: &str) -> String {
+    format!("sys/bus/pci/drivers/{d}/{attr}")
 }
 
 /// How a move is carried out.
@@ -57,20 +63,18 @@ pub fn writes(moves: &[Move], mode: Mode) -> Vec<SysfsWrite> {
             // "\n" rather than "": some kernels refuse an empty write; the newline clears it.
             value: "\n".into(),
         };
-        let unbind = SysfsWrite {
-            path: dev_path(a, "driver/unbind"),
+        let unbind = m.from.as_ref().map(|from| SysfsWrite {
+            path: driver_path(from, "unbind"),
             value: a.to_string(),
-        };
+        });
         match (mode, &m.to) {
             (Mode::Bind, _) if m.from == m.to => {}
             (Mode::Bind, Some(d)) => {
                 out.push(SysfsWrite {
                     path: dev_path(a, "driver_override"),
-                    value: d.clone(),
+                    value: d.to_string(),
                 });
-                if m.from.is_some() {
-                    out.push(unbind);
-                }
+                out.extend(unbind);
                 out.push(SysfsWrite {
                     path: "sys/bus/pci/drivers_probe".into(),
                     value: a.to_string(),
@@ -79,18 +83,14 @@ pub fn writes(moves: &[Move], mode: Mode) -> Vec<SysfsWrite> {
             // Left unbound: no override either, or the next probe would bind it again.
             (Mode::Bind, None) | (Mode::Restore, None) => {
                 out.push(clear);
-                if m.from.is_some() {
-                    out.push(unbind);
-                }
+                out.extend(unbind);
             }
             (Mode::Restore, Some(d)) => {
                 out.push(clear);
                 if m.from.as_ref() != Some(d) {
-                    if m.from.is_some() {
-                        out.push(unbind);
-                    }
+                    out.extend(unbind);
                     out.push(SysfsWrite {
-                        path: format!("sys/bus/pci/drivers/{d}/bind"),
+                        path: driver_path(d, "bind"),
                         value: a.to_string(),
                     });
                 }
@@ -106,7 +106,7 @@ pub struct BindRequest {
     /// Any device of the group.
     pub address: PciAddress,
     /// The driver to bind to; `None` = unbind only.
-    pub driver: Option<String>,
+    pub driver: Option<DriverName>,
     /// Go ahead although the group holds the console or a device the host uses.
     pub force: bool,
 }
@@ -132,7 +132,7 @@ pub fn plan_bind(
     let dev = inv
         .device(a)
         .ok_or(BindError::UnknownDevice { address: a })?;
-    let vfio = req.driver.as_deref() == Some("vfio-pci");
+    let vfio = req.driver.as_ref().is_some_and(|d| d == "vfio-pci");
     // The unit: the device's GPU (all functions) or the device, widened to its IOMMU groups.
     let seed: Vec<PciAddress> = match inv.gpu(a) {
         Some(g) => g.functions.clone(),
@@ -194,15 +194,23 @@ pub fn plan_bind(
         }
         warnings.extend(refusals.into_iter().map(|r| format!("forced: {r}")));
     }
-    let moves = unit
-        .iter()
-        .filter_map(|m| inv.device(*m))
-        .map(|d| Move {
+    let mut moves = Vec::new();
+    for d in unit.iter().filter_map(|m| inv.device(*m)) {
+        // The inventory's names came through `Sysfs::driver_name`; parsing again keeps the
+        // type honest without trusting that.
+        let from = match d.driver.as_deref() {
+            None => None,
+            Some(n) => Some(n.parse().map_err(|e| BindError::BadDriver {
+                address: d.address,
+                source: e,
+            })?),
+        };
+        moves.push(Move {
             address: d.address,
-            from: d.driver.clone(),
+            from,
             to: req.driver.clone(),
-        })
-        .collect();
+        });
+    }
     Ok(BindPlan {
         groups: groups.iter().map(|g| g.0).collect(),
         moves,
@@ -217,8 +225,8 @@ mod tests {
     fn m(a: &str, from: Option<&str>, to: Option<&str>) -> Move {
         Move {
             address: a.parse().unwrap(),
-            from: from.map(Into::into),
-            to: to.map(Into::into),
+            from: from.map(|d| d.parse().unwrap()),
+            to: to.map(|d| d.parse().unwrap()),
         }
     }
 
@@ -241,7 +249,7 @@ mod tests {
             shown(&w),
             [
                 "sys/bus/pci/devices/0000:01:00.0/driver_override <- \"vfio-pci\"",
-                "sys/bus/pci/devices/0000:01:00.0/driver/unbind <- \"0000:01:00.0\"",
+                "sys/bus/pci/drivers/nvidia/unbind <- \"0000:01:00.0\"",
                 "sys/bus/pci/drivers_probe <- \"0000:01:00.0\"",
                 "sys/bus/pci/devices/0000:01:00.1/driver_override <- \"vfio-pci\"",
                 "sys/bus/pci/drivers_probe <- \"0000:01:00.1\"",
@@ -263,10 +271,10 @@ mod tests {
             shown(&w),
             [
                 "sys/bus/pci/devices/0000:01:00.0/driver_override <- \"\\n\"",
-                "sys/bus/pci/devices/0000:01:00.0/driver/unbind <- \"0000:01:00.0\"",
+                "sys/bus/pci/drivers/vfio-pci/unbind <- \"0000:01:00.0\"",
                 "sys/bus/pci/drivers/nvidia/bind <- \"0000:01:00.0\"",
                 "sys/bus/pci/devices/0000:01:00.1/driver_override <- \"\\n\"",
-                "sys/bus/pci/devices/0000:01:00.1/driver/unbind <- \"0000:01:00.1\"",
+                "sys/bus/pci/drivers/vfio-pci/unbind <- \"0000:01:00.1\"",
                 "sys/bus/pci/devices/0000:01:00.2/driver_override <- \"\\n\"",
             ]
         );

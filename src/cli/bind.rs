@@ -2,14 +2,19 @@
 //! runtime, and back.
 
 use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::time::Duration;
 
+use anyhow::Context;
+
 use gpupass::alloc::lock::HostLock;
-use gpupass::bind::plan::{plan_bind, writes, BindRequest, Mode, Move};
-use gpupass::bind::{execute, persist_path, BindError, BindState, Binding};
+use gpupass::bind::plan::{plan_bind, BindRequest, Mode, Move};
+use gpupass::bind::{check, execute, persist_path, BindError, BindState, Binding, CheckedWrite};
 use gpupass::host::probe::node_holders;
-use gpupass::host::sysfs::Sysfs;
-use gpupass::model::PciAddress;
+use gpupass::host::sysfs::{confine, Sysfs};
+use gpupass::model::{DriverName, PciAddress};
 
 use crate::cli::{print_all, Global};
 
@@ -24,19 +29,27 @@ pub struct BindFlags {
     pub force: bool,
 }
 
-fn show_writes(g: &Global, moves: &[Move], mode: Mode) -> String {
+/// The writes, one line each: `verb` is "write" for a dry run and "wrote" after the fact, so
+/// the two lists are the same lines but for that word.
+fn show_writes<'a>(verb: &str, ws: impl IntoIterator<Item = &'a CheckedWrite>) -> String {
     let mut out = String::new();
-    for w in writes(moves, mode) {
-        out.push_str(&format!(
-            "write {:?} to {}\n",
-            w.value,
-            g.host_root.join(&w.path).display()
-        ));
+    for w in ws {
+        out.push_str(&format!("{verb} {:?} to {}\n", w.value, w.shown.display()));
     }
     if out.is_empty() {
         out.push_str("nothing to write: every device is already where it should be\n");
     }
     out
+}
+
+/// The dry run: [`check`]'s list, which `execute` would write.
+fn dry_run(sysfs: &Sysfs, moves: &[Move], mode: Mode) -> anyhow::Result<()> {
+    let planned = check(sysfs, moves, mode)?;
+    print_all(&format!(
+        "{}(dry run: these writes, in this order; nothing changed)\n{}",
+        describe(moves),
+        show_writes("write", planned.iter().flatten())
+    ))
 }
 
 fn describe(moves: &[Move]) -> String {
@@ -46,8 +59,8 @@ fn describe(moves: &[Move]) -> String {
             format!(
                 "{}: {} -> {}\n",
                 m.address,
-                m.from.as_deref().unwrap_or("no driver"),
-                m.to.as_deref().unwrap_or("no driver")
+                m.from.as_ref().map_or("no driver", DriverName::as_str),
+                m.to.as_ref().map_or("no driver", DriverName::as_str)
             )
         })
         .collect()
@@ -59,18 +72,32 @@ fn write_persist(
     moves: &[Move],
 ) -> anyhow::Result<()> {
     for m in moves {
-        let path = g.host_root.join(persist_path(m.address));
+        let rel = persist_path(m.address);
+        let shown = g.host_root.join(&rel);
         match records.get(&m.address).and_then(|b| b.driver.clone()) {
             Some(d) => {
-                if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir)?;
-                }
-                let tmp = path.with_extension("gpupass-tmp");
-                std::fs::write(&tmp, format!("{d}\n"))?;
-                std::fs::rename(&tmp, &path)?;
+                // Directories made and checked under the root; the temp file is new (never a
+                // planted one) and the rename replaces a link rather than following it.
+                let path = confine(&g.host_root, &rel, true)?;
+                let tmp = path.with_extension(format!("gpupass-tmp.{}", std::process::id()));
+                let _ = fs::remove_file(&tmp);
+                let mut f = fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o644)
+                    .custom_flags(nix::libc::O_NOFOLLOW)
+                    .open(&tmp)
+                    .with_context(|| format!("failed to write {}", shown.display()))?;
+                f.write_all(format!("{d}\n").as_bytes())
+                    .and_then(|()| f.sync_all())
+                    .with_context(|| format!("failed to write {}", shown.display()))?;
+                fs::rename(&tmp, &path)
+                    .with_context(|| format!("failed to write {}", shown.display()))?;
             }
             None => {
-                let _ = std::fs::remove_file(&path);
+                if let Ok(path) = confine(&g.host_root, &rel, false) {
+                    let _ = fs::remove_file(&path);
+                }
             }
         }
     }
@@ -84,6 +111,7 @@ pub fn bind(
     driver: Option<String>,
     flags: BindFlags,
 ) -> anyhow::Result<()> {
+    let driver: Option<DriverName> = driver.as_deref().map(str::parse).transpose()?;
     let sysfs = Sysfs::new(&g.host_root);
     let inv = g.inventory()?;
     let holders = node_holders(&sysfs, &inv)?;
@@ -100,12 +128,10 @@ pub fn bind(
         tracing::warn!("{w}");
     }
     if flags.dry_run {
-        return print_all(&format!(
-            "{}(dry run: these writes, in this order; nothing changed)\n{}",
-            describe(&plan.moves),
-            show_writes(g, &plan.moves, Mode::Bind)
-        ));
+        return dry_run(&sysfs, &plan.moves, Mode::Bind);
     }
+    // Every path checked before anything is recorded or written.
+    check(&sysfs, &plan.moves, Mode::Bind)?;
     let _lock = HostLock::acquire(&g.run_dir, Duration::from_secs(60))?;
     let state = BindState::new(&g.state_dir);
     let mut records = state.load()?;
@@ -122,15 +148,19 @@ pub fn bind(
         b.persisted = b.persisted || flags.persist;
     }
     state.save(&records)?;
-    if let Err(e) = execute(&sysfs, &plan.moves, Mode::Bind) {
-        // The writes were undone: so is the record.
-        state.save(&before)?;
-        return Err(e.into());
-    }
+    let made = match execute(&sysfs, &plan.moves, Mode::Bind) {
+        Ok(made) => made,
+        Err(e) => {
+            // The writes were undone: so is the record.
+            state.save(&before)?;
+            return Err(e.into());
+        }
+    };
     if flags.persist {
         write_persist(g, &records, &plan.moves)?;
     }
     let mut out = describe(&plan.moves);
+    out.push_str(&show_writes("wrote", &made));
     out.push_str(&format!(
         "IOMMU group(s) {:?} moved; `gpupass restore {address}` puts the original drivers back\n",
         plan.groups
@@ -173,14 +203,10 @@ pub fn restore(g: &Global, address: PciAddress, dry_run: bool) -> anyhow::Result
         return Err(BindError::NoRecord { address }.into());
     }
     if dry_run {
-        return print_all(&format!(
-            "{}(dry run: these writes, in this order; nothing changed)\n{}",
-            describe(&moves),
-            show_writes(g, &moves, Mode::Restore)
-        ));
+        return self::dry_run(&sysfs, &moves, Mode::Restore);
     }
     let _lock = HostLock::acquire(&g.run_dir, Duration::from_secs(60))?;
-    execute(&sysfs, &moves, Mode::Restore)?;
+    let made = execute(&sysfs, &moves, Mode::Restore)?;
     let persisted: Vec<Move> = moves
         .iter()
         .filter(|m| records.get(&m.address).is_some_and(|b| b.persisted))
@@ -191,5 +217,9 @@ pub fn restore(g: &Global, address: PciAddress, dry_run: bool) -> anyhow::Result
     }
     state.save(&records)?;
     write_persist(g, &records, &persisted)?;
-    print_all(&format!("{}restored\n", describe(&moves)))
+    print_all(&format!(
+        "{}{}restored\n",
+        describe(&moves),
+        show_writes("wrote", &made)
+    ))
 }

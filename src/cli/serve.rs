@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use gpupass::agent::server::ConnLimits;
 use gpupass::agent::{self, ServeOptions, DEFAULT_SOCKET};
 
 use crate::cli::Global;
@@ -32,6 +33,7 @@ pub fn serve(g: &Global, f: ServeFlags) -> anyhow::Result<()> {
         Some(a) => Some(a),
         None => s.tcp_addr().map_err(anyhow::Error::msg)?,
     };
+    let limits = ConnLimits::from_config(&s);
     let opts = ServeOptions {
         uri: g.uri.clone(),
         host_root: g.host_root.clone(),
@@ -49,6 +51,7 @@ pub fn serve(g: &Global, f: ServeFlags) -> anyhow::Result<()> {
             f.reconcile_seconds.or(s.reconcile_seconds).unwrap_or(60),
         ),
         lock_timeout: f.lock_timeout,
+        limits,
         config,
     };
     agent::serve(opts)?;

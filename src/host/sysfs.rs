@@ -1,12 +1,14 @@
 //! Reads the kernel's PCI, IOMMU and NUMA state under a host root (`/` on a real host, a fixture
-//! directory in tests). Owns every path gpupass builds under that root; writes nothing.
+//! directory in tests). Owns every path gpupass builds under that root, and [`confine`], which
+//! every writer uses to make sure a path it writes stays under the root; writes nothing itself.
 
 use std::collections::BTreeSet;
+use std::ffi::OsStr;
 use std::fs;
 use std::io::{self, Read};
 use std::path::{Component, Path, PathBuf};
 
-use crate::model::{IommuGroupId, NumaNode, PciAddress};
+use crate::model::{DriverName, IommuGroupId, NumaNode, PciAddress};
 
 /// Errors from reading the host root.
 #[derive(Debug, thiserror::Error)]
@@ -15,6 +17,45 @@ pub enum SysfsError {
     #[error("failed to read {path}")]
     Read {
         /// The full path, root included.
+        path: PathBuf,
+        /// The IO error.
+        #[source]
+        source: io::Error,
+    },
+    /// A device's `driver` link ends in something that is not a kernel driver name.
+    #[error("the driver link {path} names {name:?}, which is not a kernel driver name")]
+    BadDriverLink {
+        /// The link.
+        path: PathBuf,
+        /// Its last component, as read.
+        name: String,
+    },
+    /// A path to be written leads out of the host root (through a symbolic link).
+    #[error("refusing to write {path}: it resolves to {resolved}, outside the host root {root}")]
+    Escapes {
+        /// The path as gpupass built it.
+        path: PathBuf,
+        /// Where its directory really is.
+        resolved: PathBuf,
+        /// The host root.
+        root: PathBuf,
+    },
+    /// The file to be written is itself a symbolic link.
+    #[error("refusing to write {path}: it is a symbolic link (gpupass never writes through one)")]
+    Symlink {
+        /// The link.
+        path: PathBuf,
+    },
+    /// A path to be written is not a plain relative path (a bug, never user input).
+    #[error("refusing to write {path}: not a plain path under the host root")]
+    NotPlain {
+        /// The path.
+        path: PathBuf,
+    },
+    /// A directory on the way to a file could not be created.
+    #[error("failed to create the directory {path}")]
+    CreateDir {
+        /// The directory.
         path: PathBuf,
         /// The IO error.
         #[source]
@@ -95,10 +136,32 @@ impl Sysfs {
     }
 
     /// The bound driver's name (last component of the `driver` link), or `None` when unbound.
+    /// Only the name counts: where the link points is never followed (the kernel's own links
+    /// are relative, `../../../bus/pci/drivers/nvidia`); a writer builds
+    /// `sys/bus/pci/drivers/<name>` from it. A name no kernel driver has is an error.
+    pub fn driver_name(&self, addr: PciAddress) -> Result<Option<DriverName>, SysfsError> {
+        let path = self.device_dir(addr).join("driver");
+        let Some(target) = self.link_target(&path)? else {
+            return Ok(None);
+        };
+        let raw = target.file_name().unwrap_or(OsStr::new(""));
+        raw.to_str()
+            .and_then(|n| n.parse().ok())
+            .map(Some)
+            .ok_or_else(|| SysfsError::BadDriverLink {
+                name: raw.to_string_lossy().chars().take(80).collect(),
+                path,
+            })
+    }
+
+    /// [`Sysfs::driver_name`] as a string, for the inventory.
     pub fn driver(&self, addr: PciAddress) -> Result<Option<String>, SysfsError> {
-        Ok(self
-            .link_target(&self.device_dir(addr).join("driver"))?
-            .and_then(|t| last_name(&t)))
+        Ok(self.driver_name(addr)?.map(String::from))
+    }
+
+    /// `rel` under this root, checked by [`confine`] for a write.
+    pub fn confine(&self, rel: &str) -> Result<PathBuf, SysfsError> {
+        confine(&self.root, rel, false)
     }
 
     /// The IOMMU group (last component of the `iommu_group` link), or `None` without an IOMMU.
@@ -307,6 +370,71 @@ impl Sysfs {
     }
 }
 
+/// The path to write for `rel` (a plain relative path such as `etc/modprobe.d/x.conf`) under
+/// `root`, refusing one that leaves the root: each directory on the way is resolved (a
+/// symbolic link is followed and must land under the canonical root; with `create_dirs`, a
+/// missing one is made, never through a link), and the file itself must not be a symbolic
+/// link. Returns the file's path below the resolved directory, so a writer opens exactly what
+/// was checked; writers also open it with `O_NOFOLLOW`.
+pub fn confine(root: &Path, rel: &str, create_dirs: bool) -> Result<PathBuf, SysfsError> {
+    let shown = root.join(rel);
+    let mut parts = Vec::new();
+    for c in Path::new(rel).components() {
+        match c {
+            Component::Normal(n) => parts.push(n),
+            _ => return Err(SysfsError::NotPlain { path: shown }),
+        }
+    }
+    let Some((name, dirs)) = parts.split_last() else {
+        return Err(SysfsError::NotPlain { path: shown });
+    };
+    let canon_root = fs::canonicalize(root).map_err(|source| SysfsError::Read {
+        path: root.to_path_buf(),
+        source,
+    })?;
+    let mut dir = canon_root.clone();
+    for d in dirs {
+        let next = dir.join(d);
+        match fs::symlink_metadata(&next) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let real = fs::canonicalize(&next).map_err(|source| SysfsError::Read {
+                    path: next.clone(),
+                    source,
+                })?;
+                if !real.starts_with(&canon_root) {
+                    return Err(SysfsError::Escapes {
+                        path: shown,
+                        resolved: real,
+                        root: root.to_path_buf(),
+                    });
+                }
+                dir = real;
+            }
+            // A real directory (or not one: opening below it fails with a clear IO error).
+            Ok(_) => dir = next,
+            Err(e) if e.kind() == io::ErrorKind::NotFound && create_dirs => {
+                match fs::create_dir(&next) {
+                    Ok(()) => {}
+                    // Made meanwhile: look again, it may be a link.
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                        return confine(root, rel, create_dirs)
+                    }
+                    Err(source) => return Err(SysfsError::CreateDir { path: next, source }),
+                }
+                dir = next;
+            }
+            // Missing: the write's open reports it.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => dir = next,
+            Err(source) => return Err(SysfsError::Read { path: next, source }),
+        }
+    }
+    let file = dir.join(name);
+    match fs::symlink_metadata(&file) {
+        Ok(m) if m.file_type().is_symlink() => Err(SysfsError::Symlink { path: shown }),
+        _ => Ok(file),
+    }
+}
+
 fn last_name(p: &Path) -> Option<String> {
     p.file_name().and_then(|n| n.to_str()).map(str::to_owned)
 }
@@ -363,4 +491,73 @@ fn list_dir(dir: &Path) -> Result<Vec<String>, SysfsError> {
         }
     }
     Ok(names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    #[test]
+    fn confine_keeps_writes_under_the_root() {
+        let t = tempfile::tempdir().unwrap();
+        let (root, out) = (t.path().join("root"), t.path().join("out"));
+        fs::create_dir_all(root.join("sys/devices/pci0/0000:01:00.0")).unwrap();
+        fs::create_dir_all(root.join("sys/bus/pci/devices")).unwrap();
+        fs::create_dir_all(&out).unwrap();
+        // A link that stays inside (as sysfs's own are) is followed.
+        symlink(
+            "../../../devices/pci0/0000:01:00.0",
+            root.join("sys/bus/pci/devices/0000:01:00.0"),
+        )
+        .unwrap();
+        let p = confine(
+            &root,
+            "sys/bus/pci/devices/0000:01:00.0/driver_override",
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            p,
+            fs::canonicalize(&root)
+                .unwrap()
+                .join("sys/devices/pci0/0000:01:00.0/driver_override")
+        );
+        // A link leaving the root is refused, with or without creating directories.
+        symlink(&out, root.join("etc")).unwrap();
+        for create in [false, true] {
+            let e = confine(&root, "etc/modprobe.d/x.conf", create).unwrap_err();
+            assert!(matches!(e, SysfsError::Escapes { .. }), "{e}");
+        }
+        assert_eq!(fs::read_dir(&out).unwrap().count(), 0);
+        // Missing directories are made when asked, and only then.
+        let p = confine(&root, "var/lib/x/f", false).unwrap();
+        assert!(!p.parent().unwrap().exists());
+        let p = confine(&root, "var/lib/x/f", true).unwrap();
+        assert!(p.parent().unwrap().is_dir());
+        // The file itself may not be a link; nor may the path climb or be absolute.
+        symlink(&out, root.join("var/lib/x/f")).unwrap();
+        let e = confine(&root, "var/lib/x/f", false).unwrap_err();
+        assert!(matches!(e, SysfsError::Symlink { .. }), "{e}");
+        for bad in ["../x", "/etc/x", "", "a/../../x"] {
+            let e = confine(&root, bad, false).unwrap_err();
+            assert!(matches!(e, SysfsError::NotPlain { .. }), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_driver_link_counts_by_its_name_only() {
+        let t = tempfile::tempdir().unwrap();
+        let dev = t.path().join("sys/bus/pci/devices/0000:01:00.0");
+        fs::create_dir_all(&dev).unwrap();
+        let s = Sysfs::new(t.path());
+        let a: PciAddress = "0000:01:00.0".parse().unwrap();
+        assert_eq!(s.driver_name(a).unwrap(), None);
+        symlink("/somewhere/else/nvidia", dev.join("driver")).unwrap();
+        assert_eq!(s.driver(a).unwrap().as_deref(), Some("nvidia"));
+        fs::remove_file(dev.join("driver")).unwrap();
+        symlink("../..", dev.join("driver")).unwrap();
+        let e = s.driver_name(a).unwrap_err();
+        assert!(matches!(e, SysfsError::BadDriverLink { .. }), "{e}");
+    }
 }
