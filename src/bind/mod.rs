@@ -125,6 +125,9 @@ pub enum BindError {
         #[source]
         source: io::Error,
     },
+    /// The state file could not be replaced safely (untrusted directory, a link in the way).
+    #[error("failed to update the binding record")]
+    StateFs(#[from] crate::fsutil::FsError),
 }
 
 impl BindError {
@@ -190,14 +193,15 @@ impl BindState {
     /// Replaces the records atomically (temp file, fsync, rename).
     pub fn save(&self, records: &BTreeMap<PciAddress, Binding>) -> Result<(), BindError> {
         let dir = self.path.parent().expect("the state file has a directory");
-        fs::create_dir_all(dir).map_err(|e| self.err(e))?;
-        let tmp = dir.join(format!(".bindings.json.{}", std::process::id()));
-        let mut f = fs::File::create(&tmp).map_err(|e| self.err(e))?;
+        let name = self
+            .path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("the state file has a UTF-8 name");
         let body = serde_json::to_vec_pretty(records).expect("records serialize");
-        f.write_all(&body)
-            .and_then(|()| f.sync_all())
-            .map_err(|e| self.err(e))?;
-        fs::rename(&tmp, &self.path).map_err(|e| self.err(e))
+        // A new 0600 temp file, never through a link, renamed over the record (fsutil).
+        crate::fsutil::write_atomic(dir, name, &body)?;
+        Ok(())
     }
 }
 

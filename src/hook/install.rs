@@ -4,7 +4,7 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::hook::HookError;
@@ -62,15 +62,28 @@ pub fn install(root: &Path, binary: &Path, args: &[String]) -> Result<Installed,
         path: path.clone(),
         source,
     };
-    let dir = path.parent().expect("HOOK_PATH has a parent");
-    fs::create_dir_all(dir).map_err(err)?;
+    // The hook directory is resolved under the root (a link leading out of it is refused), and
+    // the shim is written to a new temp file there, never through a link, then renamed.
+    let target = crate::host::sysfs::confine(root, HOOK_PATH, true)?;
+    let dir = target.parent().expect("HOOK_PATH has a parent");
     let tmp = dir.join(format!(".gpupass.{}.tmp", std::process::id()));
-    let mut f = fs::File::create(&tmp).map_err(err)?;
-    f.write_all(render(binary, args).as_bytes())
-        .and_then(|()| f.sync_data())
-        .map_err(err)?;
-    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).map_err(err)?;
-    fs::rename(&tmp, &path).map_err(err)?;
+    let _ = fs::remove_file(&tmp); // a crashed install's leftover of this pid
+    let write = || -> std::io::Result<()> {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o755)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(&tmp)?;
+        f.write_all(render(binary, args).as_bytes())?;
+        f.sync_data()?;
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755))?;
+        fs::rename(&tmp, &target)
+    };
+    if let Err(e) = write() {
+        let _ = fs::remove_file(&tmp);
+        return Err(err(e));
+    }
     Ok(Installed {
         path,
         reload_pid: running_libvirtd(root),
@@ -94,6 +107,21 @@ pub fn uninstall(root: &Path) -> Result<Installed, HookError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hook_dir_linked_out_of_the_root_is_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        fs::create_dir_all(root.path().join("etc/libvirt")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.path().join("etc/libvirt/hooks")).unwrap();
+        let err = install(root.path(), Path::new("/usr/local/bin/gpupass-hook"), &[]).unwrap_err();
+        assert!(matches!(err, HookError::Sysfs(_)), "{err}");
+        assert_eq!(
+            fs::read_dir(outside.path()).unwrap().count(),
+            0,
+            "nothing written outside"
+        );
+    }
 
     #[test]
     fn installs_an_executable_shim_that_quotes_its_arguments() {
