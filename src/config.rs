@@ -284,8 +284,12 @@ impl GpupassConfig {
                 return Err("serve.tcp needs serve.token_file (the bearer token)".into());
             }
         }
-        if self.serve.reconcile_seconds == Some(0) {
-            return Err("serve.reconcile_seconds must be at least 1".into());
+        if self
+            .serve
+            .reconcile_seconds
+            .is_some_and(|s| !(1..=86_400).contains(&s))
+        {
+            return Err("serve.reconcile_seconds must be from 1 to 86400".into());
         }
         for (i, r) in self.rules.iter().enumerate() {
             glob::Pattern::new(&r.domain)
@@ -339,7 +343,8 @@ mod tests {
                 "unknown variant `year`",
             ),
             ("[paths]\nrundir = \"/x\"\n", "unknown field `rundir`"),
-            ("[serve]\nreconcile_seconds = 0\n", "at least 1"),
+            ("[serve]\nreconcile_seconds = 0\n", "from 1 to 86400"),
+            ("[serve]\nreconcile_seconds = 86401\n", "from 1 to 86400"),
         ] {
             let err = GpupassConfig::parse(bad).unwrap_err();
             assert!(err.contains(want), "{bad}: {err}");

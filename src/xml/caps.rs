@@ -4,7 +4,7 @@
 use quick_xml::events::Event;
 use quick_xml::Reader;
 
-use crate::xml::XmlError;
+use crate::xml::{XmlError, MAX_DEPTH};
 
 /// The values of `<devices><hostdev><enum name='pciBackend'>` (`vfio`, `default`…); empty when
 /// the host offers none (no VFIO).
@@ -18,6 +18,13 @@ pub fn pci_backends(xml: &str) -> Result<Vec<String>, XmlError> {
             reason: format!("domain capabilities: {e}"),
         })? {
             Event::Start(e) => {
+                if path.len() >= MAX_DEPTH {
+                    return Err(XmlError::MalformedDomain {
+                        reason: format!(
+                            "domain capabilities: elements nested deeper than {MAX_DEPTH} levels"
+                        ),
+                    });
+                }
                 let here: Vec<&[u8]> = path.iter().map(Vec::as_slice).collect();
                 if here == [b"domainCapabilities".as_slice(), b"devices", b"hostdev"]
                     && e.name().as_ref() == b"enum"
@@ -51,6 +58,7 @@ pub fn nodedev_driver(xml: &str) -> Option<String> {
     let mut path: Vec<Vec<u8>> = Vec::new();
     loop {
         match reader.read_event().ok()? {
+            Event::Start(_) if path.len() >= MAX_DEPTH => return None,
             Event::Start(e) => path.push(e.name().as_ref().to_vec()),
             Event::End(_) => {
                 path.pop();
@@ -79,6 +87,11 @@ mod tests {
         let without = "<domainCapabilities><devices><hostdev supported='yes'><enum name='pciBackend'/></hostdev></devices></domainCapabilities>";
         assert!(pci_backends(without).unwrap().is_empty());
         assert!(pci_backends("<domainCapabilities><devices>").is_ok());
+        let deep = format!("<domainCapabilities>{}", "<a>".repeat(MAX_DEPTH));
+        assert!(pci_backends(&deep)
+            .unwrap_err()
+            .to_string()
+            .contains("deeper than 256"));
     }
 
     #[test]
@@ -86,5 +99,10 @@ mod tests {
         let x = "<device><name>pci_0000_00_06_1</name><driver><name>snd_hda_intel</name></driver><capability type='pci'><domain>0</domain></capability></device>";
         assert_eq!(nodedev_driver(x).as_deref(), Some("snd_hda_intel"));
         assert_eq!(nodedev_driver("<device><name>x</name></device>"), None);
+        let deep = format!(
+            "<device>{}<driver><name>x</name></driver>",
+            "<a>".repeat(MAX_DEPTH)
+        );
+        assert_eq!(nodedev_driver(&deep), None);
     }
 }

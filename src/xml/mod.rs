@@ -11,6 +11,11 @@ use std::path::PathBuf;
 
 use quick_xml::events::BytesStart;
 
+/// Deepest element nesting any XML reader of gpupass accepts (the root counts as 1): libxml2's
+/// default limit (`xmlParserMaxDepth`), under which libvirt parses every document, so no domain
+/// libvirt accepts is deeper. A deeper document is refused as soon as the reader gets there.
+pub const MAX_DEPTH: usize = 256;
+
 /// Errors from composing or reading XML.
 #[derive(Debug, thiserror::Error)]
 pub enum XmlError {
