@@ -12,7 +12,7 @@ use quick_xml::NsReader;
 use crate::model::PciAddress;
 use crate::request::{RequestSpec, XMLNS};
 use crate::xml::compose::HostdevTemplate;
-use crate::xml::{attr, XmlError, MAX_DEPTH};
+use crate::xml::{attr, XmlError, MAX_ATTRIBUTES, MAX_DEPTH, MAX_NAMESPACES};
 
 /// The user-alias prefix that marks a hostdev gpupass injected (libvirt keeps `ua-` aliases).
 pub const ALIAS_PREFIX: &str = "ua-gpupass-";
@@ -183,6 +183,9 @@ fn scan_root(text: &str, status: bool) -> Result<DomainDoc<'_>, XmlError> {
     let mut seen_name = false;
     let mut seen_uuid = false;
     let mut collecting: Option<Collecting> = None;
+    // Namespace declarations in scope, and how many each open element made.
+    let mut namespaces = 0usize;
+    let mut declared: Vec<usize> = Vec::new();
     let mut in_request = false;
     let mut current: Option<HostdevSpan> = None;
     let mut current_pci = false;
@@ -205,6 +208,28 @@ fn scan_root(text: &str, status: bool) -> Result<DomainDoc<'_>, XmlError> {
                     return Err(malformed(format!(
                         "at byte {before}: elements nested deeper than {MAX_DEPTH} levels"
                     )));
+                }
+                // Counted without the parser's (quadratic) checks, before anything reads them.
+                let (mut attrs, mut decls) = (0usize, 0usize);
+                for a in e.attributes().with_checks(false).map_while(Result::ok) {
+                    attrs += 1;
+                    decls += usize::from(a.key.as_namespace_binding().is_some());
+                }
+                if attrs > MAX_ATTRIBUTES {
+                    return Err(malformed(format!(
+                        "at byte {before}: more than {MAX_ATTRIBUTES} attributes on one element"
+                    )));
+                }
+                namespaces += decls;
+                if namespaces > MAX_NAMESPACES {
+                    return Err(malformed(format!(
+                        "at byte {before}: more than {MAX_NAMESPACES} namespace declarations in scope"
+                    )));
+                }
+                if empty {
+                    namespaces -= decls;
+                } else {
+                    declared.push(decls);
                 }
                 // quick-xml checks attributes only when they are read: read them all, so a
                 // document that is not well-formed is refused rather than edited. (Reading
@@ -366,6 +391,7 @@ fn scan_root(text: &str, status: bool) -> Result<DomainDoc<'_>, XmlError> {
                     }
                 }
                 path.pop();
+                namespaces -= declared.pop().unwrap_or(0);
             }
             Event::Text(t) => {
                 if path.is_empty() && !t.iter().all(u8::is_ascii_whitespace) {
@@ -709,6 +735,45 @@ mod tests {
             inner.repeat(MAX_XML_BYTES / inner.len() - 1)
         );
         assert_eq!(scan(&wide).unwrap().name, "x");
+    }
+
+    #[test]
+    fn what_would_make_reading_quadratic_is_refused() {
+        let attrs = |n: usize| (0..n).map(|i| format!(" a{i}='1'")).collect::<String>();
+        let ok = format!(
+            "<domain><name>x</name><os{}/></domain>",
+            attrs(MAX_ATTRIBUTES)
+        );
+        assert!(scan(&ok).is_ok());
+        let many = format!("<domain><name>x</name><os{}/></domain>", attrs(100_000));
+        let err = scan(&many).unwrap_err().to_string();
+        assert!(err.contains("more than 256 attributes"), "{err}");
+        // Namespace declarations count while in scope: 40 + 40 in sequence are fine, nested
+        // they are too many.
+        let decls = |p: &str, n: usize| {
+            (0..n)
+                .map(|i| format!(" xmlns:{p}{i}='urn:{i}'"))
+                .collect::<String>()
+        };
+        let seq = format!(
+            "<domain><name>x</name><metadata><a{}/><b{}></b></metadata></domain>",
+            decls("p", 40),
+            decls("q", 40)
+        );
+        assert!(scan(&seq).is_ok());
+        let nested = format!(
+            "<domain><name>x</name><metadata><a{}><b{}/></a></metadata></domain>",
+            decls("p", 40),
+            decls("q", 40)
+        );
+        let err = scan(&nested).unwrap_err().to_string();
+        assert!(err.contains("more than 64 namespace declarations"), "{err}");
+        let status = format!(
+            "<domstatus{}><domain{}><name>x</name></domain></domstatus>",
+            decls("p", 40),
+            decls("q", 40)
+        );
+        assert!(scan_status(&status).is_err());
     }
 
     #[test]
