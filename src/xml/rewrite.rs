@@ -164,6 +164,11 @@ fn scan_root(text: &str, status: bool) -> Result<DomainDoc<'_>, XmlError> {
         Some(rest) => (rest, '\u{feff}'.len_utf8()),
         None => (text, 0),
     };
+    // A second mark is text before the root (libxml2 refuses it); quick-xml would skip it
+    // silently and shift every position by its length.
+    if body.starts_with('\u{feff}') {
+        return Err(malformed("text outside the root element"));
+    }
     let mut reader = NsReader::from_str(body);
     let mut path: Vec<Vec<u8>> = Vec::new();
     let mut doc = DomainDoc {
@@ -685,6 +690,7 @@ mod tests {
         let d = scan(x).unwrap();
         assert!(x[d.hostdevs[0].span.clone()].starts_with("<hostdev "));
         assert!(x[d.hostdevs[0].span.clone()].ends_with("</hostdev>"));
+        assert!(scan(&format!("\u{feff}{x}")).is_err(), "two marks");
         let block = injected_block(&HostdevTemplate::builtin(), a("0000:02:00.0"));
         let out = apply(x, &[d.insertion(std::slice::from_ref(&block)).unwrap()]);
         assert!(
