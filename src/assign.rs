@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::alloc::lease::{self, LeaseStore};
+use crate::alloc::lease::LeaseStore;
 use crate::alloc::lock::HostLock;
 use crate::alloc::plan::{
     plan_attach, plan_detach, AttachRequest, DetachRequest, DetachUnit, Holdings,
@@ -372,11 +372,7 @@ fn attach_unlocked(
     let facts = parse_xml(name, &hv.domain_xml(name, own_view)?)?;
     let mut holdings = holdings;
     if let Some(store) = &opts.leases {
-        store.holdings_except(
-            &lease::key(facts.uuid.as_deref(), name),
-            unix_now(),
-            &mut holdings,
-        );
+        store.holdings_except(name, facts.uuid.as_deref(), unix_now(), &mut holdings);
     }
     let plan = plan_attach(inv, &holdings, name, request, &preferred_nodes(inv, &facts))?;
     let owner = request::owner_for(name, facts.owner.as_deref(), &opts.config);
@@ -547,7 +543,10 @@ fn detach_unlocked(
     }
 
     // A live detach completes when the guest answers the unplug request: poll the XML.
-    let deadline = Instant::now() + opts.detach_timeout;
+    // The CLI and the API bound the timeout; a caller that does not gets an hour, never a panic.
+    let deadline = Instant::now()
+        .checked_add(opts.detach_timeout)
+        .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
     let (still, remaining) = loop {
         let (live_after, config_after) = present(hv, name, impact)?;
         let remaining = |s: &Step| Impact {
@@ -863,14 +862,14 @@ mod tests {
         let store = LeaseStore::new(run.path());
         store
             .put(
-                "name-other",
                 &crate::alloc::lease::Lease {
                     domain: "other".into(),
                     uuid: None,
                     functions: vec![a("0000:18:00.0"), a("0000:18:00.1")],
-                    expires: u64::MAX,
+                    expires: unix_now() + 600,
                     owner: None,
                 },
+                unix_now(),
             )
             .unwrap();
         let hv = FakeHypervisor::default().with("vm", defined());

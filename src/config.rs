@@ -310,8 +310,12 @@ impl GpupassConfig {
                 return Err("serve.tcp needs serve.token_file (the bearer token)".into());
             }
         }
-        if self.serve.reconcile_seconds == Some(0) {
-            return Err("serve.reconcile_seconds must be at least 1".into());
+        if self
+            .serve
+            .reconcile_seconds
+            .is_some_and(|s| !(1..=86_400).contains(&s))
+        {
+            return Err("serve.reconcile_seconds must be from 1 to 86400".into());
         }
         let s = &self.serve;
         for (key, v, min, max) in [
@@ -377,7 +381,8 @@ mod tests {
                 "unknown variant `year`",
             ),
             ("[paths]\nrundir = \"/x\"\n", "unknown field `rundir`"),
-            ("[serve]\nreconcile_seconds = 0\n", "at least 1"),
+            ("[serve]\nreconcile_seconds = 0\n", "from 1 to 86400"),
+            ("[serve]\nreconcile_seconds = 86401\n", "from 1 to 86400"),
             (
                 "[serve]\nheader_timeout_ms = 0\n",
                 "serve.header_timeout_ms must be between 1 and 3600000",

@@ -265,8 +265,9 @@ enum LibvirtCommand {
         /// Every GPU of this host that the domain has.
         #[arg(long)]
         all: bool,
-        /// Seconds to wait for the guest to release a device on a live detach.
-        #[arg(long, value_name = "SECONDS", default_value_t = 15)]
+        /// Seconds to wait for the guest to release a device on a live detach (1–3600).
+        #[arg(long, value_name = "SECONDS", default_value_t = 15,
+              value_parser = clap::value_parser!(u64).range(1..=3600))]
         timeout: u64,
         #[command(flatten)]
         common: CommonFlags,
@@ -288,11 +289,13 @@ struct ServeFlags {
     /// File with the bearer token TCP clients must send (mode 0600 or stricter).
     #[arg(long, value_name = "FILE")]
     token_file: Option<std::path::PathBuf>,
-    /// Seconds between full reconciles with libvirt [default: serve.reconcile_seconds, else 60].
-    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    /// Seconds between full reconciles with libvirt (1–86400) [default: serve.reconcile_seconds,
+    /// else 60].
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=86_400))]
     reconcile_seconds: Option<u64>,
-    /// Seconds an API attach/detach waits for the host lock.
-    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    /// Seconds an API attach/detach waits for the host lock (0–3600).
+    #[arg(long, value_name = "SECONDS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(0..=3600))]
     lock_timeout: u64,
 }
 
@@ -313,8 +316,9 @@ struct CommonFlags {
     /// Print what was done as JSON.
     #[arg(long)]
     json: bool,
-    /// Seconds to wait for the host lock.
-    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    /// Seconds to wait for the host lock (0–3600).
+    #[arg(long, value_name = "SECONDS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(0..=3600))]
     lock_timeout: u64,
     /// Seconds libvirt gets to connect, and then to complete the change under the host lock;
     /// past that gpupass stops with exit 8, which releases the lock (1-3600).

@@ -238,6 +238,44 @@ fn prepare_respects_a_lease_from_a_transform_in_flight() {
 }
 
 #[test]
+fn a_transformed_domain_starts_once_libvirt_has_given_it_a_uuid() {
+    let root = Root::new("hgx-8gpu", &[]);
+    // CloudStack hands over a domain without <uuid>; `virsh define` adds one.
+    let without = domain_xml("audit-t1", &meta(1), &[])
+        .replace(&format!("  <uuid>{}</uuid>\n", uuid_for("audit-t1")), "");
+    assert!(!without.contains("<uuid>"));
+    let t = root.gpupass(&["transform"], &without);
+    assert_eq!(t.code, 0, "{}", t.stderr);
+    let leased = gpupass::xml::domain::parse(&t.stdout).unwrap().pci_hostdevs[0].to_string();
+    let defined = t.stdout.replace(
+        "<name>audit-t1</name>",
+        &format!(
+            "<name>audit-t1</name>\n  <uuid>{}</uuid>",
+            uuid_for("audit-t1")
+        ),
+    );
+    // Another domain is still kept off the GPU...
+    blocked(
+        &root.hook(
+            "vm-b",
+            "prepare",
+            "begin",
+            &domain_xml("vm-b", "", &[&leased]),
+        ),
+        "reserved for domain 'audit-t1'",
+    );
+    // ...but the domain the lease was made for starts, and starting ends its lease.
+    let ok = root.hook("audit-t1", "prepare", "begin", &defined);
+    assert_eq!(ok.code, 0, "{}", ok.stderr);
+    assert_eq!(root.hook("audit-t1", "started", "begin", &defined).code, 0);
+    assert_eq!(
+        fs::read_dir(root.run_dir().join("leases")).unwrap().count(),
+        0,
+        "the lease made before it had a UUID is gone"
+    );
+}
+
+#[test]
 fn migrate_and_restore_rewrite_only_when_needed() {
     let root = Root::new("hgx-8gpu", &[("other", &["0000:9a:00.0"])]);
     // Came from another host: its injected GPU 0000:9a:00.0 is held here by 'other'.

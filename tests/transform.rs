@@ -311,3 +311,141 @@ fn many_transforms_at_once_never_pick_one_gpu_twice() {
         "a GPU was picked twice: {picked:?}"
     );
 }
+
+/// A domain without `<uuid>` (as CloudStack hands it over) asking for `count` GPUs.
+fn uuidless(name_xml: &str, count: u32) -> String {
+    format!(
+        "<domain type='kvm'>\n  <name>{name_xml}</name>\n  <metadata><g:gpus xmlns:g='https://gpupass.dev/xmlns/1' count='{count}'/></metadata>\n  <memory>131072</memory>\n  <os><type>hvm</type></os>\n  <devices>\n  </devices>\n</domain>\n"
+    )
+}
+
+#[test]
+fn long_names_that_share_their_first_100_bytes_get_different_gpus() {
+    let t = tempfile::tempdir().unwrap();
+    let name = |last: char| format!("audit-{}{last}", "a".repeat(100));
+    let bin = env!("CARGO_BIN_EXE_gpupass-hook");
+    let first = transform_with(bin, "hgx-8gpu", t.path(), &[], &uuidless(&name('1'), 1));
+    let second = transform_with(bin, "hgx-8gpu", t.path(), &[], &uuidless(&name('2'), 1));
+    assert_eq!(
+        (first.code, second.code),
+        (0, 0),
+        "{}{}",
+        first.stderr,
+        second.stderr
+    );
+    let (a, b) = (sources(&first.stdout), sources(&second.stdout));
+    assert_eq!((a.len(), b.len()), (1, 1));
+    assert_ne!(a, b, "one GPU leased to two domains");
+    // Each domain's own lease still lets it keep its GPU.
+    let again = transform_with(bin, "hgx-8gpu", t.path(), &[], &uuidless(&name('1'), 1));
+    assert_eq!(sources(&again.stdout), a);
+}
+
+#[test]
+fn the_domain_name_is_read_as_libvirt_reads_it() {
+    let t = tempfile::tempdir().unwrap();
+    let r = transform("hgx-8gpu", t.path(), &[], &uuidless("audit-<!-- c -->x", 1));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let leases: Vec<String> = fs::read_dir(t.path().join("leases"))
+        .unwrap()
+        .map(|e| fs::read_to_string(e.unwrap().path()).unwrap())
+        .collect();
+    assert_eq!(leases.len(), 1);
+    assert!(
+        leases[0].contains("\"domain\":\"audit-x\""),
+        "the lease names the domain libvirt will know: {}",
+        leases[0]
+    );
+}
+
+#[test]
+fn nesting_deeper_than_libvirt_accepts_is_refused_with_one_line() {
+    let t = tempfile::tempdir().unwrap();
+    // `levels` elements deep in all: <domain>, <metadata>, then nested <a>.
+    let nested = |levels: usize| {
+        uuidless("vm-deep", 1).replace(
+            "<memory>",
+            &format!(
+                "<description>{}{}</description><memory>",
+                "<a>".repeat(levels - 2),
+                "</a>".repeat(levels - 2)
+            ),
+        )
+    };
+    let ok = transform("hgx-8gpu", t.path(), &[], &nested(256));
+    assert_eq!(ok.code, 0, "{}", ok.stderr);
+    assert_eq!(sources(&ok.stdout).len(), 1);
+    for levels in [257, 500_000] {
+        let input = nested(levels);
+        assert!(input.len() < gpupass::xml::rewrite::MAX_XML_BYTES);
+        let r = transform("hgx-8gpu", t.path(), &[], &input);
+        assert_eq!(r.code, 2, "{levels}: {}", r.stderr);
+        assert!(r.stdout.is_empty());
+        assert_eq!(r.stderr.lines().count(), 1, "{:?}", r.stderr);
+        assert!(
+            r.stderr.contains("nested deeper than 256 levels"),
+            "{}",
+            r.stderr
+        );
+    }
+}
+
+#[test]
+fn out_of_range_durations_are_refused_before_anything_happens() {
+    let t = tempfile::tempdir().unwrap();
+    for bad in ["18446744073709551615", "0", "86401"] {
+        let r = transform_args(
+            &["transform", "--lease-seconds", bad],
+            &uuidless("vm-bad", 1),
+            t.path(),
+        );
+        assert_eq!(r.code, 2, "{bad}: {}", r.stderr);
+        assert!(r.stdout.is_empty());
+        assert_eq!(r.stderr.lines().count(), 1, "{:?}", r.stderr);
+        assert!(r.stderr.contains("1..=86400"), "{}", r.stderr);
+    }
+    // The longest lease allowed holds: the next domain gets another GPU.
+    let a = transform_args(
+        &["transform", "--lease-seconds", "86400"],
+        &uuidless("vm-day", 1),
+        t.path(),
+    );
+    let b = transform("hgx-8gpu", t.path(), &[], &uuidless("vm-next", 1));
+    assert_eq!((a.code, b.code), (0, 0), "{}{}", a.stderr, b.stderr);
+    assert_ne!(sources(&a.stdout), sources(&b.stdout));
+    let r: Run = Command::new(env!("CARGO_BIN_EXE_gpupass"))
+        .env_remove("GPUPASS_CONFIG")
+        .arg("--host-root")
+        .arg(host("hgx-8gpu"))
+        .args(["detach", "vm", "--all", "--timeout", "18446744073709551615"])
+        .output()
+        .unwrap()
+        .into();
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert_eq!(r.stderr.lines().count(), 1, "{:?}", r.stderr);
+    assert!(r.stderr.contains("1..=3600"), "{}", r.stderr);
+}
+
+/// `gpupass-hook ARGS` (ARGS includes the subcommand) on the hgx-8gpu host.
+fn transform_args(args: &[&str], input: &str, run_dir: &Path) -> Run {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gpupass-hook"))
+        .env_remove("GPUPASS_CONFIG")
+        .env_remove("GPUPASS_HOST_ROOT")
+        .env_remove("GPUPASS_LOG_FILE")
+        .arg("--host-root")
+        .arg(host("hgx-8gpu"))
+        .arg("--run-dir")
+        .arg(run_dir)
+        .arg("--state-dir")
+        .arg(run_dir.join("state"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let _ = stdin.write_all(input.as_bytes());
+    drop(stdin);
+    child.wait_with_output().unwrap().into()
+}

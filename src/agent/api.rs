@@ -484,6 +484,17 @@ pub fn detach_request(b: &DetachBody) -> Result<DetachRequest, ApiError> {
     }
 }
 
+/// `timeout_seconds` of a detach: 1 to 3600 (as `gpupass detach --timeout`), default 30.
+pub fn detach_timeout(b: &DetachBody) -> Result<Duration, ApiError> {
+    match b.timeout_seconds {
+        None => Ok(Duration::from_secs(30)),
+        Some(s @ 1..=3600) => Ok(Duration::from_secs(s)),
+        Some(s) => Err(ApiError::bad(format!(
+            "timeout_seconds: give 1 to 3600, not {s}"
+        ))),
+    }
+}
+
 fn impact(live: bool, config: bool) -> Option<Impact> {
     (live || config).then_some(Impact { live, config })
 }
@@ -590,8 +601,12 @@ async fn detach(
 ) -> Result<Json<AssignReport>, ApiError> {
     let checked = domain_name(path).and_then(|name| {
         let Json(b) = body.map_err(json_rejection)?;
-        let timeout = Duration::from_secs(b.timeout_seconds.unwrap_or(30).clamp(1, 3600));
-        Ok((name, detach_request(&b)?, timeout, impact(b.live, b.config)))
+        Ok((
+            name,
+            detach_request(&b)?,
+            detach_timeout(&b)?,
+            impact(b.live, b.config),
+        ))
     });
     let (name, req, timeout, imp) = match checked {
         Ok(c) => c,
@@ -796,6 +811,17 @@ mod tests {
         assert!(serde_json::from_str::<AttachBody>(r#"{"cnt":1}"#).is_err());
         let d = |j: &str| detach_request(&serde_json::from_str::<DetachBody>(j).unwrap());
         assert_eq!(d(r#"{"all":true}"#).unwrap(), DetachRequest::All);
+        let t = |j: &str| detach_timeout(&serde_json::from_str::<DetachBody>(j).unwrap());
+        assert_eq!(t(r#"{"all":true}"#).unwrap(), Duration::from_secs(30));
+        assert_eq!(
+            t(r#"{"all":true,"timeout_seconds":3600}"#).unwrap(),
+            Duration::from_secs(3600)
+        );
+        for bad in ["0", "3601", "18446744073709551615"] {
+            let e = t(&format!(r#"{{"all":true,"timeout_seconds":{bad}}}"#)).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{bad}");
+            assert!(e.message.contains("give 1 to 3600"), "{}", e.message);
+        }
         assert!(d(r#"{}"#).is_err());
         assert!(d(r#"{"all":true,"gpus":["0000:18:00.0"]}"#).is_err());
     }

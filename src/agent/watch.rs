@@ -124,6 +124,14 @@ struct Lost(String);
 /// First wait before reconnecting.
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 
+/// When the next full reconcile is due: `every` from now, or in a day when `every` runs past
+/// what `Instant` can hold (the CLI and the config bound it; this never panics regardless).
+fn next_reconcile(every: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(every)
+        .unwrap_or_else(|| now + Duration::from_secs(86_400))
+}
+
 /// How long to wait before the next connection attempt (pure): the first wait after a
 /// connection that worked (or at the very start), else double the last one, up to `max`.
 fn wait_before_retry(last: Option<Duration>, had_connection: bool, max: Duration) -> Duration {
@@ -211,7 +219,7 @@ fn serve_connection(
     let _sub = sub;
     reconcile(opts, shared, hv)?;
     repair(opts, shared, hv)?;
-    let mut next = Instant::now() + opts.reconcile_every;
+    let mut next = next_reconcile(opts.reconcile_every);
     loop {
         let wait = next.saturating_duration_since(Instant::now());
         let msg = match rx.recv_timeout(wait) {
@@ -224,7 +232,7 @@ fn serve_connection(
             Msg::Reconcile => {
                 reconcile(opts, shared, hv)?;
                 repair(opts, shared, hv)?;
-                next = Instant::now() + opts.reconcile_every;
+                next = next_reconcile(opts.reconcile_every);
             }
             Msg::Event { generation: g, .. } if g != generation => {}
             Msg::Event {

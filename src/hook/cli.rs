@@ -145,8 +145,9 @@ pub struct TransformArgs {
     /// Only this vendor:device (with --count).
     #[arg(long, value_name = "VVVV:DDDD", requires = "count")]
     pub model: Option<PciId>,
-    /// Seconds a chosen GPU stays reserved for this domain before it starts.
-    #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+    /// Seconds a chosen GPU stays reserved for this domain before it starts (1–86400).
+    #[arg(long, value_name = "SECONDS", default_value_t = 600,
+          value_parser = clap::value_parser!(u64).range(1..=crate::alloc::lease::MAX_LEASE_SECONDS))]
     pub lease_seconds: u64,
 }
 

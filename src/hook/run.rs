@@ -43,6 +43,7 @@ pub struct HookEnv {
     pub lock_timeout: Duration,
 }
 
+/// The usage session key.
 fn lease_key(doc: &DomainDoc<'_>) -> String {
     lease::key(doc.uuid.as_deref(), &doc.name)
 }
@@ -65,10 +66,9 @@ pub fn transform(
     let _lock = HostLock::acquire(&env.run_dir, env.lock_timeout)?;
     let inv = discover_with(&Sysfs::new(&env.host_root), &Scope::Gpus, false)?;
     let mut holdings: Holdings = files::all_holdings(&env.host_root, &doc.name)?;
-    let key = lease_key(&doc);
     let store = LeaseStore::new(&env.run_dir);
     let t = unix_now();
-    store.holdings_except(&key, t, &mut holdings);
+    store.holdings_except(&doc.name, doc.uuid.as_deref(), t, &mut holdings);
     let pin = &doc.pinning;
     let prefer = preferred_nodes_of(
         &inv,
@@ -91,14 +91,14 @@ pub fn transform(
     )?;
     if !res.functions_after.is_empty() {
         store.put(
-            &key,
             &Lease {
                 domain: doc.name.clone(),
-                uuid: doc.uuid.clone(),
+                uuid: doc.uuid.as_deref().and_then(lease::normalize_uuid),
                 functions: res.functions_after.clone(),
-                expires: t + env.lease_ttl.as_secs(),
+                expires: t.saturating_add(env.lease_ttl.as_secs().min(lease::MAX_LEASE_SECONDS)),
                 owner: owner.clone(),
             },
+            t,
         )?;
     }
     if !res.changes() {
@@ -179,7 +179,12 @@ pub fn prepare(env: &HookEnv, input: &str) -> Result<Vec<String>, HookError> {
         ));
     }
     let mut running = files::running_holdings(&env.host_root, &doc.name)?;
-    LeaseStore::new(&env.run_dir).holdings_except(&lease_key(&doc), unix_now(), &mut running);
+    LeaseStore::new(&env.run_dir).holdings_except(
+        &doc.name,
+        doc.uuid.as_deref(),
+        unix_now(),
+        &mut running,
+    );
     let mut warnings = Vec::new();
     let present: BTreeSet<PciAddress> = sources.iter().copied().collect();
     let mut checked = BTreeSet::new();
@@ -299,7 +304,7 @@ fn gpu_sources(env: &HookEnv, doc: &DomainDoc<'_>) -> Vec<PciAddress> {
 pub fn started(env: &HookEnv, input: &str) -> Result<(), HookError> {
     let doc = scan(input)?;
     let key = lease_key(&doc);
-    LeaseStore::new(&env.run_dir).remove(&key)?;
+    LeaseStore::new(&env.run_dir).remove_own(&doc.name, doc.uuid.as_deref())?;
     let gpus = gpu_sources(env, &doc);
     if !gpus.is_empty() {
         let owner = request::owner_for(
@@ -316,7 +321,7 @@ pub fn started(env: &HookEnv, input: &str) -> Result<(), HookError> {
 pub fn release(env: &HookEnv, input: &str) -> Result<(), HookError> {
     let doc = scan(input)?;
     let key = lease_key(&doc);
-    LeaseStore::new(&env.run_dir).remove(&key)?;
+    LeaseStore::new(&env.run_dir).remove_own(&doc.name, doc.uuid.as_deref())?;
     Ledger::new(&env.state_dir).stop(&doc.name, &key, unix_now())?;
     Ok(())
 }

@@ -8,7 +8,7 @@ use quick_xml::events::Event;
 use quick_xml::Reader;
 
 use crate::model::PciAddress;
-use crate::xml::XmlError;
+use crate::xml::{XmlError, MAX_DEPTH};
 
 /// The file name of the PCI hostdev template, in `xml-templates/` and in an override directory.
 pub const HOSTDEV_TEMPLATE_FILE: &str = "hostdev-pci.xml";
@@ -102,6 +102,9 @@ fn check_single_hostdev(xml: &str) -> Result<(), String> {
     let mut roots = 0usize;
     loop {
         match reader.read_event() {
+            Ok(Event::Start(_)) if depth >= MAX_DEPTH => {
+                return Err(format!("elements nested deeper than {MAX_DEPTH} levels"));
+            }
             Ok(Event::Start(e)) => {
                 if depth == 0 {
                     roots += 1;
@@ -173,6 +176,11 @@ mod tests {
             let err = HostdevTemplate::parse(bad, "test").unwrap_err().to_string();
             assert!(err.contains(why), "{bad}: {err}");
         }
+        let deep = format!("<hostdev>{{address}}{}", "<a>".repeat(MAX_DEPTH));
+        let err = HostdevTemplate::parse(&deep, "test")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("deeper than 256"), "{err}");
     }
 
     #[test]

@@ -11,6 +11,21 @@ use std::path::PathBuf;
 
 use quick_xml::events::BytesStart;
 
+/// Deepest element nesting any XML reader of gpupass accepts (the root counts as 1): libxml2's
+/// default limit (`xmlParserMaxDepth`), under which libvirt parses every document, so no domain
+/// libvirt accepts is deeper. A deeper document is refused as soon as the reader gets there.
+pub const MAX_DEPTH: usize = 256;
+
+/// Most attributes on one element of a domain XML. The XML parser's duplicate check costs the
+/// square of an element's attributes, so 4 MiB of them would take minutes; libvirt's own
+/// elements have a dozen at most.
+pub const MAX_ATTRIBUTES: usize = 256;
+
+/// Most namespace declarations in scope at once in a domain XML. Resolving each element's
+/// namespace walks those in scope, so the count must be small for reading to stay linear;
+/// a domain uses a handful (one per application's metadata).
+pub const MAX_NAMESPACES: usize = 64;
+
 /// Errors from composing or reading XML.
 #[derive(Debug, thiserror::Error)]
 pub enum XmlError {

@@ -12,7 +12,7 @@ use quick_xml::NsReader;
 use crate::model::PciAddress;
 use crate::request::{RequestSpec, XMLNS};
 use crate::xml::compose::HostdevTemplate;
-use crate::xml::{attr, XmlError};
+use crate::xml::{attr, XmlError, MAX_ATTRIBUTES, MAX_DEPTH, MAX_NAMESPACES};
 
 /// The user-alias prefix that marks a hostdev gpupass injected (libvirt keeps `ua-` aliases).
 pub const ALIAS_PREFIX: &str = "ua-gpupass-";
@@ -119,9 +119,37 @@ pub fn scan_status(text: &str) -> Result<DomainDoc<'_>, XmlError> {
 }
 
 /// The element path below the root wrapper: `<domstatus>`'s children are read as a domain's.
+/// Empty below [`RELEVANT_DEPTH`], where nothing gpupass reads lives, so each event costs a
+/// constant, not the depth.
 fn relative(path: &[Vec<u8>], status: bool) -> Vec<&[u8]> {
     let skip = usize::from(status && path.first().is_some_and(|p| p == b"domstatus"));
-    path[skip..].iter().map(Vec::as_slice).collect()
+    let rel = &path[skip..];
+    if rel.len() > RELEVANT_DEPTH {
+        return Vec::new();
+    }
+    rel.iter().map(Vec::as_slice).collect()
+}
+
+/// The deepest element path gpupass reads (`domain/devices/hostdev/source`).
+const RELEVANT_DEPTH: usize = 4;
+
+/// Which text-only element's content is being collected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TextField {
+    Name,
+    Uuid,
+}
+
+/// The text content of one element, read as libvirt reads it (XPath `string()` over libxml2's
+/// tree): every text and CDATA piece below it, in order, with comments and processing
+/// instructions skipped (`<name>a<!-- c -->b</name>` is `ab`). Not trimmed: libvirt keeps a
+/// name's spaces.
+#[derive(Debug)]
+struct Collecting {
+    field: TextField,
+    /// `path.len()` while inside the element.
+    depth: usize,
+    text: String,
 }
 
 fn scan_root(text: &str, status: bool) -> Result<DomainDoc<'_>, XmlError> {
@@ -136,6 +164,11 @@ fn scan_root(text: &str, status: bool) -> Result<DomainDoc<'_>, XmlError> {
         Some(rest) => (rest, '\u{feff}'.len_utf8()),
         None => (text, 0),
     };
+    // A second mark is text before the root (libxml2 refuses it); quick-xml would skip it
+    // silently and shift every position by its length.
+    if body.starts_with('\u{feff}') {
+        return Err(malformed("text outside the root element"));
+    }
     let mut reader = NsReader::from_str(body);
     let mut path: Vec<Vec<u8>> = Vec::new();
     let mut doc = DomainDoc {
@@ -151,6 +184,13 @@ fn scan_root(text: &str, status: bool) -> Result<DomainDoc<'_>, XmlError> {
         devices_child_indent: None,
     };
     let mut seen_root = false;
+    // libvirt reads `./name[1]` and `./uuid[1]`: the first of each counts.
+    let mut seen_name = false;
+    let mut seen_uuid = false;
+    let mut collecting: Option<Collecting> = None;
+    // Namespace declarations in scope, and how many each open element made.
+    let mut namespaces = 0usize;
+    let mut declared: Vec<usize> = Vec::new();
     let mut in_request = false;
     let mut current: Option<HostdevSpan> = None;
     let mut current_pci = false;
@@ -167,6 +207,35 @@ fn scan_root(text: &str, status: bool) -> Result<DomainDoc<'_>, XmlError> {
         match event {
             Event::Start(ref e) | Event::Empty(ref e) => {
                 let empty = matches!(event, Event::Empty(_));
+                // libxml2 (libvirt's parser) refuses deeper documents; refusing them here too
+                // keeps every step below bounded by a constant (see `relative`).
+                if path.len() >= MAX_DEPTH {
+                    return Err(malformed(format!(
+                        "at byte {before}: elements nested deeper than {MAX_DEPTH} levels"
+                    )));
+                }
+                // Counted without the parser's (quadratic) checks, before anything reads them.
+                let (mut attrs, mut decls) = (0usize, 0usize);
+                for a in e.attributes().with_checks(false).map_while(Result::ok) {
+                    attrs += 1;
+                    decls += usize::from(a.key.as_namespace_binding().is_some());
+                }
+                if attrs > MAX_ATTRIBUTES {
+                    return Err(malformed(format!(
+                        "at byte {before}: more than {MAX_ATTRIBUTES} attributes on one element"
+                    )));
+                }
+                namespaces += decls;
+                if namespaces > MAX_NAMESPACES {
+                    return Err(malformed(format!(
+                        "at byte {before}: more than {MAX_NAMESPACES} namespace declarations in scope"
+                    )));
+                }
+                if empty {
+                    namespaces -= decls;
+                } else {
+                    declared.push(decls);
+                }
                 // quick-xml checks attributes only when they are read: read them all, so a
                 // document that is not well-formed is refused rather than edited. (Reading
                 // libvirt's own files, which are never edited, skips this.)
@@ -204,6 +273,28 @@ fn scan_root(text: &str, status: bool) -> Result<DomainDoc<'_>, XmlError> {
                     }
                     [b"domain", b"cputune"] if qname.as_ref() == b"vcpupin" => {
                         doc.pinning.vcpupin_cpusets.extend(attr(e, b"cpuset")?);
+                    }
+                    [b"domain"] if qname.as_ref() == b"name" && !seen_name => {
+                        seen_name = true;
+                        collecting = (!empty).then(|| Collecting {
+                            field: TextField::Name,
+                            depth: path.len() + 1,
+                            text: String::new(),
+                        });
+                        if doc.domain_child_indent.is_none() {
+                            doc.domain_child_indent = line_indent(text, before).map(str::to_owned);
+                        }
+                    }
+                    [b"domain"] if qname.as_ref() == b"uuid" && !seen_uuid => {
+                        seen_uuid = true;
+                        collecting = (!empty).then(|| Collecting {
+                            field: TextField::Uuid,
+                            depth: path.len() + 1,
+                            text: String::new(),
+                        });
+                        if doc.domain_child_indent.is_none() {
+                            doc.domain_child_indent = line_indent(text, before).map(str::to_owned);
+                        }
                     }
                     [b"domain"] => {
                         if doc.domain_child_indent.is_none() {
@@ -292,24 +383,40 @@ fn scan_root(text: &str, status: bool) -> Result<DomainDoc<'_>, XmlError> {
                     }
                     _ => {}
                 }
+                if collecting.as_ref().is_some_and(|c| c.depth == path.len()) {
+                    if let Some(c) = collecting.take() {
+                        match c.field {
+                            TextField::Name => doc.name = c.text,
+                            // libvirt's `virUUIDParse` skips spaces around a UUID.
+                            TextField::Uuid => {
+                                let u = c.text.trim();
+                                doc.uuid = (!u.is_empty()).then(|| u.to_owned());
+                            }
+                        }
+                    }
+                }
                 path.pop();
+                namespaces -= declared.pop().unwrap_or(0);
             }
             Event::Text(t) => {
                 if path.is_empty() && !t.iter().all(u8::is_ascii_whitespace) {
                     return Err(malformed("text outside the root element"));
                 }
-                let here = relative(&path, status);
-                let wanted = matches!(here.as_slice(), [b"domain", b"name"] | [b"domain", b"uuid"]);
-                if wanted || !status {
+                if collecting.is_some() || !status {
                     // An unknown entity makes the document not well-formed: refuse it.
                     let value = t
                         .unescape()
                         .map_err(|err| malformed(format!("at byte {before}: {err}")))?;
-                    match here.as_slice() {
-                        [b"domain", b"name"] => doc.name = value.trim().to_owned(),
-                        [b"domain", b"uuid"] => doc.uuid = Some(value.trim().to_owned()),
-                        _ => {}
+                    if let Some(c) = collecting.as_mut() {
+                        c.text.push_str(&value);
                     }
+                }
+            }
+            Event::CData(t) => {
+                if let Some(c) = collecting.as_mut() {
+                    let value = std::str::from_utf8(&t)
+                        .map_err(|err| malformed(format!("at byte {before}: {err}")))?;
+                    c.text.push_str(value);
                 }
             }
             Event::Eof => break,
@@ -583,6 +690,7 @@ mod tests {
         let d = scan(x).unwrap();
         assert!(x[d.hostdevs[0].span.clone()].starts_with("<hostdev "));
         assert!(x[d.hostdevs[0].span.clone()].ends_with("</hostdev>"));
+        assert!(scan(&format!("\u{feff}{x}")).is_err(), "two marks");
         let block = injected_block(&HostdevTemplate::builtin(), a("0000:02:00.0"));
         let out = apply(x, &[d.insertion(std::slice::from_ref(&block)).unwrap()]);
         assert!(
@@ -600,6 +708,101 @@ mod tests {
         ] {
             assert!(scan(bad).is_err(), "{bad}");
         }
+    }
+
+    /// A domain whose `<metadata>` holds `depth - 2` nested `<a>` (so `depth` levels in all).
+    fn nested(depth: usize) -> String {
+        format!(
+            "<domain><name>x</name><metadata>{}{}</metadata></domain>",
+            "<a>".repeat(depth - 2),
+            "</a>".repeat(depth - 2)
+        )
+    }
+
+    #[test]
+    fn nesting_deeper_than_libvirt_accepts_is_refused_at_once() {
+        assert_eq!(scan(&nested(MAX_DEPTH)).unwrap().name, "x");
+        let err = scan(&nested(MAX_DEPTH + 1)).unwrap_err().to_string();
+        assert!(err.contains("nested deeper than 256 levels"), "{err}");
+        assert!(!err.contains('\n'), "one line: {err}");
+        // An empty element one level too deep counts too, and so does the status wrapper.
+        let empty = nested(MAX_DEPTH).replacen("<a></a>", "<a><b/></a>", 1);
+        assert!(scan(&empty).is_err());
+        let status = format!("<domstatus>{}</domstatus>", nested(MAX_DEPTH));
+        assert!(scan_status(&status).is_err());
+        // Close to the size limit, half a million levels deep: refused, not parsed for minutes.
+        let deep = nested(500_000);
+        assert!(deep.len() < MAX_XML_BYTES);
+        assert!(scan(&deep).is_err());
+        // As wide as it may be at the deepest level allowed: accepted.
+        let inner = format!("{}{}", "<a>".repeat(250), "</a>".repeat(250));
+        let wide = format!(
+            "<domain><name>x</name><metadata>{}</metadata></domain>",
+            inner.repeat(MAX_XML_BYTES / inner.len() - 1)
+        );
+        assert_eq!(scan(&wide).unwrap().name, "x");
+    }
+
+    #[test]
+    fn what_would_make_reading_quadratic_is_refused() {
+        let attrs = |n: usize| (0..n).map(|i| format!(" a{i}='1'")).collect::<String>();
+        let ok = format!(
+            "<domain><name>x</name><os{}/></domain>",
+            attrs(MAX_ATTRIBUTES)
+        );
+        assert!(scan(&ok).is_ok());
+        let many = format!("<domain><name>x</name><os{}/></domain>", attrs(100_000));
+        let err = scan(&many).unwrap_err().to_string();
+        assert!(err.contains("more than 256 attributes"), "{err}");
+        // Namespace declarations count while in scope: 40 + 40 in sequence are fine, nested
+        // they are too many.
+        let decls = |p: &str, n: usize| {
+            (0..n)
+                .map(|i| format!(" xmlns:{p}{i}='urn:{i}'"))
+                .collect::<String>()
+        };
+        let seq = format!(
+            "<domain><name>x</name><metadata><a{}/><b{}></b></metadata></domain>",
+            decls("p", 40),
+            decls("q", 40)
+        );
+        assert!(scan(&seq).is_ok());
+        let nested = format!(
+            "<domain><name>x</name><metadata><a{}><b{}/></a></metadata></domain>",
+            decls("p", 40),
+            decls("q", 40)
+        );
+        let err = scan(&nested).unwrap_err().to_string();
+        assert!(err.contains("more than 64 namespace declarations"), "{err}");
+        let status = format!(
+            "<domstatus{}><domain{}><name>x</name></domain></domstatus>",
+            decls("p", 40),
+            decls("q", 40)
+        );
+        assert!(scan_status(&status).is_err());
+    }
+
+    #[test]
+    fn name_and_uuid_are_read_as_libvirt_reads_them() {
+        let d = scan("<domain><name>audit-<!-- c -->x</name></domain>").unwrap();
+        assert_eq!(d.name, "audit-x", "a comment splits nothing");
+        let d = scan("<domain><name>a<?pi x?>b<![CDATA[<c>]]>&amp;d</name></domain>").unwrap();
+        assert_eq!(d.name, "ab<c>&d");
+        let d = scan("<domain><name>first</name><name>second</name></domain>").unwrap();
+        assert_eq!(d.name, "first", "libvirt reads ./name[1]");
+        let d = scan("<domain><name> my vm </name></domain>").unwrap();
+        assert_eq!(d.name, " my vm ", "libvirt keeps a name's spaces");
+        let d = scan("<domain><name>x</name><uuid>\n  c7a5fdbd-edaf-9455-926a-d65c16db1809<!-- -->\n</uuid><uuid>00000000-0000-0000-0000-000000000001</uuid></domain>").unwrap();
+        assert_eq!(
+            d.uuid.as_deref(),
+            Some("c7a5fdbd-edaf-9455-926a-d65c16db1809")
+        );
+        assert!(
+            scan("<domain><name/><name>x</name></domain>").is_err(),
+            "name[1] is empty"
+        );
+        let status = "<domstatus><domain><name>vm<!-- -->1</name></domain></domstatus>";
+        assert_eq!(scan_status(status).unwrap().name, "vm1");
     }
 
     #[test]
