@@ -27,6 +27,7 @@ use crate::config::GpupassConfig;
 use crate::hook::cli::error_chain;
 use crate::host::discover::discover;
 use crate::host::sysfs::Sysfs;
+use crate::libvirt::deadline::Deadline;
 use crate::libvirt::virt::VirtHypervisor;
 use crate::libvirt::Impact;
 use crate::limits;
@@ -504,6 +505,10 @@ enum Change {
     Detach(DetachRequest, Duration),
 }
 
+/// How long an API attach or detach may take under the host lock (plus a live detach's own
+/// timeout), as the CLI's default `--libvirt-timeout`.
+const AGENT_LIBVIRT_TIMEOUT: Duration = Duration::from_secs(60);
+
 fn run_change(
     api: &Api,
     name: &str,
@@ -530,6 +535,12 @@ fn run_change(
         Change::Detach(_, t) => *t,
         Change::Attach(_) => Duration::from_secs(30),
     };
+    // A daemon that still answers keepalive but never finishes the call would keep the host
+    // lock for good: past the deadline the agent exits 8 (its service manager restarts it).
+    let _deadline = Deadline::arm(
+        AGENT_LIBVIRT_TIMEOUT.saturating_add(detach_timeout),
+        format!("agent: change to '{name}'"),
+    );
     let opts = AssignOptions {
         template: api.template.clone(),
         impact: imp,

@@ -1,7 +1,6 @@
 //! `gpupass attach` and `gpupass detach`: whole GPUs in and out of a libvirt domain, under the
 //! host lock, with a deadline on libvirt so a hung daemon cannot keep the lock.
 
-use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -10,6 +9,7 @@ use gpupass::alloc::lease::LeaseStore;
 use gpupass::alloc::lock::HostLock;
 use gpupass::alloc::plan::{AttachRequest, DetachRequest};
 use gpupass::assign::{self, AssignOptions, AssignReport};
+use gpupass::libvirt::deadline::Deadline;
 use gpupass::libvirt::virt::VirtHypervisor;
 use gpupass::libvirt::Impact;
 
@@ -30,43 +30,6 @@ pub struct AssignFlags {
     pub detach_timeout: Duration,
     /// `--libvirt-timeout`: for connecting, then for the change under the lock.
     pub libvirt_timeout: Duration,
-}
-
-/// The exit code of a libvirt that did not answer in time (as unreachable).
-const EXIT_LIBVIRT: i32 = 8;
-
-/// Ends the process with exit 8 and one line unless dropped within its deadline. libvirt's
-/// client has no per-call timeout, and keepalive only notices a peer that stops answering
-/// pings, not a daemon whose worker is stuck; the call itself cannot be interrupted. Exiting is
-/// what releases the host lock (the kernel drops a dead process's flock); whatever the change
-/// had done by then shows as a partly attached GPU that `list` flags and a rerun completes or
-/// undoes.
-struct Watchdog {
-    _armed: mpsc::Sender<()>,
-}
-
-impl Watchdog {
-    fn arm(timeout: Duration, what: String) -> Self {
-        let (tx, rx) = mpsc::channel::<()>();
-        let spawned = std::thread::Builder::new()
-            .name("libvirt-deadline".into())
-            .spawn(move || {
-                // Dropping the sender (the operation ended) disconnects: no timeout.
-                if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(timeout) {
-                    eprintln!(
-                        "gpupass: error: {what}: libvirt did not answer within {} s (--libvirt-timeout); stopped, which releases the host lock; check `gpupass list` for a GPU left partly attached",
-                        timeout.as_secs()
-                    );
-                    // Runs no destructor; the main thread stays stuck inside libvirt until the
-                    // process is gone.
-                    std::process::exit(EXIT_LIBVIRT);
-                }
-            });
-        if let Err(e) = spawned {
-            tracing::warn!("no libvirt deadline (thread: {e})");
-        }
-        Self { _armed: tx }
-    }
 }
 
 impl AssignFlags {
@@ -147,7 +110,7 @@ pub fn run(
         Action::Attach(_) => format!("attach to '{domain}'"),
         Action::Detach(_) => format!("detach from '{domain}'"),
     };
-    let deadline = Watchdog::arm(
+    let deadline = Deadline::arm(
         flags.libvirt_timeout,
         format!("{what}: connecting to {}", g.uri),
     );
@@ -155,7 +118,7 @@ pub fn run(
     drop(deadline);
     let lock = HostLock::acquire(&g.run_dir, flags.lock_timeout)?;
     // A live detach legitimately waits up to --timeout for the guest on top of libvirt's calls.
-    let deadline = Watchdog::arm(
+    let deadline = Deadline::arm(
         flags.libvirt_timeout.saturating_add(flags.detach_timeout),
         what.clone(),
     );

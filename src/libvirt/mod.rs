@@ -5,6 +5,7 @@
 
 use crate::model::PciAddress;
 
+pub mod deadline;
 pub mod events;
 #[cfg(test)]
 pub mod fake;
