@@ -260,6 +260,79 @@ impl Ledger {
     }
 }
 
+/// Whether any of `records` is about session `key`.
+fn touches(records: &[Record], key: &str) -> bool {
+    records.iter().any(|r| match r {
+        Record::Start { key: k, .. } | Record::Stop { key: k, .. } => k == key,
+    })
+}
+
+impl Ledger {
+    /// The number of valid records now: what a later [`Ledger::start_since`] or
+    /// [`Ledger::stop_since`] compares against.
+    pub fn record_count(&self) -> Result<usize, UsageError> {
+        Ok(self.read()?.records.len())
+    }
+
+    /// [`Ledger::start`] for a writer whose view of the domain is from when the ledger held
+    /// `seen` records (the agent reads libvirt, then writes what the ledger lacks): a record of
+    /// `key` appended since then (the hook's stop of a domain the view still shows running) is
+    /// newer than the view, and nothing is written; the next look at libvirt decides. Returns
+    /// the ledger's length after the write, the writer's new `seen` for this key.
+    pub fn start_since(
+        &self,
+        domain: &str,
+        key: &str,
+        gpus: &[PciAddress],
+        owner: Option<&str>,
+        ts: u64,
+        seen: usize,
+    ) -> Result<Option<usize>, UsageError> {
+        let (mut f, read) = self.locked()?;
+        let newer = read.records.get(seen..).unwrap_or_default();
+        if touches(newer, key) || open_session(&read.records, key).is_some() {
+            return Ok(None);
+        }
+        self.append(
+            &mut f,
+            &Record::Start {
+                ts,
+                domain: domain.to_owned(),
+                key: key.to_owned(),
+                gpus: gpus.to_vec(),
+                owner: owner.map(str::to_owned),
+            },
+        )?;
+        Ok(Some(read.records.len() + 1))
+    }
+
+    /// [`Ledger::stop`] with the same rule as [`Ledger::start_since`]: a session of `key` opened
+    /// since the view was taken (the hook's start of a domain the view still shows stopped) is
+    /// left open.
+    pub fn stop_since(
+        &self,
+        domain: &str,
+        key: &str,
+        ts: u64,
+        seen: usize,
+    ) -> Result<Option<usize>, UsageError> {
+        let (mut f, read) = self.locked()?;
+        let newer = read.records.get(seen..).unwrap_or_default();
+        if touches(newer, key) || open_session(&read.records, key).is_none() {
+            return Ok(None);
+        }
+        self.append(
+            &mut f,
+            &Record::Stop {
+                ts,
+                domain: domain.to_owned(),
+                key: key.to_owned(),
+            },
+        )?;
+        Ok(Some(read.records.len() + 1))
+    }
+}
+
 /// Seconds since the Unix epoch (0 on a clock before it): the ledger's and leases' time.
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -406,6 +479,50 @@ mod tests {
 
     fn g(s: &str) -> PciAddress {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_writer_with_an_older_view_never_reopens_or_closes_what_the_hook_wrote_since() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Ledger::new(dir.path());
+        let gpus = [g("0000:18:00.0")];
+        assert!(l.start("l2", "k", &gpus, None, 10).unwrap());
+        // The agent reads the ledger's length, then libvirt: l2 running with its GPU...
+        let seen = l.record_count().unwrap();
+        // ...and the hook records l2's stop before the agent writes.
+        assert!(l.stop("l2", "k", 20).unwrap());
+        // The agent's view (running, no open session) is older than that stop: no new session.
+        assert_eq!(
+            l.start_since("l2", "k", &gpus, None, 20, seen).unwrap(),
+            None
+        );
+        assert_eq!(
+            l.read().unwrap().records.len(),
+            2,
+            "only the hook's start and stop"
+        );
+
+        // The other way: the view says stopped, but the hook opened a session since.
+        let seen = l.record_count().unwrap();
+        assert!(l.start("l2", "k", &gpus, None, 30).unwrap());
+        assert_eq!(l.stop_since("l2", "k", 30, seen).unwrap(), None);
+        assert!(open_session(&l.read().unwrap().records, "k").is_some());
+
+        // The agent's own writes do not block its next one (a live attach: stop, then start),
+        // and records of other sessions do not matter.
+        let seen = l.record_count().unwrap();
+        assert!(l.start("other", "o", &gpus, None, 40).unwrap());
+        let after = l.stop_since("l2", "k", 40, seen).unwrap().expect("closed");
+        assert_eq!(after, l.record_count().unwrap());
+        let two = [g("0000:18:00.0"), g("0000:2a:00.0")];
+        assert!(l
+            .start_since("l2", "k", &two, None, 40, after)
+            .unwrap()
+            .is_some());
+        let r = l.read().unwrap();
+        assert!(
+            matches!(open_session(&r.records, "k"), Some(Record::Start { gpus, .. }) if gpus.len() == 2)
+        );
     }
 
     #[test]

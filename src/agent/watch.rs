@@ -300,6 +300,9 @@ fn reconcile(opts: &WatchOptions, shared: &Shared, hv: &dyn Hypervisor) -> Resul
             Arc::clone(&current(shared).inventory)
         }
     };
+    // The ledger's length before libvirt is read: what the hook writes after this is newer
+    // than the views below (sync_usage).
+    let seen = opts.ledger.record_count();
     let infos = hv.domains().map_err(|e| fail(shared, e.to_string()))?;
     let previous = current(shared);
     let mut domains = BTreeMap::new();
@@ -319,7 +322,7 @@ fn reconcile(opts: &WatchOptions, shared: &Shared, hv: &dyn Hypervisor) -> Resul
             }
         }
     }
-    let written = sync_usage(opts, &domains, &inventory, None);
+    let written = sync_usage(opts, &domains, &inventory, None, seen);
     let ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
     let n = domains.len();
     update(shared, |s| {
@@ -396,6 +399,7 @@ fn refresh(
     hv: &dyn Hypervisor,
     name: &str,
 ) -> Result<(), Lost> {
+    let seen = opts.ledger.record_count();
     let view = match hv.domain(name) {
         Ok(info) => read_view(hv, &info, &opts.config),
         Err(LibvirtError::UnknownDomain { .. }) => Ok(None),
@@ -431,19 +435,32 @@ fn refresh(
         }
         (one, scope, Arc::clone(&s.inventory))
     });
-    let written = sync_usage(opts, &one, &inventory, Some(&scope));
+    let written = sync_usage(opts, &one, &inventory, Some(&scope), seen);
     update(shared, |s| s.counters.usage_records += written);
     Ok(())
 }
 
 /// Writes the usage records the ledger lacks; failures are logged (the hook's records stand,
-/// and the next reconcile tries again).
+/// and the next reconcile tries again). `seen` is the ledger's length from before `domains`
+/// were read from libvirt: a session the hook opened or closed since then is newer than these
+/// views and is left as the hook wrote it (else a domain destroyed between the read and the
+/// write would get a second session, opened and closed by the agent).
 fn sync_usage(
     opts: &WatchOptions,
     domains: &BTreeMap<String, DomainView>,
     inv: &crate::host::discover::Inventory,
     scope: Option<&BTreeSet<String>>,
+    seen: Result<usize, crate::usage::UsageError>,
 ) -> u64 {
+    let seen = match seen {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the usage ledger");
+            return 0;
+        }
+    };
+    // Per session key: the ledger's length after this pass's own last write for it.
+    let mut seen_for: BTreeMap<String, usize> = BTreeMap::new();
     let open = match opts.ledger.read() {
         Ok(r) => open_sessions(&r.records),
         Err(e) => {
@@ -454,21 +471,28 @@ fn sync_usage(
     let now = unix_now();
     let mut written = 0;
     for op in usage_ops(domains, inv, &open, scope) {
+        let key = match &op {
+            UsageOp::Start { key, .. } | UsageOp::Stop { key, .. } => key.clone(),
+        };
+        let since = seen_for.get(&key).copied().unwrap_or(seen);
         let r = match &op {
             UsageOp::Start {
                 domain,
                 key,
                 gpus,
                 owner,
-            } => opts.ledger.start(domain, key, gpus, owner.as_deref(), now),
-            UsageOp::Stop { domain, key } => opts.ledger.stop(domain, key, now),
+            } => opts
+                .ledger
+                .start_since(domain, key, gpus, owner.as_deref(), now, since),
+            UsageOp::Stop { domain, key } => opts.ledger.stop_since(domain, key, now, since),
         };
         match r {
-            Ok(true) => {
+            Ok(Some(len)) => {
                 written += 1;
+                seen_for.insert(key, len);
                 tracing::info!(?op, "usage record written");
             }
-            Ok(false) => {}
+            Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, "usage record not written"),
         }
     }
