@@ -13,6 +13,7 @@
 //! ```
 #![warn(missing_docs)]
 
+#[cfg(feature = "agent")]
 pub mod agent;
 pub mod alloc;
 pub mod assign;

@@ -116,18 +116,23 @@ fn read_device(
     address: PciAddress,
     full: bool,
 ) -> Result<Option<PciDevice>, SysfsError> {
-    let (Some(vendor), Some(device), Some(class)) = (
-        sysfs.hex_attr(address, "vendor")?,
-        sysfs.hex_attr(address, "device")?,
-        sysfs.hex_attr(address, "class")?,
-    ) else {
+    let dev = sysfs.device(address)?;
+    let attrs = match &dev {
+        Some(d) => (
+            d.hex_attr("vendor")?,
+            d.hex_attr("device")?,
+            d.hex_attr("class")?,
+        ),
+        None => (None, None, None),
+    };
+    let (Some(dev), (Some(vendor), Some(device), Some(class))) = (dev, attrs) else {
         tracing::warn!(bdf = %address, "skipping PCI function without vendor/device/class");
         return Ok(None);
     };
     let subsystem = if full {
         match (
-            sysfs.hex_attr(address, "subsystem_vendor")?,
-            sysfs.hex_attr(address, "subsystem_device")?,
+            dev.hex_attr("subsystem_vendor")?,
+            dev.hex_attr("subsystem_device")?,
         ) {
             (Some(v), Some(d)) => Some(PciId {
                 vendor: v as u16,
@@ -147,13 +152,13 @@ fn read_device(
         },
         subsystem,
         class,
-        driver: sysfs.driver(address)?,
-        iommu_group: sysfs.iommu_group(address)?,
-        numa_node: sysfs.numa_node(address)?,
+        driver: dev.driver()?,
+        iommu_group: dev.iommu_group()?,
+        numa_node: dev.numa_node()?,
         // Only display functions have boot_vga.
-        boot_vga: class.is_display() && sysfs.attr(address, "boot_vga")?.as_deref() == Some("1"),
+        boot_vga: class.is_display() && dev.attr("boot_vga")?.as_deref() == Some("1"),
         reset_method: if full {
-            sysfs.attr(address, "reset_method")?
+            dev.attr("reset_method")?
         } else {
             None
         },

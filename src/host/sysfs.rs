@@ -6,7 +6,12 @@ use std::collections::BTreeSet;
 use std::ffi::OsStr;
 use std::fs;
 use std::io::{self, Read};
+use std::os::fd::OwnedFd;
 use std::path::{Component, Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::{self, OFlag};
+use nix::sys::stat::Mode;
 
 use crate::model::{DriverName, IommuGroupId, NumaNode, PciAddress};
 
@@ -95,6 +100,26 @@ impl Sysfs {
         self.path("sys/bus/pci/devices").join(addr.to_string())
     }
 
+    /// The device's directory, opened once, for reading many of its attributes: the kernel then
+    /// resolves the host root and the device's link once per device rather than once per
+    /// attribute (discovery reads ~8 per device, on every hook call). `None` when there is no
+    /// such device.
+    pub fn device(&self, addr: PciAddress) -> Result<Option<DeviceDir>, SysfsError> {
+        let path = self.device_dir(addr);
+        match fcntl::open(
+            &path,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => Ok(Some(DeviceDir { path, fd })),
+            Err(Errno::ENOENT) => Ok(None),
+            Err(e) => Err(SysfsError::Read {
+                path,
+                source: e.into(),
+            }),
+        }
+    }
+
     /// Every PCI function the kernel lists, sorted. Names that are not PCI addresses are skipped.
     pub fn pci_devices(&self) -> Result<Vec<PciAddress>, SysfsError> {
         let dir = self.path("sys/bus/pci/devices");
@@ -129,10 +154,7 @@ impl Sysfs {
 
     /// A hex attribute such as `vendor` (`0x10de`) or `class` (`0x030200`).
     pub fn hex_attr(&self, addr: PciAddress, name: &str) -> Result<Option<u32>, SysfsError> {
-        Ok(self.attr(addr, name)?.and_then(|v| {
-            let digits = v.strip_prefix("0x").unwrap_or(&v);
-            u32::from_str_radix(digits, 16).ok()
-        }))
+        Ok(self.attr(addr, name)?.as_deref().and_then(parse_hex))
     }
 
     /// The bound driver's name (last component of the `driver` link), or `None` when unbound.
@@ -141,17 +163,10 @@ impl Sysfs {
     /// `sys/bus/pci/drivers/<name>` from it. A name no kernel driver has is an error.
     pub fn driver_name(&self, addr: PciAddress) -> Result<Option<DriverName>, SysfsError> {
         let path = self.device_dir(addr).join("driver");
-        let Some(target) = self.link_target(&path)? else {
-            return Ok(None);
-        };
-        let raw = target.file_name().unwrap_or(OsStr::new(""));
-        raw.to_str()
-            .and_then(|n| n.parse().ok())
-            .map(Some)
-            .ok_or_else(|| SysfsError::BadDriverLink {
-                name: raw.to_string_lossy().chars().take(80).collect(),
-                path,
-            })
+        match self.link_target(&path)? {
+            Some(target) => driver_of_link(&target, || path).map(Some),
+            None => Ok(None),
+        }
     }
 
     /// [`Sysfs::driver_name`] as a string, for the inventory.
@@ -168,18 +183,16 @@ impl Sysfs {
     pub fn iommu_group(&self, addr: PciAddress) -> Result<Option<IommuGroupId>, SysfsError> {
         Ok(self
             .link_target(&self.device_dir(addr).join("iommu_group"))?
-            .and_then(|t| last_name(&t))
-            .and_then(|n| n.parse().ok())
-            .map(IommuGroupId))
+            .as_deref()
+            .and_then(group_of_link))
     }
 
     /// The NUMA node; sysfs `-1` (unknown) and a missing file are `None`.
     pub fn numa_node(&self, addr: PciAddress) -> Result<Option<NumaNode>, SysfsError> {
         Ok(self
             .attr(addr, "numa_node")?
-            .and_then(|v| v.parse::<i64>().ok())
-            .and_then(|n| u32::try_from(n).ok())
-            .map(NumaNode))
+            .as_deref()
+            .and_then(parse_numa))
     }
 
     /// The upstream PCI device (the bridge above), from the device's place under
@@ -439,6 +452,101 @@ fn last_name(p: &Path) -> Option<String> {
     p.file_name().and_then(|n| n.to_str()).map(str::to_owned)
 }
 
+/// One PCI function's sysfs directory, open (see [`Sysfs::device`]). Reads what the
+/// [`Sysfs`] methods of the same names read, relative to the open directory.
+#[derive(Debug)]
+pub struct DeviceDir {
+    /// For error messages.
+    path: PathBuf,
+    fd: OwnedFd,
+}
+
+impl DeviceDir {
+    /// Like [`Sysfs::attr`].
+    pub fn attr(&self, name: &str) -> Result<Option<String>, SysfsError> {
+        let err = |source| SysfsError::Read {
+            path: self.path.join(name),
+            source,
+        };
+        match fcntl::openat(
+            &self.fd,
+            name,
+            OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => read_small(fs::File::from(fd)).map(Some).map_err(err),
+            Err(Errno::ENOENT) => Ok(None),
+            Err(e) => Err(err(e.into())),
+        }
+    }
+
+    /// Like [`Sysfs::hex_attr`].
+    pub fn hex_attr(&self, name: &str) -> Result<Option<u32>, SysfsError> {
+        Ok(self.attr(name)?.as_deref().and_then(parse_hex))
+    }
+
+    /// Like [`Sysfs::driver`].
+    pub fn driver(&self) -> Result<Option<String>, SysfsError> {
+        match self.link("driver")? {
+            Some(t) => driver_of_link(&t, || self.path.join("driver")).map(|d| Some(d.into())),
+            None => Ok(None),
+        }
+    }
+
+    /// Like [`Sysfs::iommu_group`].
+    pub fn iommu_group(&self) -> Result<Option<IommuGroupId>, SysfsError> {
+        Ok(self.link("iommu_group")?.as_deref().and_then(group_of_link))
+    }
+
+    /// Like [`Sysfs::numa_node`].
+    pub fn numa_node(&self) -> Result<Option<NumaNode>, SysfsError> {
+        Ok(self.attr("numa_node")?.as_deref().and_then(parse_numa))
+    }
+
+    fn link(&self, name: &str) -> Result<Option<PathBuf>, SysfsError> {
+        match fcntl::readlinkat(&self.fd, name) {
+            Ok(t) => Ok(Some(PathBuf::from(t))),
+            // Absent, or not a link: treat as absent rather than guess (as `link_target`).
+            Err(Errno::ENOENT | Errno::EINVAL) => Ok(None),
+            Err(e) => Err(SysfsError::Read {
+                path: self.path.join(name),
+                source: e.into(),
+            }),
+        }
+    }
+}
+
+/// A hex attribute's value (`0x10de`).
+fn parse_hex(v: &str) -> Option<u32> {
+    u32::from_str_radix(v.strip_prefix("0x").unwrap_or(v), 16).ok()
+}
+
+/// `numa_node`'s value: `-1` (unknown) is `None`.
+fn parse_numa(v: &str) -> Option<NumaNode> {
+    v.parse::<i64>()
+        .ok()
+        .and_then(|n| u32::try_from(n).ok())
+        .map(NumaNode)
+}
+
+/// The group number at the end of an `iommu_group` link.
+fn group_of_link(target: &Path) -> Option<IommuGroupId> {
+    last_name(target)
+        .and_then(|n| n.parse().ok())
+        .map(IommuGroupId)
+}
+
+/// The driver name at the end of a `driver` link (`path`, for the error, is the link's).
+fn driver_of_link(target: &Path, path: impl FnOnce() -> PathBuf) -> Result<DriverName, SysfsError> {
+    let raw = target.file_name().unwrap_or(OsStr::new(""));
+    raw.to_str()
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| SysfsError::BadDriverLink {
+            name: raw.to_string_lossy().chars().take(80).collect(),
+            path: path(),
+        })
+}
+
 /// Reads a small file: open, one read, close. A sysfs attribute's `show()` fills one read, so a
 /// short read is the end; `read_to_string` would add a `statx` and a second `read` to each of
 /// the hundreds of attributes a discovery reads.
@@ -447,25 +555,31 @@ fn read_optional(path: &Path) -> Result<Option<String>, SysfsError> {
         path: path.to_path_buf(),
         source,
     };
-    let mut f = match fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(err(e)),
-    };
-    let mut buf = [0u8; 4096];
+    match fs::File::open(path) {
+        Ok(f) => read_small(f).map(Some).map_err(err),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(err(e)),
+    }
+}
+
+/// Reads an open small file to its end, trimmed. A read shorter than the buffer is the end (a
+/// sysfs `show()` fills one read); a longer file takes more reads. The buffer is small because
+/// attributes are (`0x10de`), and zeroing a page per read showed in the hook's profile.
+fn read_small(mut f: fs::File) -> io::Result<String> {
+    let mut buf = [0u8; 256];
     let mut data = Vec::new();
     loop {
         let n = match f.read(&mut buf) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(err(e)),
+            Err(e) => return Err(e),
         };
         data.extend_from_slice(&buf[..n]);
         if n < buf.len() {
             break;
         }
     }
-    Ok(Some(String::from_utf8_lossy(&data).trim().to_owned()))
+    Ok(String::from_utf8_lossy(&data).trim().to_owned())
 }
 
 /// Entry names of a directory; empty when it does not exist.

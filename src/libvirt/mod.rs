@@ -6,10 +6,12 @@
 use crate::model::PciAddress;
 
 pub mod deadline;
+#[cfg(feature = "libvirt")]
 pub mod events;
 #[cfg(test)]
 pub mod fake;
 pub mod files;
+#[cfg(feature = "libvirt")]
 pub mod virt;
 
 /// Errors from the hypervisor.

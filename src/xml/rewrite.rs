@@ -121,13 +121,19 @@ pub fn scan_status(text: &str) -> Result<DomainDoc<'_>, XmlError> {
 /// The element path below the root wrapper: `<domstatus>`'s children are read as a domain's.
 /// Empty below [`RELEVANT_DEPTH`], where nothing gpupass reads lives, so each event costs a
 /// constant, not the depth.
-fn relative(path: &[Vec<u8>], status: bool) -> Vec<&[u8]> {
+/// Returned in a fixed array (with its length), not a `Vec`: this runs for every event, and an
+/// allocation per event showed in the hook's profile.
+fn relative(path: &[Vec<u8>], status: bool) -> ([&[u8]; RELEVANT_DEPTH], usize) {
     let skip = usize::from(status && path.first().is_some_and(|p| p == b"domstatus"));
     let rel = &path[skip..];
+    let mut out: [&[u8]; RELEVANT_DEPTH] = [&[]; RELEVANT_DEPTH];
     if rel.len() > RELEVANT_DEPTH {
-        return Vec::new();
+        return (out, 0);
     }
-    rel.iter().map(Vec::as_slice).collect()
+    for (o, p) in out.iter_mut().zip(rel) {
+        *o = p;
+    }
+    (out, rel.len())
 }
 
 /// The deepest element path gpupass reads (`domain/devices/hostdev/source`).
@@ -263,8 +269,8 @@ fn scan_root(text: &str, status: bool) -> Result<DomainDoc<'_>, XmlError> {
                         return Err(malformed("the root element is empty"));
                     }
                 }
-                let here = relative(&path, status);
-                match here.as_slice() {
+                let (here, depth) = relative(&path, status);
+                match &here[..depth] {
                     [b"domain"] if qname.as_ref() == b"vcpu" => {
                         doc.pinning.vcpu_cpuset = attr(e, b"cpuset")?;
                     }
@@ -368,8 +374,8 @@ fn scan_root(text: &str, status: bool) -> Result<DomainDoc<'_>, XmlError> {
                 }
             }
             Event::End(_) => {
-                let here = relative(&path, status);
-                match here.as_slice() {
+                let (here, depth) = relative(&path, status);
+                match &here[..depth] {
                     [b"domain"] => doc.domain_close = before,
                     [b"domain", b"devices"] => doc.devices = Devices::Open { close: before },
                     [b"domain", b"devices", b"hostdev"] => {
