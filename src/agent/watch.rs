@@ -306,6 +306,8 @@ fn reconcile(opts: &WatchOptions, shared: &Shared, hv: &dyn Hypervisor) -> Resul
     let infos = hv.domains().map_err(|e| fail(shared, e.to_string()))?;
     let previous = current(shared);
     let mut domains = BTreeMap::new();
+    // Names and keys of domains kept at their last view: their sessions are left alone.
+    let mut stale = BTreeSet::new();
     for info in &infos {
         match read_view(hv, info, &opts.config) {
             Ok(Some(v)) => {
@@ -317,12 +319,14 @@ fn reconcile(opts: &WatchOptions, shared: &Shared, hv: &dyn Hypervisor) -> Resul
             Err(e) => {
                 tracing::warn!(domain = %info.name, error = %e, "cannot read; keeping its last view");
                 if let Some(v) = previous.domains.get(&info.name) {
+                    stale.insert(v.key());
                     domains.insert(v.name.clone(), v.clone());
                 }
+                stale.insert(info.name.clone());
             }
         }
     }
-    let written = sync_usage(opts, &domains, &inventory, None, seen);
+    let written = sync_usage(opts, &domains, &inventory, None, seen, &stale);
     let ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
     let n = domains.len();
     update(shared, |s| {
@@ -435,7 +439,7 @@ fn refresh(
         }
         (one, scope, Arc::clone(&s.inventory))
     });
-    let written = sync_usage(opts, &one, &inventory, Some(&scope), seen);
+    let written = sync_usage(opts, &one, &inventory, Some(&scope), seen, &BTreeSet::new());
     update(shared, |s| s.counters.usage_records += written);
     Ok(())
 }
@@ -444,13 +448,16 @@ fn refresh(
 /// and the next reconcile tries again). `seen` is the ledger's length from before `domains`
 /// were read from libvirt: a session the hook opened or closed since then is newer than these
 /// views and is left as the hook wrote it (else a domain destroyed between the read and the
-/// write would get a second session, opened and closed by the agent).
+/// write would get a second session, opened and closed by the agent). Sessions of the domains
+/// named in `stale` (kept at their last view because their XML could not be read) are left as
+/// they are: what they run now is not known.
 fn sync_usage(
     opts: &WatchOptions,
     domains: &BTreeMap<String, DomainView>,
     inv: &crate::host::discover::Inventory,
     scope: Option<&BTreeSet<String>>,
     seen: Result<usize, crate::usage::UsageError>,
+    stale: &BTreeSet<String>,
 ) -> u64 {
     let seen = match seen {
         Ok(n) => n,
@@ -471,9 +478,13 @@ fn sync_usage(
     let now = unix_now();
     let mut written = 0;
     for op in usage_ops(domains, inv, &open, scope) {
-        let key = match &op {
-            UsageOp::Start { key, .. } | UsageOp::Stop { key, .. } => key.clone(),
+        let (domain, key) = match &op {
+            UsageOp::Start { domain, key, .. } | UsageOp::Stop { domain, key } => (domain, key),
         };
+        if stale.contains(domain) || stale.contains(key) {
+            continue;
+        }
+        let key = key.clone();
         let since = seen_for.get(&key).copied().unwrap_or(seen);
         let r = match &op {
             UsageOp::Start {
@@ -550,6 +561,59 @@ mod tests {
         hv.domains.borrow_mut().remove("vm1");
         refresh(&opts, &shared, &hv, "vm1").unwrap();
         assert!(!current(&shared).domains.contains_key("vm1"));
+    }
+
+    #[test]
+    fn a_domain_kept_at_its_last_view_gets_no_usage_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = WatchOptions {
+            uri: "fake:///".into(),
+            host_root: concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/hosts/hgx-8gpu").into(),
+            ledger: Ledger::new(dir.path()),
+            config: GpupassConfig::default(),
+            reconcile_every: Duration::from_secs(60),
+            max_backoff: Duration::from_secs(30),
+            repair: None,
+        };
+        let hv = FakeHypervisor::default().with(
+            "vm1",
+            FakeDomain {
+                active: true,
+                persistent: true,
+                live: [a("0000:18:00.0")].into(),
+                ..FakeDomain::default()
+            },
+        );
+        let shared: Shared = Default::default();
+        reconcile(&opts, &shared, &hv).unwrap();
+        let key = current(&shared).domains["vm1"].key();
+        assert_eq!(
+            opts.ledger.record_count().unwrap(),
+            1,
+            "the running session"
+        );
+
+        // vm1 stops (the hook closes its session), and its XML cannot be read at the next
+        // reconcile: the agent keeps its last view (running with the GPU), but must not open a
+        // session from it.
+        assert!(opts.ledger.stop("vm1", &key, unix_now()).unwrap());
+        {
+            let mut d = hv.domains.borrow_mut();
+            let vm1 = d.get_mut("vm1").unwrap();
+            vm1.active = false;
+            vm1.live.clear();
+        }
+        *hv.fail_xml.borrow_mut() = Some("vm1".into());
+        reconcile(&opts, &shared, &hv).unwrap();
+        assert!(
+            current(&shared).domains["vm1"].active,
+            "the last view is kept"
+        );
+        assert_eq!(
+            opts.ledger.record_count().unwrap(),
+            2,
+            "start and the hook's stop only"
+        );
     }
 
     #[test]
