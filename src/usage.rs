@@ -214,6 +214,26 @@ impl Ledger {
             .map_err(|e| self.err(e))
     }
 
+    /// Appends `record` (of session `key`) under the ledger's lock when the session is open
+    /// (`open`) or closed (`!open`) as the record needs, and, with `seen`, when no record of
+    /// `key` was appended after the first `seen` records. Returns the ledger's length after
+    /// the write, `None` when nothing was written.
+    fn append_if(
+        &self,
+        key: &str,
+        open: bool,
+        seen: Option<usize>,
+        record: &Record,
+    ) -> Result<Option<usize>, UsageError> {
+        let (mut f, read) = self.locked()?;
+        let newer = seen.map_or(&[][..], |n| read.records.get(n..).unwrap_or_default());
+        if touches(newer, key) || open_session(&read.records, key).is_some() != open {
+            return Ok(None);
+        }
+        self.append(&mut f, record)?;
+        Ok(Some(read.records.len() + 1))
+    }
+
     /// Opens a session; does nothing when one is already open for `key` (a repeated event).
     /// Returns whether a record was written.
     pub fn start(
@@ -224,50 +244,17 @@ impl Ledger {
         owner: Option<&str>,
         ts: u64,
     ) -> Result<bool, UsageError> {
-        let (mut f, read) = self.locked()?;
-        if open_session(&read.records, key).is_some() {
-            return Ok(false);
-        }
-        self.append(
-            &mut f,
-            &Record::Start {
-                ts,
-                domain: domain.to_owned(),
-                key: key.to_owned(),
-                gpus: gpus.to_vec(),
-                owner: owner.map(str::to_owned),
-            },
-        )?;
-        Ok(true)
+        let r = start_record(domain, key, gpus, owner, ts);
+        Ok(self.append_if(key, false, None, &r)?.is_some())
     }
 
     /// Closes the open session of `key`; does nothing when none is open (libvirt also calls
     /// release after a start that was blocked). Returns whether a record was written.
     pub fn stop(&self, domain: &str, key: &str, ts: u64) -> Result<bool, UsageError> {
-        let (mut f, read) = self.locked()?;
-        if open_session(&read.records, key).is_none() {
-            return Ok(false);
-        }
-        self.append(
-            &mut f,
-            &Record::Stop {
-                ts,
-                domain: domain.to_owned(),
-                key: key.to_owned(),
-            },
-        )?;
-        Ok(true)
+        let r = stop_record(domain, key, ts);
+        Ok(self.append_if(key, true, None, &r)?.is_some())
     }
-}
 
-/// Whether any of `records` is about session `key`.
-fn touches(records: &[Record], key: &str) -> bool {
-    records.iter().any(|r| match r {
-        Record::Start { key: k, .. } | Record::Stop { key: k, .. } => k == key,
-    })
-}
-
-impl Ledger {
     /// The number of valid records now: what a later [`Ledger::start_since`] or
     /// [`Ledger::stop_since`] compares against.
     pub fn record_count(&self) -> Result<usize, UsageError> {
@@ -288,22 +275,8 @@ impl Ledger {
         ts: u64,
         seen: usize,
     ) -> Result<Option<usize>, UsageError> {
-        let (mut f, read) = self.locked()?;
-        let newer = read.records.get(seen..).unwrap_or_default();
-        if touches(newer, key) || open_session(&read.records, key).is_some() {
-            return Ok(None);
-        }
-        self.append(
-            &mut f,
-            &Record::Start {
-                ts,
-                domain: domain.to_owned(),
-                key: key.to_owned(),
-                gpus: gpus.to_vec(),
-                owner: owner.map(str::to_owned),
-            },
-        )?;
-        Ok(Some(read.records.len() + 1))
+        let r = start_record(domain, key, gpus, owner, ts);
+        self.append_if(key, false, Some(seen), &r)
     }
 
     /// [`Ledger::stop`] with the same rule as [`Ledger::start_since`]: a session of `key` opened
@@ -316,21 +289,40 @@ impl Ledger {
         ts: u64,
         seen: usize,
     ) -> Result<Option<usize>, UsageError> {
-        let (mut f, read) = self.locked()?;
-        let newer = read.records.get(seen..).unwrap_or_default();
-        if touches(newer, key) || open_session(&read.records, key).is_none() {
-            return Ok(None);
-        }
-        self.append(
-            &mut f,
-            &Record::Stop {
-                ts,
-                domain: domain.to_owned(),
-                key: key.to_owned(),
-            },
-        )?;
-        Ok(Some(read.records.len() + 1))
+        let r = stop_record(domain, key, ts);
+        self.append_if(key, true, Some(seen), &r)
     }
+}
+
+fn start_record(
+    domain: &str,
+    key: &str,
+    gpus: &[PciAddress],
+    owner: Option<&str>,
+    ts: u64,
+) -> Record {
+    Record::Start {
+        ts,
+        domain: domain.to_owned(),
+        key: key.to_owned(),
+        gpus: gpus.to_vec(),
+        owner: owner.map(str::to_owned),
+    }
+}
+
+fn stop_record(domain: &str, key: &str, ts: u64) -> Record {
+    Record::Stop {
+        ts,
+        domain: domain.to_owned(),
+        key: key.to_owned(),
+    }
+}
+
+/// Whether any of `records` is about session `key`.
+fn touches(records: &[Record], key: &str) -> bool {
+    records.iter().any(|r| match r {
+        Record::Start { key: k, .. } | Record::Stop { key: k, .. } => k == key,
+    })
 }
 
 /// Seconds since the Unix epoch (0 on a clock before it): the ledger's and leases' time.
