@@ -211,6 +211,32 @@ pub struct AttachPlan {
     pub warnings: Vec<String>,
 }
 
+/// The verdict of a GPU `domain` may have: passable, and held by no other domain (nor a GPU
+/// of its IOMMU group).
+fn assignable(
+    inv: &Inventory,
+    holdings: &Holdings,
+    gpu: &Gpu,
+    domain: &str,
+) -> Result<Verdict, AllocError> {
+    let v = verdict(inv, gpu);
+    if !v.viable {
+        return Err(AllocError::NotPassable {
+            gpu: gpu.address,
+            reason: v
+                .blockers
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; "),
+        });
+    }
+    match held_elsewhere(inv, holdings, gpu, &v, domain) {
+        Some(e) => Err(e),
+        None => Ok(v),
+    }
+}
+
 /// Another domain holding the GPU, or a GPU sharing its IOMMU group (VFIO gives a whole
 /// group to one VM).
 fn held_elsewhere(
@@ -270,21 +296,7 @@ pub fn plan_attach(
                 if gpus.contains(&gpu.address) {
                     continue;
                 }
-                let v = verdict(inv, gpu);
-                if !v.viable {
-                    return Err(AllocError::NotPassable {
-                        gpu: gpu.address,
-                        reason: v
-                            .blockers
-                            .iter()
-                            .map(ToString::to_string)
-                            .collect::<Vec<_>>()
-                            .join("; "),
-                    });
-                }
-                if let Some(e) = held_elsewhere(inv, holdings, gpu, &v, domain) {
-                    return Err(e);
-                }
+                let v = assignable(inv, holdings, gpu, domain)?;
                 if v.boot_vga {
                     warnings.push(format!(
                         "{} is the host's boot VGA (its console); the host loses that display",
@@ -316,21 +328,7 @@ pub fn plan_attach(
                 else {
                     continue;
                 };
-                let v = verdict(inv, gpu);
-                if !v.viable {
-                    return Err(AllocError::NotPassable {
-                        gpu: gpu.address,
-                        reason: v
-                            .blockers
-                            .iter()
-                            .map(ToString::to_string)
-                            .collect::<Vec<_>>()
-                            .join("; "),
-                    });
-                }
-                if let Some(e) = held_elsewhere(inv, holdings, gpu, &v, domain) {
-                    return Err(e);
-                }
+                assignable(inv, holdings, gpu, domain)?;
                 warnings.push(format!(
                     "{}: completing it (counted as one of the {count})",
                     p.summary(gpu.address)
