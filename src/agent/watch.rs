@@ -519,18 +519,23 @@ mod tests {
         s.parse().unwrap()
     }
 
-    #[test]
-    fn reconcile_rebuilds_and_keeps_an_unreadable_domains_last_view() {
-        let dir = tempfile::tempdir().unwrap();
-        let opts = WatchOptions {
+    /// Watcher options on the 8-GPU HGX fixture with the ledger in `state_dir`.
+    fn hgx_options(state_dir: &std::path::Path) -> WatchOptions {
+        WatchOptions {
             uri: "fake:///".into(),
             host_root: concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/hosts/hgx-8gpu").into(),
-            ledger: Ledger::new(dir.path()),
+            ledger: Ledger::new(state_dir),
             config: GpupassConfig::default(),
             reconcile_every: Duration::from_secs(60),
             max_backoff: Duration::from_secs(30),
             repair: None,
-        };
+        }
+    }
+
+    #[test]
+    fn reconcile_rebuilds_and_keeps_an_unreadable_domains_last_view() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = hgx_options(dir.path());
         let dom = |addr: &str| FakeDomain {
             active: false,
             persistent: true,
@@ -566,15 +571,7 @@ mod tests {
     #[test]
     fn a_domain_kept_at_its_last_view_gets_no_usage_record() {
         let dir = tempfile::tempdir().unwrap();
-        let opts = WatchOptions {
-            uri: "fake:///".into(),
-            host_root: concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/hosts/hgx-8gpu").into(),
-            ledger: Ledger::new(dir.path()),
-            config: GpupassConfig::default(),
-            reconcile_every: Duration::from_secs(60),
-            max_backoff: Duration::from_secs(30),
-            repair: None,
-        };
+        let opts = hgx_options(dir.path());
         let hv = FakeHypervisor::default().with(
             "vm1",
             FakeDomain {
