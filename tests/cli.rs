@@ -335,28 +335,39 @@ fn a_template_override_from_config_is_used_and_a_bad_one_refused() {
 
 /// libvirt's in-process test driver, loaded from a file, holds domains with hostdevs: `list`
 /// names them as users without any daemon.
-#[test]
-fn used_by_comes_from_libvirt_domain_xml() {
-    let t = tmp();
+
+/// A libvirt test-driver node (`test:///path`) with one running domain `name` holding the PCI
+/// function `addr` (`0000:BB:SS.F`); returns its URI.
+fn test_node(t: &tempfile::TempDir, name: &str, addr: &str) -> String {
+    let (bus, rest) = addr[5..].split_once(':').unwrap();
+    let (slot, function) = rest.split_once('.').unwrap();
     let node = t.path().join("node.xml");
     fs::write(
         &node,
-        "<node>
+        format!(
+            "<node>
   <domain type='test'>
-    <name>vm-holding-9a</name>
+    <name>{name}</name>
     <memory>131072</memory>
     <os><type>hvm</type></os>
     <devices>
       <hostdev mode='subsystem' type='pci' managed='yes'>
-        <source><address domain='0x0000' bus='0x9a' slot='0x00' function='0x0'/></source>
+        <source><address domain='0x0000' bus='0x{bus}' slot='0x{slot}' function='0x{function}'/></source>
       </hostdev>
     </devices>
   </domain>
 </node>
-",
+"
+        ),
     )
     .unwrap();
-    let uri = format!("test://{}", node.display());
+    format!("test://{}", node.display())
+}
+
+#[test]
+fn used_by_comes_from_libvirt_domain_xml() {
+    let t = tmp();
+    let uri = test_node(&t, "vm-holding-9a", "0000:9a:00.0");
     let r = gp("hgx-8gpu", &["-c", &uri, "list", "--json"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
@@ -392,25 +403,7 @@ fn used_by_comes_from_libvirt_domain_xml() {
 #[test]
 fn a_partly_attached_gpu_is_flagged_with_its_missing_functions() {
     let t = tmp();
-    let node = t.path().join("node.xml");
-    fs::write(
-        &node,
-        "<node>
-  <domain type='test'>
-    <name>vm-half</name>
-    <memory>131072</memory>
-    <os><type>hvm</type></os>
-    <devices>
-      <hostdev mode='subsystem' type='pci' managed='yes'>
-        <source><address domain='0x0000' bus='0x01' slot='0x00' function='0x1'/></source>
-      </hostdev>
-    </devices>
-  </domain>
-</node>
-",
-    )
-    .unwrap();
-    let uri = format!("test://{}", node.display());
+    let uri = test_node(&t, "vm-half", "0000:01:00.1");
     let r = gp("consumer-4fn", &["-c", &uri, "list", "--json"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
