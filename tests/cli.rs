@@ -8,7 +8,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{gpupass, host, run, Run, HOSTS};
+use common::{gpupass, host, run, run_within, Run, HOSTS};
 
 fn tmp() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()
@@ -100,28 +100,6 @@ fn libvirt_unreachable_is_exit_8_for_attach_and_a_warning_for_list() {
     let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(v["gpus"][1]["used_by"], serde_json::Value::Null);
     assert_eq!(v["libvirt"]["connected"], false);
-}
-
-/// Runs a command, killing it (and failing the test) if it has not ended within `limit`.
-fn run_within(mut c: Command, limit: std::time::Duration) -> Run {
-    let mut child = c
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let start = std::time::Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if start.elapsed() > limit {
-            child.kill().unwrap();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "gpupass still running after {limit:?}; stderr: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    child.wait_with_output().unwrap().into()
 }
 
 /// A libvirt socket that accepts and then never answers: attach gives up after
@@ -333,9 +311,6 @@ fn a_template_override_from_config_is_used_and_a_bad_one_refused() {
     assert_one_line_error(&r, 2, "unknown field");
 }
 
-/// libvirt's in-process test driver, loaded from a file, holds domains with hostdevs: `list`
-/// names them as users without any daemon.
-
 /// A libvirt test-driver node (`test:///path`) with one running domain `name` holding the PCI
 /// function `addr` (`0000:BB:SS.F`); returns its URI.
 fn test_node(t: &tempfile::TempDir, name: &str, addr: &str) -> String {
@@ -364,6 +339,8 @@ fn test_node(t: &tempfile::TempDir, name: &str, addr: &str) -> String {
     format!("test://{}", node.display())
 }
 
+/// libvirt's in-process test driver, loaded from a file, holds domains with hostdevs: `list`
+/// names them as users without any daemon.
 #[test]
 fn used_by_comes_from_libvirt_domain_xml() {
     let t = tmp();

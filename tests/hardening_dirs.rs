@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{host, Run};
+use common::{host, hostdev, Run};
 
 /// A host root over the hgx-8gpu fixture (no domain running), with run and state dirs inside.
 struct Root {
@@ -93,14 +93,6 @@ impl Root {
         String::from_utf8_lossy(&fs::read(self.state_dir().join("usage.jsonl")).unwrap())
             .into_owned()
     }
-}
-
-fn hostdev(addr: &str) -> String {
-    let a: gpupass::model::PciAddress = addr.parse().unwrap();
-    format!(
-        "<hostdev mode='subsystem' type='pci' managed='yes'><source><address domain='0x{:04x}' bus='0x{:02x}' slot='0x{:02x}' function='0x{:x}'/></source></hostdev>",
-        a.domain, a.bus, a.slot, a.function
-    )
 }
 
 fn domain_xml(name: &str, meta: &str, addrs: &[&str]) -> String {

@@ -12,7 +12,7 @@ use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use common::{host, Run};
+use common::{host, hostdev, Run};
 
 /// A host root: the fixture's `sys` and `proc`, plus libvirt's `run/libvirt/qemu` with
 /// `running` (name → hostdev addresses) as status files.
@@ -69,14 +69,6 @@ impl Root {
     fn hook(&self, domain: &str, op: &str, subop: &str, xml: &str) -> Run {
         self.gpupass(&["hook", "qemu", domain, op, subop, "-"], xml)
     }
-}
-
-fn hostdev(addr: &str) -> String {
-    let a: gpupass::model::PciAddress = addr.parse().unwrap();
-    format!(
-        "<hostdev mode='subsystem' type='pci' managed='yes'><source><address domain='0x{:04x}' bus='0x{:02x}' slot='0x{:02x}' function='0x{:x}'/></source></hostdev>",
-        a.domain, a.bus, a.slot, a.function
-    )
 }
 
 fn domain_xml(name: &str, meta: &str, addrs: &[&str]) -> String {

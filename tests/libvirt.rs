@@ -11,7 +11,8 @@ use std::collections::BTreeMap;
 use std::process::Stdio;
 
 use common::{
-    clean_leftovers, daemon_available, daemon_lock, gpupass, host, run, test_uri, Run, TestDomain,
+    clean_leftovers, daemon_available, daemon_lock, gpupass, host, run, run_within, test_uri, Run,
+    TestDomain,
 };
 
 fn gp(run_dir: &std::path::Path, args: &[&str]) -> Run {
@@ -451,28 +452,6 @@ fn a_partly_attached_gpu_is_completed_by_the_domains_own_attach() {
     let r = gp4(&["detach", &d.name, "--all", "--config"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(d.hostdevs(true).is_empty());
-}
-
-/// Runs a command, killing it (and failing the test) if it has not ended within `limit`.
-fn run_within(mut c: std::process::Command, limit: std::time::Duration) -> Run {
-    let mut child = c
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let start = std::time::Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if start.elapsed() > limit {
-            child.kill().unwrap();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "gpupass still running after {limit:?}; stderr: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    child.wait_with_output().unwrap().into()
 }
 
 /// A proxy in front of the daemon's socket that relays libvirt's RPC until the client asks to

@@ -65,6 +65,38 @@ pub fn run(mut c: Command) -> Run {
     c.output().expect("spawn gpupass").into()
 }
 
+/// Runs a command, killing it (and failing the test) if it has not ended within `limit`: a
+/// test of something that must not hang fails instead of hanging.
+pub fn run_within(mut c: Command, limit: std::time::Duration) -> Run {
+    let mut child = c
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > limit {
+            child.kill().unwrap();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "gpupass still running after {limit:?}; stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap().into()
+}
+
+/// A managed PCI `<hostdev>` for `addr` (`0000:BB:SS.F`).
+pub fn hostdev(addr: &str) -> String {
+    let a: gpupass::model::PciAddress = addr.parse().unwrap();
+    format!(
+        "<hostdev mode='subsystem' type='pci' managed='yes'><source><address domain='0x{:04x}' bus='0x{:02x}' slot='0x{:02x}' function='0x{:x}'/></source></hostdev>",
+        a.domain, a.bus, a.slot, a.function
+    )
+}
+
 /// The URI of the real daemon the integration tests use.
 pub fn test_uri() -> String {
     std::env::var("GPUPASS_TEST_URI").unwrap_or_else(|_| "qemu:///system".into())
