@@ -407,6 +407,33 @@ fn assert_untouched(outside: &Path) {
     }
 }
 
+/// `gpupass VERB 0000:03:00.0 EXTRA…` for each EXTRA was refused with one line naming all of
+/// `says`, and wrote nothing: not in the `outside` driver, not in the root.
+fn assert_refused_untouched(
+    h: &Host,
+    verb: &str,
+    extras: &[&[&str]],
+    outside: &Path,
+    says: &[&str],
+) {
+    for extra in extras {
+        let mut args = vec![verb, "0000:03:00.0"];
+        args.extend_from_slice(extra);
+        let r = h.gp(&args);
+        assert_untouched(outside);
+        assert_eq!(r.code, 1, "{extra:?}: {}", r.stderr);
+        assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+        assert!(says.iter().all(|s| r.stderr.contains(s)), "{}", r.stderr);
+        assert!(r.stdout.is_empty(), "{}", r.stdout);
+        assert_eq!(
+            h.read("sys/bus/pci/devices/0000:03:00.0/driver_override"),
+            "(null)\n",
+            "nothing written in the root either"
+        );
+        assert_eq!(h.driver("0000:03:00.0").as_deref(), Some("pci-stub"));
+    }
+}
+
 #[test]
 fn a_driver_link_leading_out_of_the_root_is_never_written_through() {
     // (1) A device's `driver` link points at a directory outside the root. Only its name
@@ -418,28 +445,17 @@ fn a_driver_link_leading_out_of_the_root_is_never_written_through() {
     let link = h.dev("0000:03:00.1").join("driver");
     fs::remove_file(&link).unwrap();
     std::os::unix::fs::symlink(&evil, &link).unwrap();
-    for extra in [&["--force"][..], &["--dry-run"][..]] {
-        let mut args = vec!["bind", "0000:03:00.0"];
-        args.extend_from_slice(extra);
-        let r = h.gp(&args);
-        assert_untouched(&evil);
-        assert_eq!(r.code, 1, "{extra:?}: {}", r.stderr);
-        assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
-        assert!(
-            r.stderr.contains("0000:03:00.1 is bound to snd_hda_intel")
-                && r.stderr.contains("is not a driver directory"),
-            "{}",
-            r.stderr
-        );
-        assert!(r.stdout.is_empty(), "{}", r.stdout);
-        assert_eq!(
-            h.read("sys/bus/pci/devices/0000:03:00.0/driver_override"),
-            "(null)\n",
-            "nothing written in the root either"
-        );
-        assert_eq!(h.driver("0000:03:00.0").as_deref(), Some("pci-stub"));
-        assert_eq!(h.records(), serde_json::json!({}));
-    }
+    assert_refused_untouched(
+        &h,
+        "bind",
+        &[&["--force"], &["--dry-run"]],
+        &evil,
+        &[
+            "0000:03:00.1 is bound to snd_hda_intel",
+            "is not a driver directory",
+        ],
+    );
+    assert_eq!(h.records(), serde_json::json!({}));
 
     // (2) The driver's own directory under the root is a link to the outside one.
     let h = Host::new("seeds-k4200");
@@ -449,24 +465,14 @@ fn a_driver_link_leading_out_of_the_root_is_never_written_through() {
     let drivers = h.root.path().join("sys/bus/pci/drivers");
     fs::remove_dir_all(drivers.join("pci-stub")).unwrap();
     std::os::unix::fs::symlink(&evil, drivers.join("pci-stub")).unwrap();
-    for extra in [&["--force"][..], &["--dry-run"][..]] {
-        let mut args = vec!["bind", "0000:03:00.0"];
-        args.extend_from_slice(extra);
-        let r = h.gp(&args);
-        assert_untouched(&evil);
-        assert_eq!(r.code, 1, "{extra:?}: {}", r.stderr);
-        assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
-        assert!(
-            r.stderr.contains("pci-stub/unbind") && r.stderr.contains("outside the host root"),
-            "{}",
-            r.stderr
-        );
-        assert_eq!(
-            h.read("sys/bus/pci/devices/0000:03:00.0/driver_override"),
-            "(null)\n"
-        );
-        assert_eq!(h.records(), serde_json::json!({}));
-    }
+    assert_refused_untouched(
+        &h,
+        "bind",
+        &[&["--force"], &["--dry-run"]],
+        &evil,
+        &["pci-stub/unbind", "outside the host root"],
+    );
+    assert_eq!(h.records(), serde_json::json!({}));
 
     // (3) A driver link whose last component is no driver name: one line, nothing written.
     let h = Host::new("seeds-k4200");
@@ -509,23 +515,11 @@ fn a_driver_name_in_the_binding_record_must_be_a_driver_name() {
         serde_json::to_vec(&rec).unwrap(),
     )
     .unwrap();
-    for extra in [&[][..], &["--dry-run"][..]] {
-        let mut args = vec!["restore", "0000:03:00.0"];
-        args.extend_from_slice(extra);
-        let r = h.gp(&args);
-        assert_untouched(&evil);
-        assert_eq!(r.code, 1, "{extra:?}: {}", r.stderr);
-        assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
-        assert!(
-            r.stderr.contains("bindings.json is not valid")
-                && r.stderr.contains("invalid driver name"),
-            "{}",
-            r.stderr
-        );
-        assert_eq!(
-            h.read("sys/bus/pci/devices/0000:03:00.0/driver_override"),
-            "(null)\n"
-        );
-        assert_eq!(h.driver("0000:03:00.0").as_deref(), Some("pci-stub"));
-    }
+    assert_refused_untouched(
+        &h,
+        "restore",
+        &[&[], &["--dry-run"]],
+        &evil,
+        &["bindings.json is not valid", "invalid driver name"],
+    );
 }
