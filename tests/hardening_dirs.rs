@@ -339,10 +339,11 @@ fn the_log_file_is_never_a_symlink_or_someone_elses() {
     let link = root.path().join("hook.log");
     symlink(&victim, &link).unwrap();
     let xml = domain_xml("vm-log", "", &[]);
-    let (r, _) = root.gpupass(
-        &[
+    let prepare_logging_to = |log: &Path| {
+        let log = log.to_str().unwrap();
+        let args = [
             "--log-file",
-            link.to_str().unwrap(),
+            log,
             "-v",
             "hook",
             "qemu",
@@ -350,29 +351,17 @@ fn the_log_file_is_never_a_symlink_or_someone_elses() {
             "prepare",
             "begin",
             "-",
-        ],
-        &xml,
-    );
+        ];
+        root.gpupass(&args, &xml).0
+    };
+    let r = prepare_logging_to(&link);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(r.stderr.contains("is a symlink"), "{}", r.stderr);
     assert_eq!(fs::read_to_string(&victim).unwrap(), "root's file\n");
     let theirs = root.path().join("their.log");
     fs::write(&theirs, "").unwrap();
     std::os::unix::fs::chown(&theirs, Some(65534), None).unwrap();
-    let (r, _) = root.gpupass(
-        &[
-            "--log-file",
-            theirs.to_str().unwrap(),
-            "-v",
-            "hook",
-            "qemu",
-            "vm-log",
-            "prepare",
-            "begin",
-            "-",
-        ],
-        &xml,
-    );
+    let r = prepare_logging_to(&theirs);
     assert!(r.stderr.contains("belongs to uid 65534"), "{}", r.stderr);
     assert_eq!(fs::read_to_string(&theirs).unwrap(), "");
 }
