@@ -7,7 +7,7 @@
 //! the records around it nor stops the ledger from being written.
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -184,8 +184,8 @@ impl Ledger {
         }
     }
 
-    /// Opens the ledger locked for appending and returns it with its current records.
-    fn locked(&self) -> Result<(File, LedgerRead), UsageError> {
+    /// Opens the ledger locked for appending and returns it with its bytes and records.
+    fn locked(&self) -> Result<(File, Vec<u8>, LedgerRead), UsageError> {
         if let Some(dir) = self.path.parent() {
             fsutil::private_dir(dir)?;
         }
@@ -203,7 +203,7 @@ impl Ledger {
             // Start the next record on a fresh line; the torn bytes stay a skipped line.
             f.write_all(b"\n").map_err(|e| self.err(e))?;
         }
-        Ok((f, read))
+        Ok((f, bytes, read))
     }
 
     fn append(&self, f: &mut File, r: &Record) -> Result<(), UsageError> {
@@ -215,23 +215,34 @@ impl Ledger {
     }
 
     /// Appends `record` (of session `key`) under the ledger's lock when the session is open
-    /// (`open`) or closed (`!open`) as the record needs, and, with `seen`, when no record of
-    /// `key` was appended after the first `seen` records. Returns the ledger's length after
+    /// (`open`) or closed (`!open`) as the record needs, and, with `seen` (a byte length from
+    /// [`Ledger::end`]), when no record of `key` was appended since. A line that was being
+    /// written at `seen` counts as appended since. Returns the ledger's length in bytes after
     /// the write, `None` when nothing was written.
     fn append_if(
         &self,
         key: &str,
         open: bool,
-        seen: Option<usize>,
+        seen: Option<u64>,
         record: &Record,
-    ) -> Result<Option<usize>, UsageError> {
-        let (mut f, read) = self.locked()?;
-        let newer = seen.map_or(&[][..], |n| read.records.get(n..).unwrap_or_default());
-        if touches(newer, key) || open_session(&read.records, key).is_some() != open {
+    ) -> Result<Option<u64>, UsageError> {
+        let (mut f, bytes, read) = self.locked()?;
+        if let Some(seen) = seen {
+            let cut = usize::try_from(seen).map_or(bytes.len(), |n| n.min(bytes.len()));
+            let from = bytes[..cut]
+                .iter()
+                .rposition(|b| *b == b'\n')
+                .map_or(0, |i| i + 1);
+            if touches(&parse_lines(&bytes[from..]).records, key) {
+                return Ok(None);
+            }
+        }
+        if open_session(&read.records, key).is_some() != open {
             return Ok(None);
         }
         self.append(&mut f, record)?;
-        Ok(Some(read.records.len() + 1))
+        let end = f.metadata().map_err(|e| self.err(e))?.len();
+        Ok(Some(end))
     }
 
     /// Opens a session; does nothing when one is already open for `key` (a repeated event).
@@ -255,14 +266,18 @@ impl Ledger {
         Ok(self.append_if(key, true, None, &r)?.is_some())
     }
 
-    /// The number of valid records now: what a later [`Ledger::start_since`] or
-    /// [`Ledger::stop_since`] compares against.
-    pub fn record_count(&self) -> Result<usize, UsageError> {
-        Ok(self.read()?.records.len())
+    /// The ledger's length in bytes now (0 when it does not exist yet), without reading it:
+    /// what a later [`Ledger::start_since`] or [`Ledger::stop_since`] compares against.
+    pub fn end(&self) -> Result<u64, UsageError> {
+        match fs::symlink_metadata(&self.path) {
+            Ok(m) => Ok(m.len()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(self.err(e)),
+        }
     }
 
-    /// [`Ledger::start`] for a writer whose view of the domain is from when the ledger held
-    /// `seen` records (the agent reads libvirt, then writes what the ledger lacks): a record of
+    /// [`Ledger::start`] for a writer whose view of the domain is from when the ledger ended at
+    /// `seen` ([`Ledger::end`]; the agent reads libvirt, then writes what the ledger lacks): a record of
     /// `key` appended since then (the hook's stop of a domain the view still shows running) is
     /// newer than the view, and nothing is written; the next look at libvirt decides. Returns
     /// the ledger's length after the write, the writer's new `seen` for this key.
@@ -273,8 +288,8 @@ impl Ledger {
         gpus: &[PciAddress],
         owner: Option<&str>,
         ts: u64,
-        seen: usize,
-    ) -> Result<Option<usize>, UsageError> {
+        seen: u64,
+    ) -> Result<Option<u64>, UsageError> {
         let r = start_record(domain, key, gpus, owner, ts);
         self.append_if(key, false, Some(seen), &r)
     }
@@ -287,8 +302,8 @@ impl Ledger {
         domain: &str,
         key: &str,
         ts: u64,
-        seen: usize,
-    ) -> Result<Option<usize>, UsageError> {
+        seen: u64,
+    ) -> Result<Option<u64>, UsageError> {
         let r = stop_record(domain, key, ts);
         self.append_if(key, true, Some(seen), &r)
     }
@@ -480,7 +495,7 @@ mod tests {
         let gpus = [g("0000:18:00.0")];
         assert!(l.start("l2", "k", &gpus, None, 10).unwrap());
         // The agent reads the ledger's length, then libvirt: l2 running with its GPU...
-        let seen = l.record_count().unwrap();
+        let seen = l.end().unwrap();
         // ...and the hook records l2's stop before the agent writes.
         assert!(l.stop("l2", "k", 20).unwrap());
         // The agent's view (running, no open session) is older than that stop: no new session.
@@ -495,17 +510,17 @@ mod tests {
         );
 
         // The other way: the view says stopped, but the hook opened a session since.
-        let seen = l.record_count().unwrap();
+        let seen = l.end().unwrap();
         assert!(l.start("l2", "k", &gpus, None, 30).unwrap());
         assert_eq!(l.stop_since("l2", "k", 30, seen).unwrap(), None);
         assert!(open_session(&l.read().unwrap().records, "k").is_some());
 
         // The agent's own writes do not block its next one (a live attach: stop, then start),
         // and records of other sessions do not matter.
-        let seen = l.record_count().unwrap();
+        let seen = l.end().unwrap();
         assert!(l.start("other", "o", &gpus, None, 40).unwrap());
         let after = l.stop_since("l2", "k", 40, seen).unwrap().expect("closed");
-        assert_eq!(after, l.record_count().unwrap());
+        assert_eq!(after, l.end().unwrap());
         let two = [g("0000:18:00.0"), g("0000:2a:00.0")];
         assert!(l
             .start_since("l2", "k", &two, None, 40, after)

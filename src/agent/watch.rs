@@ -300,9 +300,9 @@ fn reconcile(opts: &WatchOptions, shared: &Shared, hv: &dyn Hypervisor) -> Resul
             Arc::clone(&current(shared).inventory)
         }
     };
-    // The ledger's length before libvirt is read: what the hook writes after this is newer
-    // than the views below (sync_usage).
-    let seen = opts.ledger.record_count();
+    // The ledger's end before libvirt is read (a stat, not a read): what the hook writes after
+    // this is newer than the views below (sync_usage).
+    let seen = opts.ledger.end();
     let infos = hv.domains().map_err(|e| fail(shared, e.to_string()))?;
     let previous = current(shared);
     let mut domains = BTreeMap::new();
@@ -403,7 +403,7 @@ fn refresh(
     hv: &dyn Hypervisor,
     name: &str,
 ) -> Result<(), Lost> {
-    let seen = opts.ledger.record_count();
+    let seen = opts.ledger.end();
     let view = match hv.domain(name) {
         Ok(info) => read_view(hv, &info, &opts.config),
         Err(LibvirtError::UnknownDomain { .. }) => Ok(None),
@@ -445,7 +445,7 @@ fn refresh(
 }
 
 /// Writes the usage records the ledger lacks; failures are logged (the hook's records stand,
-/// and the next reconcile tries again). `seen` is the ledger's length from before `domains`
+/// and the next reconcile tries again). `seen` is the ledger's end from before `domains`
 /// were read from libvirt: a session the hook opened or closed since then is newer than these
 /// views and is left as the hook wrote it (else a domain destroyed between the read and the
 /// write would get a second session, opened and closed by the agent). Sessions of the domains
@@ -456,7 +456,7 @@ fn sync_usage(
     domains: &BTreeMap<String, DomainView>,
     inv: &crate::host::discover::Inventory,
     scope: Option<&BTreeSet<String>>,
-    seen: Result<usize, crate::usage::UsageError>,
+    seen: Result<u64, crate::usage::UsageError>,
     stale: &BTreeSet<String>,
 ) -> u64 {
     let seen = match seen {
@@ -466,8 +466,8 @@ fn sync_usage(
             return 0;
         }
     };
-    // Per session key: the ledger's length after this pass's own last write for it.
-    let mut seen_for: BTreeMap<String, usize> = BTreeMap::new();
+    // Per session key: the ledger's end after this pass's own last write for it.
+    let mut seen_for: BTreeMap<String, u64> = BTreeMap::new();
     let open = match opts.ledger.read() {
         Ok(r) => open_sessions(&r.records),
         Err(e) => {
@@ -585,7 +585,7 @@ mod tests {
         reconcile(&opts, &shared, &hv).unwrap();
         let key = current(&shared).domains["vm1"].key();
         assert_eq!(
-            opts.ledger.record_count().unwrap(),
+            opts.ledger.read().unwrap().records.len(),
             1,
             "the running session"
         );
@@ -607,7 +607,7 @@ mod tests {
             "the last view is kept"
         );
         assert_eq!(
-            opts.ledger.record_count().unwrap(),
+            opts.ledger.read().unwrap().records.len(),
             2,
             "start and the hook's stop only"
         );
