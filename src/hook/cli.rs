@@ -67,21 +67,19 @@ pub struct Dirs {
 }
 
 impl Dirs {
-    /// Loads the config file and takes the directories left at their built-in defaults from its
-    /// `[paths]` (flags and environment variables win), keeping it for [`Dirs::config`]. An
-    /// unreadable or invalid config is an error here when a directory would come from it; when
-    /// every directory was given (the installed hook passes them all) the error is left for
-    /// [`Dirs::config`] to return again: hook mode's bookkeeping calls (`started`, `release`, …)
-    /// must work without it, and every other command calls [`Dirs::config`] before anything else.
+    /// Takes the directories left at their built-in defaults from the config file's `[paths]`
+    /// (flags and environment variables win), keeping the loaded file for [`Dirs::config`].
+    /// Reads nothing when every directory was given (the installed hook passes them all): hook
+    /// mode's bookkeeping calls (`started`, `release`, …) must work without a valid config, and
+    /// every other command calls [`Dirs::config`] before anything else.
     pub fn resolve(&mut self, matches: &clap::ArgMatches) -> Result<(), ConfigError> {
         use clap::parser::ValueSource;
         let defaulted = |id: &str| matches.value_source(id) == Some(ValueSource::DefaultValue);
         let ids = ["host_root", "run_dir", "state_dir"];
-        let config = match GpupassConfig::load(self.config_file.as_deref()) {
-            Ok(c) => c,
-            Err(_) if !ids.iter().any(|id| defaulted(id)) => return Ok(()),
-            Err(e) => return Err(e),
-        };
+        if !ids.iter().any(|id| defaulted(id)) {
+            return Ok(());
+        }
+        let config = GpupassConfig::load(self.config_file.as_deref())?;
         let pick = |id: &str, from: &Option<PathBuf>, to: &mut PathBuf| {
             if let (true, Some(p)) = (defaulted(id), from) {
                 to.clone_from(p);
