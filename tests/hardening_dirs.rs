@@ -7,100 +7,20 @@
 mod common;
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
 use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
-use common::{host, hostdev, Run};
+use common::{domain_xml, host, HookRoot as Root, Run};
 
-/// A host root over the hgx-8gpu fixture (no domain running), with run and state dirs inside.
-struct Root {
-    dir: tempfile::TempDir,
+/// A host root over the hgx-8gpu fixture, no domain running.
+fn root() -> Root {
+    Root::new("hgx-8gpu", &[])
 }
 
-/// How long any one gpupass call may take before the test calls it hung.
-const DEADLINE: Duration = Duration::from_secs(30);
-
-impl Root {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let fixture = host("hgx-8gpu");
-        symlink(fixture.join("sys"), dir.path().join("sys")).unwrap();
-        symlink(fixture.join("proc"), dir.path().join("proc")).unwrap();
-        fs::create_dir_all(dir.path().join("run/libvirt/qemu")).unwrap();
-        Root { dir }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn run_dir(&self) -> PathBuf {
-        self.path().join("gp-run")
-    }
-
-    fn state_dir(&self) -> PathBuf {
-        self.path().join("gp-state")
-    }
-
-    /// Runs gpupass-hook with every directory given; kills it and fails after [`DEADLINE`].
-    fn gpupass(&self, args: &[&str], stdin: &str) -> (Run, Duration) {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_gpupass-hook"));
-        c.env_remove("GPUPASS_CONFIG")
-            .env_remove("GPUPASS_LOG_FILE")
-            .env_remove("GPUPASS_LOG")
-            .arg("--host-root")
-            .arg(self.path())
-            .arg("--run-dir")
-            .arg(self.run_dir())
-            .arg("--state-dir")
-            .arg(self.state_dir())
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let start = Instant::now();
-        let mut child = c.spawn().unwrap();
-        let mut w = child.stdin.take().unwrap();
-        let _ = w.write_all(stdin.as_bytes());
-        drop(w);
-        loop {
-            if child.try_wait().unwrap().is_some() {
-                break;
-            }
-            if start.elapsed() > DEADLINE {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("gpupass-hook {args:?} hung for {DEADLINE:?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let took = start.elapsed();
-        (child.wait_with_output().unwrap().into(), took)
-    }
-
-    fn run(&self, args: &[&str], stdin: &str) -> Run {
-        self.gpupass(args, stdin).0
-    }
-
-    fn hook(&self, domain: &str, op: &str, subop: &str, xml: &str) -> (Run, Duration) {
-        self.gpupass(&["hook", "qemu", domain, op, subop, "-"], xml)
-    }
-
-    fn ledger(&self) -> String {
-        String::from_utf8_lossy(&fs::read(self.state_dir().join("usage.jsonl")).unwrap())
-            .into_owned()
-    }
-}
-
-fn domain_xml(name: &str, meta: &str, addrs: &[&str]) -> String {
-    let devs: String = addrs.iter().map(|a| hostdev(a)).collect();
-    format!(
-        "<domain type='kvm'>\n  <name>{name}</name>\n  <uuid>6a3b1c2d-0000-4000-8000-{:012x}</uuid>\n  {meta}\n  <memory>131072</memory>\n  <os><type>hvm</type></os>\n  <devices>\n    {devs}\n  </devices>\n</domain>\n",
-        name.len()
-    )
+/// The usage ledger's text.
+fn ledger_text(root: &Root) -> String {
+    String::from_utf8_lossy(&fs::read(root.state_dir().join("usage.jsonl")).unwrap()).into_owned()
 }
 
 fn count(n: u32) -> String {
@@ -147,10 +67,10 @@ fn hold_lock(path: &Path) -> File {
 /// `started` gives up its ledger record after 5 s with one line naming the ledger, and exits 0.
 #[test]
 fn a_held_lock_never_hangs_the_hook() {
-    let root = Root::new();
+    let root = root();
     let xml = domain_xml("vm-lock", &count(1), &["0000:18:00.0"]);
     let held = hold_lock(&root.run_dir().join("hook-decisions.lock"));
-    let (r, took) = root.hook("vm-lock", "prepare", "begin", &xml);
+    let (r, took) = root.hook_timed("vm-lock", "prepare", "begin", &xml);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(took < Duration::from_secs(10), "took {took:?}");
     assert!(
@@ -161,7 +81,7 @@ fn a_held_lock_never_hangs_the_hook() {
     drop(held);
 
     let held = hold_lock(&root.state_dir().join("usage.jsonl"));
-    let (r, took) = root.hook("vm-lock", "started", "begin", &xml);
+    let (r, took) = root.hook_timed("vm-lock", "started", "begin", &xml);
     assert_eq!(r.code, 0, "bookkeeping never stops libvirt: {}", r.stderr);
     assert!(took < Duration::from_secs(15), "took {took:?}");
     assert_eq!(r.stderr.lines().count(), 1, "{:?}", r.stderr);
@@ -171,15 +91,22 @@ fn a_held_lock_never_hangs_the_hook() {
         r.stderr
     );
     drop(held);
-    assert_eq!(root.hook("vm-lock", "started", "begin", &xml).0.code, 0);
-    assert!(root.ledger().contains("\"vm-lock\""), "{}", root.ledger());
+    assert_eq!(
+        root.hook_timed("vm-lock", "started", "begin", &xml).0.code,
+        0
+    );
+    assert!(
+        ledger_text(&root).contains("\"vm-lock\""),
+        "{}",
+        ledger_text(&root)
+    );
 }
 
 /// Finding 3: what gpupass creates is its user's only: directories 0750, files 0600 (a readable
 /// file is enough to hold its flock); a file an older version left 0644 is narrowed.
 #[test]
 fn directories_and_files_are_private() {
-    let root = Root::new();
+    let root = root();
     fs::create_dir_all(root.state_dir()).unwrap();
     fs::write(root.state_dir().join("usage.jsonl"), "").unwrap();
     fs::set_permissions(
@@ -188,15 +115,17 @@ fn directories_and_files_are_private() {
     )
     .unwrap();
     let xml = domain_xml("vm-modes", &count(1), &[]);
-    let t = root.run(&["transform"], &xml);
+    let t = root.gpupass(&["transform"], &xml);
     assert_eq!(t.code, 0, "{}", t.stderr);
-    let (p, _) = root.hook("vm-modes", "prepare", "begin", &t.stdout);
+    let (p, _) = root.hook_timed("vm-modes", "prepare", "begin", &t.stdout);
     assert_eq!(p.code, 0, "{}", p.stderr);
     // A second domain's lease stays in leases/ (the first one's ends when it starts).
-    let t2 = root.run(&["transform"], &domain_xml("vm-modes-2", &count(1), &[]));
+    let t2 = root.gpupass(&["transform"], &domain_xml("vm-modes-2", &count(1), &[]));
     assert_eq!(t2.code, 0, "{}", t2.stderr);
     assert_eq!(
-        root.hook("vm-modes", "started", "begin", &t.stdout).0.code,
+        root.hook_timed("vm-modes", "started", "begin", &t.stdout)
+            .0
+            .code,
         0
     );
     assert_eq!(mode(&root.run_dir()), 0o750);
@@ -227,7 +156,7 @@ fn a_run_or_state_dir_of_someone_else_is_refused() {
         ("state", "owner"),
         ("state", "mode"),
     ] {
-        let root = Root::new();
+        let root = root();
         let dir = if which == "run" {
             root.run_dir()
         } else {
@@ -241,18 +170,18 @@ fn a_run_or_state_dir_of_someone_else_is_refused() {
             fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
             "writable by its group and everyone"
         };
-        let (r, _) = root.hook("vm-trust", "prepare", "begin", &xml);
+        let (r, _) = root.hook_timed("vm-trust", "prepare", "begin", &xml);
         one_line(&r, 1, needle);
         assert!(r.stderr.contains(dir.to_str().unwrap()), "{}", r.stderr);
         one_line(
-            &root.run(&["transform"], &domain_xml("vm-trust", &count(1), &[])),
+            &root.gpupass(&["transform"], &domain_xml("vm-trust", &count(1), &[])),
             1,
             needle,
         );
         if which == "state" {
-            one_line(&root.run(&["usage"], ""), 1, needle);
+            one_line(&root.gpupass(&["usage"], ""), 1, needle);
         }
-        let (r, _) = root.hook("vm-trust", "started", "begin", &xml);
+        let (r, _) = root.hook_timed("vm-trust", "started", "begin", &xml);
         assert_eq!(r.code, 0, "bookkeeping never stops libvirt: {}", r.stderr);
         assert!(r.stderr.contains(needle), "{}", r.stderr);
     }
@@ -262,7 +191,7 @@ fn a_run_or_state_dir_of_someone_else_is_refused() {
 /// a lease file cannot hold GPUs for longer than a lease may last.
 #[test]
 fn symlinks_are_never_followed_and_lease_expiry_is_capped() {
-    let root = Root::new();
+    let root = root();
     let victim = root.path().join("victim");
     fs::write(&victim, "root's file\n").unwrap();
     fs::create_dir_all(root.run_dir().join("leases")).unwrap();
@@ -293,11 +222,11 @@ fn symlinks_are_never_followed_and_lease_expiry_is_capped() {
         .unwrap();
 
     let xml = domain_xml("vm-link", &count(1), &[]);
-    let t = root.run(&["transform"], &xml);
+    let t = root.gpupass(&["transform"], &xml);
     assert_eq!(t.code, 0, "an over-long lease holds nothing: {}", t.stderr);
-    let (p, _) = root.hook("vm-link", "prepare", "begin", &t.stdout);
+    let (p, _) = root.hook_timed("vm-link", "prepare", "begin", &t.stdout);
     assert_eq!(p.code, 0, "{}", p.stderr);
-    let (s, _) = root.hook("vm-link", "started", "begin", &t.stdout);
+    let (s, _) = root.hook_timed("vm-link", "started", "begin", &t.stdout);
     assert_eq!(s.code, 0, "{}", s.stderr);
     assert!(s.stderr.contains("is a symlink"), "{}", s.stderr);
     assert_eq!(fs::read_to_string(&victim).unwrap(), "root's file\n");
@@ -307,7 +236,7 @@ fn symlinks_are_never_followed_and_lease_expiry_is_capped() {
 /// is written.
 #[test]
 fn orphan_temp_files_are_cleaned_up() {
-    let root = Root::new();
+    let root = root();
     let leases = root.run_dir().join("leases");
     fs::create_dir_all(&leases).unwrap();
     let dead = i32::MAX;
@@ -319,7 +248,7 @@ fn orphan_temp_files_are_cleaned_up() {
     for o in &orphans {
         fs::write(leases.join(o), "{").unwrap();
     }
-    let t = root.run(&["transform"], &domain_xml("vm-tmp", &count(1), &[]));
+    let t = root.gpupass(&["transform"], &domain_xml("vm-tmp", &count(1), &[]));
     assert_eq!(t.code, 0, "{}", t.stderr);
     let left: Vec<String> = fs::read_dir(&leases)
         .unwrap()
@@ -333,7 +262,7 @@ fn orphan_temp_files_are_cleaned_up() {
 /// the log goes to stderr instead, with a warning.
 #[test]
 fn the_log_file_is_never_a_symlink_or_someone_elses() {
-    let root = Root::new();
+    let root = root();
     let victim = root.path().join("victim");
     fs::write(&victim, "root's file\n").unwrap();
     let link = root.path().join("hook.log");
@@ -352,7 +281,7 @@ fn the_log_file_is_never_a_symlink_or_someone_elses() {
             "begin",
             "-",
         ];
-        root.gpupass(&args, &xml).0
+        root.gpupass(&args, &xml)
     };
     let r = prepare_logging_to(&link);
     assert_eq!(r.code, 0, "{}", r.stderr);
@@ -371,7 +300,7 @@ fn the_log_file_is_never_a_symlink_or_someone_elses() {
 /// are still judged from the ledger.
 #[test]
 fn a_corrupt_ledger_line_is_skipped_not_fatal() {
-    let root = Root::new();
+    let root = root();
     fs::create_dir_all(root.state_dir()).unwrap();
     let t0 = now() - 7200;
     let mut ledger = format!(
@@ -388,7 +317,7 @@ fn a_corrupt_ledger_line_is_skipped_not_fatal() {
     );
     fs::write(root.state_dir().join("usage.jsonl"), &ledger).unwrap();
 
-    let u = root.run(&["usage", "--json"], "");
+    let u = root.gpupass(&["usage", "--json"], "");
     assert_eq!(u.code, 0, "{}", u.stderr);
     let v: serde_json::Value = serde_json::from_str(&u.stdout).unwrap();
     assert_eq!(v["total_gpu_seconds"], 3600, "{}", u.stdout);
@@ -397,9 +326,17 @@ fn a_corrupt_ledger_line_is_skipped_not_fatal() {
     assert!(u.stderr.contains("line 2"), "{}", u.stderr);
 
     let xml = domain_xml("vm-ledger", "", &["0000:2a:00.0"]);
-    assert_eq!(root.hook("vm-ledger", "started", "begin", &xml).0.code, 0);
-    assert_eq!(root.hook("vm-ledger", "release", "end", &xml).0.code, 0);
-    let text = root.ledger();
+    assert_eq!(
+        root.hook_timed("vm-ledger", "started", "begin", &xml)
+            .0
+            .code,
+        0
+    );
+    assert_eq!(
+        root.hook_timed("vm-ledger", "release", "end", &xml).0.code,
+        0
+    );
+    let text = ledger_text(&root);
     assert_eq!(text.matches("\"vm-ledger\"").count(), 2, "{text}");
 
     // acct used one GPU-hour of its 0.5: the limit is judged, not an error.
@@ -409,7 +346,7 @@ fn a_corrupt_ledger_line_is_skipped_not_fatal() {
         "[limits]\nacct = { max_gpu_hours = 0.5, period = \"month\" }\n",
     )
     .unwrap();
-    let r = root.run(
+    let r = root.gpupass(
         &["--config-file", conf.to_str().unwrap(), "transform"],
         &domain_xml("acct-b", &owned(1, "acct"), &[]),
     );
@@ -428,25 +365,25 @@ fn a_corrupt_ledger_line_is_skipped_not_fatal() {
 /// `release end` still write their records (and warn); prepare still fails closed.
 #[test]
 fn bookkeeping_works_with_an_invalid_config() {
-    let root = Root::new();
+    let root = root();
     let conf = root.path().join("gpupass.toml");
     fs::write(&conf, "[paths]\nrundir = \"/x\"\n").unwrap();
     let c = conf.to_str().unwrap();
     let xml = domain_xml("vm-conf", "", &["0000:18:00.0"]);
     for (op, sub) in [("started", "begin"), ("release", "end")] {
-        let (r, _) = root.gpupass(
+        let r = root.gpupass(
             &["--config-file", c, "hook", "qemu", "vm-conf", op, sub, "-"],
             &xml,
         );
         assert_eq!(r.code, 0, "{op}: {}", r.stderr);
         assert!(r.stderr.contains("unknown field `rundir`"), "{}", r.stderr);
     }
-    let text = root.ledger();
+    let text = ledger_text(&root);
     assert!(
         text.contains("\"event\":\"start\"") && text.contains("\"event\":\"stop\""),
         "{text}"
     );
-    let (p, _) = root.gpupass(
+    let p = root.gpupass(
         &[
             "--config-file",
             c,
@@ -466,17 +403,17 @@ fn bookkeeping_works_with_an_invalid_config() {
 /// when all three directories are given.
 #[test]
 fn an_invalid_config_is_exit_2_even_with_every_directory_given() {
-    let root = Root::new();
+    let root = root();
     let conf = root.path().join("gpupass.toml");
     fs::write(&conf, "[paths]\nrundir = \"/x\"\n").unwrap();
     let c = conf.to_str().unwrap();
     one_line(
-        &root.run(&["--config-file", c, "usage"], ""),
+        &root.gpupass(&["--config-file", c, "usage"], ""),
         2,
         "unknown field `rundir`",
     );
     one_line(
-        &root.run(
+        &root.gpupass(
             &["--config-file", c, "transform"],
             &domain_xml("vm-c", &count(1), &[]),
         ),

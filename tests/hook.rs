@@ -8,95 +8,9 @@ mod common;
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::symlink;
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use common::{host, hostdev, Run};
-
-/// A host root: the fixture's `sys` and `proc`, plus libvirt's `run/libvirt/qemu` with
-/// `running` (name → hostdev addresses) as status files.
-struct Root {
-    dir: tempfile::TempDir,
-}
-
-impl Root {
-    fn new(fixture: &str, running: &[(&str, &[&str])]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        symlink(host(fixture).join("sys"), dir.path().join("sys")).unwrap();
-        symlink(host(fixture).join("proc"), dir.path().join("proc")).unwrap();
-        let status = dir.path().join("run/libvirt/qemu");
-        fs::create_dir_all(&status).unwrap();
-        for (name, addrs) in running {
-            fs::write(status.join(format!("{name}.xml")), status_xml(name, addrs)).unwrap();
-        }
-        Root { dir }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn run_dir(&self) -> PathBuf {
-        self.dir.path().join("gp-run")
-    }
-
-    fn state_dir(&self) -> PathBuf {
-        self.dir.path().join("gp-state")
-    }
-
-    fn gpupass(&self, args: &[&str], stdin: &str) -> Run {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_gpupass-hook"));
-        c.env_remove("GPUPASS_CONFIG")
-            .env_remove("GPUPASS_LOG_FILE")
-            .arg("--host-root")
-            .arg(self.path())
-            .arg("--run-dir")
-            .arg(self.run_dir())
-            .arg("--state-dir")
-            .arg(self.state_dir())
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = c.spawn().unwrap();
-        let mut w = child.stdin.take().unwrap();
-        let _ = w.write_all(stdin.as_bytes());
-        drop(w);
-        child.wait_with_output().unwrap().into()
-    }
-
-    fn hook(&self, domain: &str, op: &str, subop: &str, xml: &str) -> Run {
-        self.gpupass(&["hook", "qemu", domain, op, subop, "-"], xml)
-    }
-}
-
-fn domain_xml(name: &str, meta: &str, addrs: &[&str]) -> String {
-    let devs: String = addrs.iter().map(|a| hostdev(a)).collect();
-    format!(
-        "<domain type='kvm'>\n  <name>{name}</name>\n  <uuid>{}</uuid>\n  {meta}\n  <memory>131072</memory>\n  <os><type>hvm</type></os>\n  <devices>\n    {devs}\n  </devices>\n</domain>\n",
-        uuid_for(name)
-    )
-}
-
-fn uuid_for(name: &str) -> String {
-    let mut h: u64 = 1469598103934665603;
-    for b in name.bytes() {
-        h = (h ^ u64::from(b)).wrapping_mul(1099511628211);
-    }
-    format!(
-        "{:08x}-0000-4000-8000-{:012x}",
-        h >> 32,
-        h & 0xffff_ffff_ffff
-    )
-}
-
-fn status_xml(name: &str, addrs: &[&str]) -> String {
-    format!(
-        "<domstatus state='running' reason='booted' pid='4242'>\n  <monitor path='/var/lib/libvirt/qemu/domain-1-{name}/monitor.sock' type='unix'/>\n{}</domstatus>\n",
-        domain_xml(name, "", addrs)
-    )
-}
+use common::{domain_xml, uuid_for, HookRoot as Root, Run};
 
 fn meta(count: u32) -> String {
     format!("<metadata><g:gpus xmlns:g='https://gpupass.dev/xmlns/1' count='{count}'/></metadata>")

@@ -256,3 +256,125 @@ pub fn host_copy(name: &str) -> tempfile::TempDir {
     assert!(st.success());
     dir
 }
+
+/// A domain XML with a UUID derived from its name, `meta` (e.g. `<metadata>`) and a managed
+/// hostdev for each address.
+pub fn domain_xml(name: &str, meta: &str, addrs: &[&str]) -> String {
+    let devs: String = addrs.iter().map(|a| hostdev(a)).collect();
+    format!(
+        "<domain type='kvm'>\n  <name>{name}</name>\n  <uuid>{}</uuid>\n  {meta}\n  <memory>131072</memory>\n  <os><type>hvm</type></os>\n  <devices>\n    {devs}\n  </devices>\n</domain>\n",
+        uuid_for(name)
+    )
+}
+
+/// A UUID derived from a name (FNV-1a), so a test's domains keep theirs from run to run.
+pub fn uuid_for(name: &str) -> String {
+    let mut h: u64 = 1469598103934665603;
+    for b in name.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(1099511628211);
+    }
+    format!(
+        "{:08x}-0000-4000-8000-{:012x}",
+        h >> 32,
+        h & 0xffff_ffff_ffff
+    )
+}
+
+/// libvirt's status file of a running domain holding `addrs`.
+pub fn status_xml(name: &str, addrs: &[&str]) -> String {
+    format!(
+        "<domstatus state='running' reason='booted' pid='4242'>\n  <monitor path='/var/lib/libvirt/qemu/domain-1-{name}/monitor.sock' type='unix'/>\n{}</domstatus>\n",
+        domain_xml(name, "", addrs)
+    )
+}
+
+/// How long one `gpupass-hook` call of a [`HookRoot`] may take before the test calls it hung.
+pub const HOOK_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A host root for `gpupass-hook`: a fixture's `sys` and `proc`, libvirt's `run/libvirt/qemu`
+/// with `running` (name → hostdev addresses) as status files, and run and state dirs inside.
+pub struct HookRoot {
+    pub dir: tempfile::TempDir,
+}
+
+impl HookRoot {
+    pub fn new(fixture: &str, running: &[(&str, &[&str])]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(host(fixture).join("sys"), dir.path().join("sys")).unwrap();
+        std::os::unix::fs::symlink(host(fixture).join("proc"), dir.path().join("proc")).unwrap();
+        let status = dir.path().join("run/libvirt/qemu");
+        std::fs::create_dir_all(&status).unwrap();
+        for (name, addrs) in running {
+            std::fs::write(status.join(format!("{name}.xml")), status_xml(name, addrs)).unwrap();
+        }
+        HookRoot { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn run_dir(&self) -> PathBuf {
+        self.path().join("gp-run")
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.path().join("gp-state")
+    }
+
+    /// Runs gpupass-hook with every directory given and `stdin`; kills it and fails the test
+    /// after [`HOOK_DEADLINE`]. Returns the run and how long it took.
+    pub fn gpupass_timed(&self, args: &[&str], stdin: &str) -> (Run, std::time::Duration) {
+        use std::io::Write;
+        let mut c = Command::new(env!("CARGO_BIN_EXE_gpupass-hook"));
+        c.env_remove("GPUPASS_CONFIG")
+            .env_remove("GPUPASS_LOG_FILE")
+            .env_remove("GPUPASS_LOG")
+            .arg("--host-root")
+            .arg(self.path())
+            .arg("--run-dir")
+            .arg(self.run_dir())
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let start = std::time::Instant::now();
+        let mut child = c.spawn().unwrap();
+        let mut w = child.stdin.take().unwrap();
+        let _ = w.write_all(stdin.as_bytes());
+        drop(w);
+        while child.try_wait().unwrap().is_none() {
+            if start.elapsed() > HOOK_DEADLINE {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("gpupass-hook {args:?} hung for {HOOK_DEADLINE:?}");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let took = start.elapsed();
+        (child.wait_with_output().unwrap().into(), took)
+    }
+
+    /// [`HookRoot::gpupass_timed`] without the time.
+    pub fn gpupass(&self, args: &[&str], stdin: &str) -> Run {
+        self.gpupass_timed(args, stdin).0
+    }
+
+    /// `hook qemu DOMAIN OP SUBOP -` with the XML on stdin.
+    pub fn hook(&self, domain: &str, op: &str, subop: &str, xml: &str) -> Run {
+        self.gpupass(&["hook", "qemu", domain, op, subop, "-"], xml)
+    }
+
+    /// [`HookRoot::hook`], timed.
+    pub fn hook_timed(
+        &self,
+        domain: &str,
+        op: &str,
+        subop: &str,
+        xml: &str,
+    ) -> (Run, std::time::Duration) {
+        self.gpupass_timed(&["hook", "qemu", domain, op, subop, "-"], xml)
+    }
+}
