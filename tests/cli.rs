@@ -8,7 +8,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{gpupass, host, run, run_within, Run, HOSTS};
+use common::{gpupass, host, listed_gpu, run, run_within, Run, HOSTS};
 
 fn tmp() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()
@@ -348,12 +348,7 @@ fn used_by_comes_from_libvirt_domain_xml() {
     let r = gp("hgx-8gpu", &["-c", &uri, "list", "--json"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
-    let g9a = v["gpus"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|g| g["address"] == "0000:9a:00.0")
-        .unwrap();
+    let g9a = listed_gpu(&v, "0000:9a:00.0");
     assert_eq!(g9a["used_by"], "vm-holding-9a");
     assert_eq!(g9a["references"][0]["running"], true);
     assert_eq!(v["gpus"][1]["used_by"], serde_json::Value::Null);
@@ -384,12 +379,7 @@ fn a_partly_attached_gpu_is_flagged_with_its_missing_functions() {
     let r = gp("consumer-4fn", &["-c", &uri, "list", "--json"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
-    let g = v["gpus"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|g| g["address"] == "0000:01:00.0")
-        .unwrap();
+    let g = listed_gpu(&v, "0000:01:00.0");
     assert_eq!(g["state"], "partial", "{g}");
     assert_eq!(g["used_by"], "vm-half");
     let p = &g["partial"][0];

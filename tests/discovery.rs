@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{gpupass, host, run, HOSTS};
+use common::{gpupass, host, listed_gpu as gpu, run, HOSTS};
 use gpupass::host::discover::{discover, Inventory};
 use gpupass::host::readiness::{verdict, Blocker};
 use gpupass::host::sysfs::Sysfs;
@@ -25,15 +25,6 @@ fn list_json(name: &str) -> Value {
     let r = run(c);
     assert_eq!(r.code, 0, "{}", r.stderr);
     serde_json::from_str(&r.stdout).expect("list --json is JSON")
-}
-
-fn gpu<'a>(list: &'a Value, addr: &str) -> &'a Value {
-    list["gpus"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|g| g["address"] == addr)
-        .unwrap_or_else(|| panic!("{addr} not listed"))
 }
 
 #[test]

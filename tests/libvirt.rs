@@ -11,8 +11,8 @@ use std::collections::BTreeMap;
 use std::process::Stdio;
 
 use common::{
-    clean_leftovers, daemon_available, daemon_lock, gpupass, host, run, run_within, test_uri, Run,
-    TestDomain,
+    clean_leftovers, daemon_available, daemon_lock, gpupass, host, listed_gpu, run, run_within,
+    test_uri, Run, TestDomain,
 };
 
 fn gp(run_dir: &std::path::Path, args: &[&str]) -> Run {
@@ -410,13 +410,7 @@ fn a_partly_attached_gpu_is_completed_by_the_domains_own_attach() {
 
     let r = gp4(&["list", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
-    let g = v["gpus"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|g| g["address"] == "0000:01:00.0")
-        .unwrap()
-        .clone();
+    let g = listed_gpu(&v, "0000:01:00.0").clone();
     assert_eq!(g["state"], "partial", "{g}");
     assert_eq!(
         g["partial"][0]["missing"],
@@ -441,13 +435,7 @@ fn a_partly_attached_gpu_is_completed_by_the_domains_own_attach() {
     );
     let r = gp4(&["list", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
-    let g = v["gpus"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|g| g["address"] == "0000:01:00.0")
-        .unwrap()
-        .clone();
+    let g = listed_gpu(&v, "0000:01:00.0").clone();
     assert_eq!(g["state"], "in-use", "{g}");
     let r = gp4(&["detach", &d.name, "--all", "--config"]);
     assert_eq!(r.code, 0, "{}", r.stderr);

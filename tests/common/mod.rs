@@ -378,3 +378,13 @@ impl HookRoot {
         self.gpupass_timed(&["hook", "qemu", domain, op, subop, "-"], xml)
     }
 }
+
+/// The GPU at `addr` in a `list --json` document; fails the test when it is not listed.
+pub fn listed_gpu<'a>(list: &'a serde_json::Value, addr: &str) -> &'a serde_json::Value {
+    list["gpus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["address"] == addr)
+        .unwrap_or_else(|| panic!("{addr} not listed"))
+}
