@@ -226,6 +226,20 @@ pub struct GpupassConfig {
     /// The agent (`gpupass serve`).
     #[serde(default)]
     pub serve: ServeConfig,
+    /// The CloudStack KVM agent's discovery (`gpupass cloudstack discover`).
+    #[serde(default)]
+    pub cloudstack: CloudstackConfig,
+}
+
+/// `[cloudstack]`: what the host's CloudStack agent understands.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CloudstackConfig {
+    /// The agent parses PCI addresses with a domain (`0001:05:00.0`; CloudStack's fix for hosts
+    /// with several PCI domains). Off: GPUs outside PCI domain 0000 are left out of
+    /// `cloudstack discover`, with a warning, since older agents only understand `bb:ss.f`.
+    #[serde(default)]
+    pub pci_domains: bool,
 }
 
 impl GpupassConfig {

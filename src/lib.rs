@@ -18,6 +18,7 @@ pub mod agent;
 pub mod alloc;
 pub mod assign;
 pub mod bind;
+pub mod cloudstack;
 pub mod config;
 pub mod cpuset;
 pub mod fsutil;

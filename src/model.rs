@@ -288,6 +288,17 @@ impl PciClass {
         self.base() == 0x03
     }
 
+    /// A processing accelerator (0x1200: AMD Instinct MI3xx, Habana Gaudi, …): a GPU-class
+    /// device without the display class.
+    pub fn is_accelerator(self) -> bool {
+        self.base() == 0x12 && self.sub() == 0x00
+    }
+
+    /// What gpupass treats as a GPU: a display controller or a processing accelerator.
+    pub fn is_gpu(self) -> bool {
+        self.is_display() || self.is_accelerator()
+    }
+
     /// A PCI-to-PCI bridge (0x0604, or semi-transparent 0x0609): the kernel lets it stay on
     /// `pcieport` while the rest of its IOMMU group is assigned.
     pub fn is_pci_bridge(self) -> bool {
@@ -440,6 +451,8 @@ mod tests {
         assert!(c.is_display() && !c.is_pci_bridge());
         assert_eq!(c.to_string(), "030200");
         assert!(PciClass(0x060400).is_pci_bridge());
+        assert!(PciClass(0x120000).is_gpu() && !PciClass(0x120000).is_display());
+        assert!(!PciClass(0x120100).is_gpu() && !PciClass(0x040300).is_gpu());
         assert!(
             !PciClass(0x060100).is_pci_bridge(),
             "an ISA bridge is a host device"

@@ -44,7 +44,7 @@ impl DomainView {
         let mut out: Vec<PciAddress> = self
             .live
             .iter()
-            .filter(|a| inv.devices.get(a).is_some_and(|d| d.class.is_display()))
+            .filter(|a| inv.devices.get(a).is_some_and(|d| d.class.is_gpu()))
             .copied()
             .collect();
         out.sort();

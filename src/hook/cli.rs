@@ -194,6 +194,9 @@ pub enum HookCommand {
         #[arg(long, value_name = "WHEN")]
         since: Option<String>,
     },
+    /// CloudStack 4.21+ KVM agent: its GPU discovery, and installing gpupass for it.
+    #[command(subcommand)]
+    Cloudstack(crate::cloudstack::cli::CloudstackCommand),
     /// Install the qemu hook shim into ROOT/etc/libvirt/hooks/qemu.d/gpupass.
     #[command(after_help = "Example:\n  gpupass install-hook && kill -HUP $(pidof libvirtd)")]
     InstallHook {
@@ -209,7 +212,8 @@ pub enum HookCommand {
     },
 }
 
-fn read_stdin() -> Result<String, HookError> {
+/// The domain XML on stdin, at most [`MAX_XML_BYTES`], UTF-8.
+pub fn read_stdin() -> Result<String, HookError> {
     let mut buf = Vec::new();
     io::stdin()
         .lock()
@@ -228,7 +232,8 @@ pub fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-fn error_line(e: &dyn std::error::Error) -> String {
+/// An error with its sources on one line.
+pub fn error_line(e: &dyn std::error::Error) -> String {
     let mut msg = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
@@ -239,7 +244,8 @@ fn error_line(e: &dyn std::error::Error) -> String {
     one_line(&msg)
 }
 
-fn print_stdout(text: &str) -> Result<(), HookError> {
+/// Writes `text` to stdout, flushed.
+pub fn print_stdout(text: &str) -> Result<(), HookError> {
     let mut out = io::stdout().lock();
     out.write_all(text.as_bytes())
         .and_then(|()| out.flush())
@@ -419,6 +425,49 @@ fn usage(dirs: &Dirs, json: bool, since: Option<&str>) -> Result<(), HookError> 
     print_stdout(&out)
 }
 
+/// The hook binary installed shims run: `binary`, else `gpupass-hook` next to this program
+/// (else this program).
+pub fn hook_binary(binary: Option<&std::path::Path>) -> Result<PathBuf, HookError> {
+    if let Some(b) = binary {
+        return Ok(b.to_path_buf());
+    }
+    let me = std::env::current_exe().map_err(HookError::Stdin)?;
+    let lean = me.with_file_name("gpupass-hook");
+    Ok(if lean.is_file() { lean } else { me })
+}
+
+/// The directory flags installed shims pass, so the hook sees what this command saw.
+pub fn shim_args(dirs: &Dirs) -> Vec<String> {
+    let mut args = vec![
+        "--host-root".to_string(),
+        dirs.host_root.display().to_string(),
+        "--run-dir".to_string(),
+        dirs.run_dir.display().to_string(),
+        "--state-dir".to_string(),
+        dirs.state_dir.display().to_string(),
+    ];
+    if let Some(c) = &dirs.config_file {
+        args.push("--config-file".into());
+        args.push(c.display().to_string());
+    }
+    if let Some(l) = &dirs.log_file {
+        args.push("--log-file".into());
+        args.push(l.display().to_string());
+        args.push("-v".into());
+    }
+    args
+}
+
+/// The line saying how the running libvirtd learns of a changed hook.
+pub fn reload_line(reload_pid: Option<u32>) -> String {
+    match reload_pid {
+        Some(pid) => format!(
+            "libvirtd is running (pid {pid}) and reads its hooks only at start: reload it with `kill -HUP {pid}`\n"
+        ),
+        None => "libvirtd will use it from its next start (or send it SIGHUP)\n".to_string(),
+    }
+}
+
 fn install_hook(
     dirs: &Dirs,
     root: &std::path::Path,
@@ -428,45 +477,11 @@ fn install_hook(
     let done = if remove {
         install::uninstall(root)?
     } else {
-        let binary = match binary {
-            Some(b) => b.to_path_buf(),
-            None => {
-                let me = std::env::current_exe().map_err(HookError::Stdin)?;
-                let lean = me.with_file_name("gpupass-hook");
-                if lean.is_file() {
-                    lean
-                } else {
-                    me
-                }
-            }
-        };
-        let mut args = vec![
-            "--host-root".to_string(),
-            dirs.host_root.display().to_string(),
-            "--run-dir".to_string(),
-            dirs.run_dir.display().to_string(),
-            "--state-dir".to_string(),
-            dirs.state_dir.display().to_string(),
-        ];
-        if let Some(c) = &dirs.config_file {
-            args.push("--config-file".into());
-            args.push(c.display().to_string());
-        }
-        if let Some(l) = &dirs.log_file {
-            args.push("--log-file".into());
-            args.push(l.display().to_string());
-            args.push("-v".into());
-        }
-        install::install(root, &binary, &args)?
+        install::install(root, &hook_binary(binary)?, &shim_args(dirs))?
     };
     let verb = if remove { "removed" } else { "installed" };
     let mut msg = format!("{verb} {}\n", done.path.display());
-    msg.push_str(&match done.reload_pid {
-        Some(pid) => format!(
-            "libvirtd is running (pid {pid}) and reads its hooks only at start: reload it with `kill -HUP {pid}`\n"
-        ),
-        None => "libvirtd will use it from its next start (or send it SIGHUP)\n".to_string(),
-    });
+    msg.push_str(&reload_line(done.reload_pid));
     print_stdout(&msg)
 }
 
@@ -502,6 +517,15 @@ pub fn run(dirs: &Dirs, cmd: &HookCommand) -> ExitCode {
     let config_ok = || dirs.config().map(drop).map_err(HookError::from);
     let result = match cmd {
         HookCommand::Hook(a) => return hook(dirs, a),
+        HookCommand::Cloudstack(c) => {
+            return match config_ok() {
+                Ok(()) => crate::cloudstack::cli::run(dirs, c),
+                Err(e) => {
+                    eprintln!("gpupass: error: {}", error_line(&e));
+                    ExitCode::from(e.exit_code())
+                }
+            }
+        }
         HookCommand::Transform(a) => {
             let r = config_ok().and_then(|()| transform(dirs, a));
             let outcome = if r.is_ok() { "ok" } else { "refused" };

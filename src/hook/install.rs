@@ -16,7 +16,7 @@ const SHIM: &str = include_str!("../../hooks/qemu-hook.sh");
 pub const HOOK_PATH: &str = "etc/libvirt/hooks/qemu.d/gpupass";
 
 /// Quotes a word for `sh`.
-fn sh_quote(s: &str) -> String {
+pub fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 

@@ -15,6 +15,7 @@ use std::io;
 use crate::alloc::lease::LeaseError;
 use crate::alloc::lock::LockError;
 use crate::alloc::AllocError;
+use crate::cloudstack::CloudstackError;
 use crate::config::ConfigError;
 use crate::fsutil::FsError;
 use crate::host::sysfs::SysfsError;
@@ -57,6 +58,9 @@ pub enum HookError {
     /// The run dir or state dir is not safe to use.
     #[error(transparent)]
     Fs(#[from] FsError),
+    /// A CloudStack integration step failed.
+    #[error(transparent)]
+    Cloudstack(#[from] CloudstackError),
     /// `prepare` refuses the start, for this reason.
     #[error("{0}")]
     Blocked(String),
@@ -90,6 +94,7 @@ impl HookError {
             | HookError::TooLarge
             | HookError::NotUtf8 => 2,
             HookError::Alloc(a) => a.exit_code(),
+            HookError::Cloudstack(c) => c.exit_code(),
             HookError::Lock(LockError::Timeout { .. }) => 12,
             _ => 1,
         }

@@ -10,6 +10,7 @@ use crate::alloc::lease::{self, Lease, LeaseStore};
 use crate::alloc::lock::HostLock;
 use crate::alloc::plan::{AttachRequest, Holdings};
 use crate::assign::preferred_nodes_of;
+use crate::cloudstack::complete;
 use crate::config::GpupassConfig;
 use crate::hook::resolve::resolve;
 use crate::hook::HookError;
@@ -18,7 +19,7 @@ use crate::host::readiness::verdict;
 use crate::host::sysfs::Sysfs;
 use crate::libvirt::files;
 use crate::limits;
-use crate::model::PciAddress;
+use crate::model::{PciAddress, PciClass};
 use crate::request;
 use crate::usage::{unix_now, Ledger};
 use crate::xml::compose::HostdevTemplate;
@@ -49,26 +50,44 @@ fn lease_key(doc: &DomainDoc<'_>) -> String {
 }
 
 /// Resolves the domain's request and rewrites its XML: `Ok(None)` when nothing changes (no
-/// request, or one already satisfied). Takes the host lock and leases what it chose.
+/// request, or one already satisfied). Takes the host lock and leases what it chose. A GPU the
+/// domain got from someone else (CloudStack writes one hostdev for the GPU's own function) is
+/// completed instead, and no other GPU is allocated for a config rule.
 pub fn transform(
     env: &HookEnv,
     input: &str,
     override_request: Option<AttachRequest>,
 ) -> Result<Option<String>, HookError> {
     let doc = scan(input)?;
+    // A request the domain or the caller made itself; a config rule's yields to a GPU the domain
+    // already got from elsewhere.
+    let explicit = override_request.is_some() || doc.request.is_some();
     let request = match override_request {
-        Some(r) => r,
-        None => match request::for_domain(&doc.name, doc.request.as_ref(), &env.config)? {
-            Some(r) => r,
-            None => return Ok(None),
-        },
+        Some(r) => Some(r),
+        None => request::for_domain(&doc.name, doc.request.as_ref(), &env.config)?,
     };
+    let foreign = complete::has_foreign_hostdev(&doc);
+    if request.is_none() && !foreign {
+        return Ok(None);
+    }
     let _lock = HostLock::acquire(&env.run_dir, env.lock_timeout)?;
     let inv = discover_with(&Sysfs::new(&env.host_root), &Scope::Gpus, false)?;
     let mut holdings: Holdings = files::all_holdings(&env.host_root, &doc.name)?;
     let store = LeaseStore::new(&env.run_dir);
     let t = unix_now();
     store.holdings_except(&doc.name, doc.uuid.as_deref(), t, &mut holdings);
+    if foreign && !explicit {
+        let c = complete::plan(&inv, &holdings, &doc)?;
+        if !c.gpus.is_empty() {
+            if request.is_some() {
+                tracing::info!(domain = %doc.name, "the domain has GPUs of its own: completed, the config rule's request not applied");
+            }
+            return complete_gpus(env, input, &doc, &inv, &c, &store, t);
+        }
+    }
+    let Some(request) = request else {
+        return Ok(None);
+    };
     let pin = &doc.pinning;
     let prefer = preferred_nodes_of(
         &inv,
@@ -119,6 +138,46 @@ pub fn transform(
         tracing::info!(domain = %doc.name, bdf = %f, "hostdev added");
     }
     Ok(Some(apply(input, &edits)))
+}
+
+/// Adds the missing functions of the GPUs the domain got from elsewhere (a [`complete::plan`]),
+/// leasing them all to the domain until it starts; `Ok(None)` when they are whole already.
+fn complete_gpus(
+    env: &HookEnv,
+    input: &str,
+    doc: &DomainDoc<'_>,
+    inv: &crate::host::discover::Inventory,
+    c: &complete::Completion,
+    store: &LeaseStore,
+    t: u64,
+) -> Result<Option<String>, HookError> {
+    store.put(
+        &Lease {
+            domain: doc.name.clone(),
+            uuid: doc.uuid.as_deref().and_then(lease::normalize_uuid),
+            functions: c.functions_after.clone(),
+            expires: t.saturating_add(env.lease_ttl.as_secs().min(lease::MAX_LEASE_SECONDS)),
+            owner: None,
+        },
+        t,
+    )?;
+    if c.add.is_empty() {
+        return Ok(None);
+    }
+    let blocks: Vec<String> = c
+        .add
+        .iter()
+        .map(|f| injected_block(&env.template, *f))
+        .collect();
+    for f in &c.add {
+        tracing::info!(domain = %doc.name, bdf = %f, "companion hostdev added");
+    }
+    let out = apply(
+        input,
+        &doc.insertion(&blocks).into_iter().collect::<Vec<_>>(),
+    );
+    // The one place the guest fit of completed GPUs plugs in.
+    Ok(Some(complete::guest_fit(out, inv, &c.gpus)))
 }
 
 /// Refuses when the owner's limit would be exceeded by the domain holding the GPUs of
@@ -285,7 +344,8 @@ pub fn prepare(env: &HookEnv, input: &str) -> Result<Vec<String>, HookError> {
     Ok(warnings)
 }
 
-/// Display-class PCI sources of the domain: its GPUs for the ledger. Reads only `class` of each.
+/// GPU-class PCI sources of the domain (display or processing accelerator): its GPUs for the
+/// ledger. Reads only `class` of each.
 fn gpu_sources(env: &HookEnv, doc: &DomainDoc<'_>) -> Vec<PciAddress> {
     let sysfs = Sysfs::new(&env.host_root);
     doc.pci_sources()
@@ -295,7 +355,7 @@ fn gpu_sources(env: &HookEnv, doc: &DomainDoc<'_>) -> Vec<PciAddress> {
                 .hex_attr(*a, "class")
                 .ok()
                 .flatten()
-                .is_some_and(|c| c >> 16 == 0x03)
+                .is_some_and(|c| PciClass(c).is_gpu())
         })
         .collect()
 }

@@ -68,10 +68,12 @@ impl IommuState {
     }
 }
 
-/// A whole GPU: its display function and every function that belongs to the same card.
+/// A whole GPU: its display (or processing-accelerator) function and every function that belongs
+/// to the same card.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Gpu {
-    /// The display function (class 0x03xxxx) that names the GPU.
+    /// The function that names the GPU: a display controller (class 0x03xxxx) or a processing
+    /// accelerator (0x1200).
     pub address: PciAddress,
     /// All its functions, the display function included, sorted: every non-bridge function in
     /// its domain:bus:slot, plus same-vendor functions behind the card's own PCIe switch
@@ -177,7 +179,7 @@ pub fn discover_with(sysfs: &Sysfs, scope: &Scope, full: bool) -> Result<Invento
             for a in &names {
                 if sysfs
                     .hex_attr(*a, "class")?
-                    .is_some_and(|c| PciClass(c).is_display())
+                    .is_some_and(|c| PciClass(c).is_gpu())
                 {
                     seeds.push(*a);
                 }
@@ -225,7 +227,7 @@ pub fn discover_with(sysfs: &Sysfs, scope: &Scope, full: bool) -> Result<Invento
         // Functions on other buses behind a card's own switch (Intel Arc's audio).
         let roots: Vec<PciAddress> = devices
             .values()
-            .filter(|d| d.class.is_display())
+            .filter(|d| d.class.is_gpu())
             .filter_map(|d| card_root(&devices, d))
             .filter(|r| !walked.contains(r))
             .collect();
@@ -333,7 +335,8 @@ fn card_root(devices: &BTreeMap<PciAddress, PciDevice>, gpu: &PciDevice) -> Opti
 }
 
 fn find_gpus(devices: &BTreeMap<PciAddress, PciDevice>) -> Vec<Gpu> {
-    let displays: Vec<&PciDevice> = devices.values().filter(|d| d.class.is_display()).collect();
+    // Display controllers and processing accelerators (class 1200) both name a GPU.
+    let displays: Vec<&PciDevice> = devices.values().filter(|d| d.class.is_gpu()).collect();
     let mut gpus = Vec::new();
     for d in &displays {
         // A second display function in the same slot (old dual-head cards) is part of the first.
@@ -355,7 +358,7 @@ fn find_gpus(devices: &BTreeMap<PciAddress, PciDevice>) -> Vec<Gpu> {
                 .collect();
             let display_slots: BTreeSet<(u32, u8, u8)> = below
                 .iter()
-                .filter(|o| o.class.is_display())
+                .filter(|o| o.class.is_gpu())
                 .map(|o| (o.address.domain, o.address.bus, o.address.slot))
                 .collect();
             // Only a switch that carries exactly one GPU is that GPU's own (an NF200-style
@@ -461,6 +464,17 @@ mod tests {
         assert_eq!(i.gpus.len(), 2);
         assert_eq!(fns(&i.gpus[0]), ["0000:04:00.0", "0000:04:00.1"]);
         assert_eq!(fns(&i.gpus[1]), ["0000:05:00.0", "0000:05:00.1"]);
+    }
+
+    #[test]
+    fn a_processing_accelerator_is_a_gpu_and_other_classes_are_not() {
+        let i = inv(vec![
+            dev("0000:c1:00.0", "1002:74a1", 0x120000, None),
+            dev("0000:c2:00.0", "1d0f:efa1", 0x020000, None),
+            dev("0000:c3:00.0", "8086:0b25", 0x120100, None),
+        ]);
+        assert_eq!(i.gpus.len(), 1);
+        assert_eq!(fns(&i.gpus[0]), ["0000:c1:00.0"]);
     }
 
     #[test]
