@@ -149,6 +149,7 @@ fn install_all(
         msg.push_str("remove the agent.hooks.libvirt_vm_xml_transformer.* lines from agent.properties and restart the agent\n");
         return print_stdout(&msg);
     }
+    install::check_host(root)?;
     let binary = hook_binary(binary)?;
     let args = shim_args(dirs);
     // The qemu hook first: it is what blocks a start that cannot work, so a transformer never

@@ -94,6 +94,19 @@ pub struct Done {
     pub lines: Vec<String>,
 }
 
+/// Refuses a root without the agent's scripts directory (checked before anything is written).
+pub fn check_host(root: &Path) -> Result<(), CloudstackError> {
+    let scripts = root.join(DISCOVERY_SCRIPT);
+    let dir = scripts.parent().expect("DISCOVERY_SCRIPT has a directory");
+    if dir.is_dir() {
+        Ok(())
+    } else {
+        Err(CloudstackError::NotCloudstackHost {
+            dir: dir.to_path_buf(),
+        })
+    }
+}
+
 /// Installs the discovery shim and the transformer under `root`, running `binary args…`.
 pub fn install(
     root: &Path,
@@ -102,13 +115,7 @@ pub fn install(
     args: &[String],
 ) -> Result<Done, CloudstackError> {
     let mut done = Done::default();
-    let scripts = root.join(DISCOVERY_SCRIPT);
-    let scripts_dir = scripts.parent().expect("DISCOVERY_SCRIPT has a directory");
-    if !scripts_dir.is_dir() {
-        return Err(CloudstackError::NotCloudstackHost {
-            dir: scripts_dir.to_path_buf(),
-        });
-    }
+    check_host(root)?;
     let target = confine(root, DISCOVERY_SCRIPT, false)?;
     let backup = PathBuf::from(format!("{}{BACKUP_SUFFIX}", target.display()));
     if target.exists() && !is_ours(&target) {

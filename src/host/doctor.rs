@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::alloc::plan::Holdings;
+use crate::cloudstack::agent::AgentFacts;
 use crate::host::discover::{Gpu, Inventory};
 use crate::host::readiness::{verdict, Blocker};
 use crate::model::PciAddress;
@@ -97,6 +98,8 @@ pub struct HostFacts {
     pub libvirt: Option<LibvirtFacts>,
     /// The gpupass qemu hook is installed.
     pub hook_installed: bool,
+    /// The CloudStack agent, when the host has one (`agent.properties` present).
+    pub cloudstack: Option<AgentFacts>,
 }
 
 /// The vfio modules doctor looks for.
@@ -392,6 +395,41 @@ fn libvirt_checks(f: &HostFacts, out: &mut Vec<Check>) {
     });
 }
 
+/// On a CloudStack host: the agent's XML transformer does not stop a start it cannot complete
+/// (the agent falls back to the original XML), so it must never run without the qemu hook,
+/// which does.
+fn cloudstack_checks(f: &HostFacts, out: &mut Vec<Check>) {
+    let Some(cs) = &f.cloudstack else { return };
+    let names: Vec<String> = cs
+        .transformers
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    out.push(match (names.is_empty(), f.hook_installed) {
+        (true, _) => check(
+            "cloudstack transformer",
+            Status::Warn,
+            "CloudStack agent host without an XML transformer: GPUs CloudStack allocates go to VMs without their audio/USB functions",
+            Some("gpupass cloudstack install"),
+        ),
+        (false, true) => check(
+            "cloudstack transformer",
+            Status::Ok,
+            format!("{} with the gpupass qemu hook", names.join(", ")),
+            None,
+        ),
+        (false, false) => check(
+            "cloudstack transformer",
+            Status::Fail,
+            format!(
+                "{} is configured but the gpupass qemu hook is not installed: the agent starts a VM without its GPUs when the transformer fails",
+                names.join(", ")
+            ),
+            Some("gpupass cloudstack install (or gpupass install-hook)"),
+        ),
+    });
+}
+
 /// Every check, host-wide ones first, then per GPU (`only` restricts the GPUs).
 pub fn checks(f: &HostFacts, only: Option<&[PciAddress]>) -> Vec<Check> {
     let mut out = Vec::new();
@@ -404,6 +442,7 @@ pub fn checks(f: &HostFacts, only: Option<&[PciAddress]>) -> Vec<Check> {
         gpu_checks(f, gpu, &mut out);
     }
     libvirt_checks(f, &mut out);
+    cloudstack_checks(f, &mut out);
     out
 }
 

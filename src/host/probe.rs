@@ -39,6 +39,10 @@ pub fn gather(sysfs: &Sysfs) -> Result<HostFacts, SysfsError> {
         holders,
         libvirt: None,
         hook_installed: sysfs.exists(HOOK_PATH),
+        cloudstack: crate::cloudstack::agent::read(sysfs.root()).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot read the CloudStack agent's agent.properties");
+            None
+        }),
         cmdline,
         inv,
     })
