@@ -12,7 +12,9 @@
 // adds the GPUs the VM asks for (a rule in /etc/gpupass/gpupass.toml matching CloudStack's VM
 // names, e.g. domain = "i-2-*-VM") and leaves every other byte alone. A VM that asks for
 // nothing comes back unchanged. When gpupass cannot give the VM its GPUs, this throws with
-// gpupass's one-line reason, so the VM does not start silently without them.
+// gpupass's one-line reason; the agent then logs it and defines the ORIGINAL XML, so what stops
+// such a VM from starting is gpupass's qemu hook at `prepare` (`gpupass install-hook`): install
+// both. On CloudStack 4.21 and later, `gpupass cloudstack install` sets up the shell variant.
 //
 // GPUPASS_BIN overrides the gpupass binary (default /usr/local/bin/gpupass-hook, which does not
 // load libvirt); GPUPASS_HOST_ROOT, GPUPASS_RUN_DIR, GPUPASS_CONFIG … reach gpupass unchanged.

@@ -571,3 +571,114 @@ fn a_libvirt_that_stops_answering_under_the_lock_releases_it_with_exit_8() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(d.hostdevs(true).len(), 1);
 }
+
+/// Runs `hooks/libvirt-vm-xml-transformer.sh` the way the CloudStack agent does (METHOD and XML
+/// as arguments) against `root`/`run`/`state`; returns the completed XML.
+fn cloudstack_transform(
+    root: &std::path::Path,
+    run_dir: &std::path::Path,
+    state: &std::path::Path,
+    xml: &str,
+) -> String {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("hooks/libvirt-vm-xml-transformer.sh");
+    let mut c = std::process::Command::new(script);
+    c.env("GPUPASS_BIN", env!("CARGO_BIN_EXE_gpupass-hook"))
+        .env("GPUPASS_HOST_ROOT", root)
+        .env("GPUPASS_RUN_DIR", run_dir)
+        .env("GPUPASS_STATE_DIR", state)
+        .env_remove("GPUPASS_CONFIG")
+        .args(["transform", xml])
+        .stdin(Stdio::null());
+    let r = run_within(c, std::time::Duration::from_secs(30));
+    assert_eq!(r.code, 0, "transformer: {}", r.stderr);
+    assert!(r.stdout.trim_end().ends_with("</domain>"), "{}", r.stdout);
+    r.stdout
+}
+
+/// A CloudStack-style domain: CloudStack's own single-function hostdev (LibvirtGpuDef), no guest
+/// address, no companions.
+fn cloudstack_domain(name: &str, bus: &str) -> String {
+    common::tiny_domain_xml(name, "").replace(
+        "<memballoon model='none'/>",
+        &format!("<hostdev mode='subsystem' type='pci' managed='yes' display='off'><driver name='vfio'/><source><address domain='0x0000' bus='0x{bus}' slot='0x00' function='0x0'/></source></hostdev><memballoon model='none'/>"),
+    )
+}
+
+fn define_xml(name: &str, xml: &str) -> TestDomain {
+    let t = tempfile::tempdir().unwrap();
+    let file = t.path().join("d.xml");
+    std::fs::write(&file, xml).unwrap();
+    let r = common::virsh(&["define", file.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "define {name}: {}", r.stderr);
+    TestDomain {
+        name: name.to_owned(),
+    }
+}
+
+/// CloudStack 4.21+: `i-2-33-VM` with CloudStack's own hostdev for the consumer card goes
+/// through the shell transformer; the completed XML (all four functions) defines in the real
+/// daemon. With the daemon's qemu hook (8-GPU fixture): a second CloudStack VM given the GPU
+/// the first was completed with is blocked at prepare with gpupass's line, and the first one's
+/// prepare passes (the start then fails later, in libvirt: no VFIO on this machine).
+#[test]
+fn a_cloudstack_domain_is_completed_by_the_transformer_and_judged_by_the_hook() {
+    let _g = need_daemon!();
+    for n in ["i-2-33-VM", "i-2-34-VM"] {
+        common::virsh(&["destroy", n]);
+        common::virsh(&["undefine", n]);
+    }
+    // The consumer card: GPU + HDMI audio + USB + UCSI.
+    let h = common::HookRoot::new("consumer-4fn", &[]);
+    let out = cloudstack_transform(
+        h.path(),
+        &h.run_dir(),
+        &h.state_dir(),
+        &cloudstack_domain("i-2-33-VM", "01"),
+    );
+    let d = define_xml("i-2-33-VM", &out);
+    assert_eq!(
+        d.hostdevs(true),
+        [
+            "0000:01:00.0",
+            "0000:01:00.1",
+            "0000:01:00.2",
+            "0000:01:00.3"
+        ]
+    );
+    let r = common::virsh(&["dumpxml", "--inactive", &d.name]);
+    assert_eq!(
+        r.stdout.matches("<alias name='ua-gpupass-").count(),
+        3,
+        "libvirt keeps the companions' gpupass aliases: {}",
+        r.stdout
+    );
+    drop(d);
+
+    let Some(dir) = hook_dir() else { return };
+    let root = dir.join("hostroot");
+    let out = cloudstack_transform(
+        &root,
+        &dir.join("run"),
+        &dir.join("state"),
+        &cloudstack_domain("i-2-33-VM", "2a"),
+    );
+    let first = define_xml("i-2-33-VM", &out);
+    // CloudStack gives the same H100 to another VM (a stale allocation): blocked, with why.
+    let second = define_xml("i-2-34-VM", &cloudstack_domain("i-2-34-VM", "2a"));
+    let r = common::virsh(&["start", &second.name]);
+    assert_ne!(r.code, 0, "the start must be blocked");
+    assert!(
+        r.stderr.contains(
+            "gpupass: prepare i-2-34-VM: 0000:2a:00.0 is reserved for domain 'i-2-33-VM'"
+        ),
+        "{}",
+        r.stderr
+    );
+    // The first one's prepare passes; what stops it is libvirt's own VFIO step here.
+    let r = common::virsh(&["start", &first.name]);
+    assert_ne!(r.code, 0, "no VFIO on this machine");
+    assert!(!r.stderr.contains("gpupass:"), "{}", r.stderr);
+    let log = hook_log(&dir);
+    assert!(log.contains("hook prepare begin i-2-33-VM: ok"), "{log}");
+}
