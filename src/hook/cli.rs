@@ -1,6 +1,7 @@
 //! The command line of hook mode, shared by `gpupass` and the lean `gpupass-hook` binary (same
-//! code, no libvirt linked): `transform`, `hook qemu …`, `usage`, `install-hook`. This is an
-//! entry point: it reads stdin, prints to stdout/stderr, and returns the exit code.
+//! code, no libvirt linked): `transform`, `hook qemu …`, `usage`, `install-hook`,
+//! `cloudstack …`. This is an entry point: it reads stdin, prints to stdout/stderr, and returns
+//! the exit code.
 
 use std::io::{self, Read, Write};
 use std::path::PathBuf;
