@@ -1,7 +1,7 @@
 //! `gpupass-hook`: gpupass's hook mode (`transform`, `hook qemu …`, `usage`, `install-hook`,
-//! `cloudstack discover/install`) in a binary that does not link libvirt. libvirt waits for its hook on every start and stop, and
-//! loading libvirt's ~50 shared libraries costs ~12 ms before `main` even runs; this binary
-//! shares all its code with `gpupass` and links only libc.
+//! `cloudstack discover/install`) in a binary that does not link libvirt. libvirt waits for its
+//! hook on every start and stop, and loading libvirt's ~50 shared libraries costs ~12 ms before
+//! `main` even runs; this binary shares all its code with `gpupass` and links only libc.
 
 use std::process::ExitCode;
 
