@@ -21,6 +21,7 @@ pub mod bind;
 pub mod config;
 pub mod cpuset;
 pub mod fsutil;
+pub mod health;
 pub mod hook;
 pub mod host;
 pub mod hostcfg;
