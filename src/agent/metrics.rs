@@ -70,11 +70,14 @@ pub fn render(
     let mut r = Registry::with_prefix("gpupass");
     let holdings = s.holdings();
     let gpus = Family::<StateLabels, Gauge>::default();
-    for st in ["free", "assigned", "partial", "not_passable"] {
+    for st in ["free", "assigned", "partial", "quarantined", "not_passable"] {
         gpus.get_or_create(&StateLabels { state: st.into() }).set(0);
     }
     for g in &s.inventory.gpus {
-        let state = if !holdings.partial(&g.functions).is_empty() {
+        // Quarantined first: a released GPU usually stays in its domain's definition.
+        let state = if s.inventory.quarantine_of(g).is_some() {
+            "quarantined"
+        } else if !holdings.partial(&g.functions).is_empty() {
             "partial"
         } else if !holdings.holders(&g.functions).is_empty() {
             "assigned"
@@ -88,9 +91,18 @@ pub fn render(
         })
         .inc();
     }
+    // A quarantined GPU that fell off the bus is no longer in the inventory, and still counts.
+    for a in s.inventory.quarantine.keys() {
+        if s.inventory.gpu(*a).is_none() {
+            gpus.get_or_create(&StateLabels {
+                state: "quarantined".into(),
+            })
+            .inc();
+        }
+    }
     r.register(
         "gpus",
-        "GPUs of the host by state (assigned: referenced by a domain; partial: a domain holds only some of its functions)",
+        "GPUs of the host by state (assigned: referenced by a domain; partial: a domain holds only some of its functions; quarantined: failed a health check, see gpupass quarantine list)",
         gpus,
     );
     let per_domain = Family::<DomainLabels, Gauge>::default();

@@ -337,6 +337,7 @@ pub fn plan_attach(
             }
             let mut free: Vec<(bool, PciAddress)> = Vec::new();
             let (mut held, mut blocked, mut boot, mut other_model) = (0, 0, 0, 0);
+            let mut quarantined = 0;
             for gpu in &inv.gpus {
                 let Some(dev) = inv.device(gpu.address) else {
                     continue;
@@ -351,6 +352,8 @@ pub fn plan_attach(
                 let v = verdict(inv, gpu);
                 if v.boot_vga {
                     boot += 1;
+                } else if inv.quarantine_of(gpu).is_some() {
+                    quarantined += 1;
                 } else if !v.viable {
                     blocked += 1;
                 } else if !holdings.holders(&gpu.functions).is_empty()
@@ -367,6 +370,11 @@ pub fn plan_attach(
                 let mut parts = vec![format!("{held} in use"), format!("{blocked} not passable")];
                 if boot > 0 {
                     parts.push(format!("{boot} boot VGA"));
+                }
+                if quarantined > 0 {
+                    parts.push(format!(
+                        "{quarantined} quarantined (see `gpupass quarantine list`)"
+                    ));
                 }
                 if model.is_some() {
                     parts.push(format!("{other_model} of other models"));

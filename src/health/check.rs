@@ -128,7 +128,7 @@ pub fn check(
                         },
                     );
                     newly_quarantined = true;
-                    tracing::warn!(gpu = %t.gpu, by, reason = %judgement.reason(), "GPU quarantined");
+                    tracing::info!(gpu = %t.gpu, by, reason = %judgement.reason(), "GPU quarantined");
                 }
                 GpuCheck {
                     gpu: t.gpu,

@@ -53,6 +53,14 @@ pub enum HealthError {
         /// What still fails.
         reason: String,
     },
+    /// `gpupass health` found GPUs that fail (they are quarantined).
+    #[error("{count} GPU(s) failed the health check: {gpus} (quarantined; see `gpupass quarantine list`)")]
+    Failed {
+        /// How many.
+        count: usize,
+        /// Their addresses.
+        gpus: String,
+    },
     /// A check or recovery asked for a GPU the host does not have.
     #[error("no GPU at {address} on this host, and none quarantined there (see `gpupass list`)")]
     UnknownGpu {
@@ -121,6 +129,17 @@ pub struct FunctionReading {
     pub link_width: Option<String>,
     /// `max_link_width`.
     pub max_link_width: Option<String>,
+}
+
+impl HealthError {
+    /// The documented exit code (the table in `gpupass --help`).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            HealthError::NotQuarantined { .. } | HealthError::UnknownGpu { .. } => 3,
+            HealthError::StillUnhealthy { .. } | HealthError::Failed { .. } => 16,
+            _ => 1,
+        }
+    }
 }
 
 impl FunctionReading {

@@ -95,11 +95,10 @@ impl HealthStore {
     /// Quarantines `gpu` (keeping the first reason and time when it already is). Returns
     /// whether it was newly quarantined.
     pub fn quarantine(&self, gpu: PciAddress, q: Quarantine) -> Result<bool, HealthError> {
-        self.update(|s| {
-            if s.quarantined.contains_key(&gpu) {
-                false
-            } else {
-                s.quarantined.insert(gpu, q);
+        self.update(|s| match s.quarantined.entry(gpu) {
+            std::collections::btree_map::Entry::Occupied(_) => false,
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert(q);
                 true
             }
         })

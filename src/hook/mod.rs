@@ -57,6 +57,9 @@ pub enum HookError {
     /// The run dir or state dir is not safe to use.
     #[error(transparent)]
     Fs(#[from] FsError),
+    /// The health file (quarantined GPUs) could not be read.
+    #[error(transparent)]
+    Health(#[from] crate::health::HealthError),
     /// `prepare` refuses the start, for this reason.
     #[error("{0}")]
     Blocked(String),
