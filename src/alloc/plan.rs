@@ -586,6 +586,37 @@ mod tests {
         s.parse().unwrap()
     }
 
+    #[test]
+    fn a_quarantined_gpu_is_never_counted_and_refused_by_name() {
+        let mut inv = eight();
+        inv.quarantine.insert(
+            a("0000:18:00.0"),
+            crate::health::Quarantine {
+                reason: "0000:18:00.0 has no reset method".into(),
+                since: 0,
+                by: "test".into(),
+            },
+        );
+        let none = BTreeSet::new();
+        let count = |n| AttachRequest::Count {
+            count: n,
+            model: None,
+        };
+        let p = plan_attach(&inv, &Holdings::default(), "vm", &count(1), &none).unwrap();
+        assert_eq!(p.gpus, [a("0000:2a:00.0")]);
+        let e = plan_attach(&inv, &Holdings::default(), "vm", &count(4), &none).unwrap_err();
+        assert_eq!(e.exit_code(), 6);
+        assert!(e.to_string().contains("1 quarantined"), "{e}");
+        let by_name = AttachRequest::Gpus(vec![a("0000:18:00.1")]);
+        let e = plan_attach(&inv, &Holdings::default(), "vm", &by_name, &none).unwrap_err();
+        assert_eq!(e.exit_code(), 7);
+        assert!(
+            e.to_string().contains("quarantined since")
+                && e.to_string().contains("no reset method"),
+            "{e}"
+        );
+    }
+
     fn eight() -> Inventory {
         host(
             &[
