@@ -61,74 +61,12 @@ pub enum HealthError {
         /// Their addresses.
         gpus: String,
     },
-    /// A check or recovery asked for a GPU the host does not have.
+    /// A check asked for a GPU the host does not have.
     #[error("no GPU at {address} on this host, and none quarantined there (see `gpupass list`)")]
     UnknownGpu {
         /// The address.
         address: PciAddress,
     },
-    /// A recovery write failed.
-    #[error("failed to write {path}")]
-    Write {
-        /// The file.
-        path: PathBuf,
-        /// The IO error.
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-/// Why a GPU is quarantined, and since when. Stored in the state dir ([`store`]).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Quarantine {
-    /// What failed, in words a person can act on.
-    pub reason: String,
-    /// Unix seconds when the GPU was quarantined.
-    pub since: u64,
-    /// Who quarantined it: `hook release of vm1`, `agent`, `gpupass health`, `by hand`.
-    #[serde(default)]
-    pub by: String,
-}
-
-/// AER error counters of one function at its last check.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AerCounts {
-    /// `aer_dev_fatal`'s total.
-    pub fatal: u64,
-    /// `aer_dev_nonfatal`'s total.
-    pub nonfatal: u64,
-}
-
-/// What sysfs shows of one PCI function. `None` fields were not reported (an older kernel, a
-/// conventional PCI device without link registers, a device without AER).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FunctionReading {
-    /// The function.
-    pub address: PciAddress,
-    /// Its sysfs directory exists.
-    pub present: bool,
-    /// `vendor`.
-    pub vendor: Option<u32>,
-    /// `device`.
-    pub device: Option<u32>,
-    /// The first bytes of `config` (up to 16: IDs and the header type).
-    pub config: Option<Vec<u8>>,
-    /// `power_state` (`D0`, `D3hot`, …).
-    pub power_state: Option<String>,
-    /// `power/runtime_status` (`active`, `suspended`, …).
-    pub runtime_status: Option<String>,
-    /// `reset_method`; `Some("")` is a kernel that reports no way to reset the device.
-    pub reset_method: Option<String>,
-    /// AER counters, when the device has AER.
-    pub aer: Option<AerCounts>,
-    /// `current_link_speed`.
-    pub link_speed: Option<String>,
-    /// `max_link_speed`.
-    pub max_link_speed: Option<String>,
-    /// `current_link_width`.
-    pub link_width: Option<String>,
-    /// `max_link_width`.
-    pub max_link_width: Option<String>,
 }
 
 impl HealthError {
@@ -226,15 +164,15 @@ impl fmt::Display for Problem {
             ),
             Problem::AllOnes { function, what } => write!(
                 f,
-                "{function} reads all-ones from {what}: the device fell off the bus (see dmesg; try `gpupass health {function} --recover`, else power-cycle the host)"
+                "{function} reads all-ones from {what}: the device fell off the bus (see dmesg; try a reset, `echo 1 > /sys/bus/pci/devices/{function}/reset`, else power-cycle the host)"
             ),
             Problem::HeaderType { function } => write!(
                 f,
-                "{function} reports PCI header type 0x7f (QEMU: \"Unknown PCI header type '127'\"): the device did not come back from reset (try `gpupass health {function} --recover`, else power-cycle the host)"
+                "{function} reports PCI header type 0x7f (QEMU: \"Unknown PCI header type '127'\"): the device did not come back from reset (see dmesg; power-cycle the host)"
             ),
             Problem::PowerState { function, state } => write!(
                 f,
-                "{function} is in power state {state}, not D0, and the kernel did not suspend it: it did not wake after release (try `gpupass health {function} --recover`)"
+                "{function} is in power state {state}, not D0, and the kernel did not suspend it: it did not wake after release (try a reset, `echo 1 > /sys/bus/pci/devices/{function}/reset`)"
             ),
             Problem::NoReset { function } => write!(
                 f,
@@ -247,7 +185,7 @@ impl fmt::Display for Problem {
                 to,
             } => write!(
                 f,
-                "{function} logged AER {kind} errors since its last check ({from} -> {to}): check dmesg and the card's seating; reset it (`gpupass health {function} --recover`) or clear with --force once the cause is fixed"
+                "{function} logged AER {kind} errors since its last check ({from} -> {to}): check dmesg and the card's seating, then clear with --force (a reset or reboot starts the counters over)"
             ),
             Problem::LinkWidth {
                 function,
@@ -255,7 +193,7 @@ impl fmt::Display for Problem {
                 max,
             } => write!(
                 f,
-                "{function}'s PCIe link runs at x{current}, below its x{max}: it retrained narrower (reseat the card or check the riser; `gpupass health {function} --recover` retrains it)"
+                "{function}'s PCIe link runs at x{current}, below its x{max}: it retrained narrower (reseat the card or check the riser; a reset may retrain it)"
             ),
         }
     }
