@@ -382,3 +382,29 @@ fn attach_skips_and_refuses_a_quarantined_gpu() {
     assert_eq!(r.code, 6, "{}", r.stderr);
     assert!(r.stderr.contains("1 quarantined"), "{}", r.stderr);
 }
+
+/// A GPU a domain used that has left the bus is found by a check by hand too: the ledger says
+/// it was a GPU, the host no longer shows it.
+#[test]
+fn a_check_by_hand_finds_a_used_gpu_that_left_the_bus() {
+    let h = Host::new("health-link");
+    let xml = domain_xml("vm1", "", &[WELL, WELL_AUDIO]);
+    assert_eq!(h.qemu_hook("vm1", "started", "begin", &xml).code, 0);
+    for f in [WELL, WELL_AUDIO] {
+        fs::remove_file(h.dev(f)).unwrap();
+    }
+    let r = h.gp(&["health", "--json"]);
+    assert_eq!(r.code, 16, "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let gone = v["gpus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["address"] == WELL)
+        .unwrap_or_else(|| panic!("{WELL} not checked: {v}"));
+    assert_eq!(gone["state"], "quarantined", "{gone}");
+    assert!(gone["problems"][0].as_str().unwrap().contains("is gone from the PCI bus"));
+    // An address nothing knows is not a GPU to check.
+    let r = h.gp(&["health", "0000:07:00.0"]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+}

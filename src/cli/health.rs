@@ -1,6 +1,8 @@
 //! `gpupass health` and `gpupass quarantine`: check GPUs by hand, and list, add or clear
 //! quarantines. Reads the host root and the state dir's health file; never calls libvirt.
 
+use std::collections::BTreeSet;
+
 use serde::Serialize;
 
 use gpupass::health::check::{self, target_for, Target};
@@ -9,7 +11,7 @@ use gpupass::health::{HealthError, Quarantine};
 use gpupass::host::sysfs::Sysfs;
 use gpupass::limits::rfc3339;
 use gpupass::model::PciAddress;
-use gpupass::usage::unix_now;
+use gpupass::usage::{unix_now, Ledger, Record};
 
 use crate::cli::{print_all, print_json, Global};
 
@@ -33,12 +35,34 @@ struct HealthLine {
     newly_quarantined: bool,
 }
 
-/// `gpupass health [ADDR…]`: checks the GPUs (default: every GPU but the host's console, and
-/// every quarantined address), quarantines those that fail; exit 16 when any fails.
+/// `gpupass health [ADDR…]`: checks the GPUs (default: every GPU but the host's console, every
+/// quarantined address, and every GPU of the ledger's sessions that the host no longer shows),
+/// quarantines those that fail; exit 16 when any fails.
 pub fn health(g: &Global, addrs: &[PciAddress], json: bool) -> anyhow::Result<()> {
     let inv = g.inventory()?;
     let store = HealthStore::new(&g.state_dir);
     let state = store.read()?;
+    // GPUs domains have used (the ledger's sessions): one of them the host no longer shows
+    // is a GPU that left the bus, and is checked (and found gone) like any other.
+    let gone: BTreeSet<PciAddress> = Ledger::new(&g.state_dir)
+        .read()?
+        .records
+        .iter()
+        .filter_map(|r| match r {
+            Record::Start { gpus, .. } => Some(gpus),
+            Record::Stop { .. } => None,
+        })
+        .flatten()
+        .filter(|a| inv.gpu(**a).is_none())
+        .copied()
+        .collect();
+    let target = |a: PciAddress| match target_for(&inv, &state, a) {
+        Err(HealthError::UnknownGpu { .. }) if gone.contains(&a) => Ok(Target {
+            gpu: a,
+            functions: vec![a],
+        }),
+        r => r,
+    };
     let mut targets: Vec<Target> = Vec::new();
     let mut add = |t: Target| {
         if !targets.iter().any(|x| x.gpu == t.gpu) {
@@ -52,15 +76,15 @@ pub fn health(g: &Global, addrs: &[PciAddress], json: bool) -> anyhow::Result<()
                 .iter()
                 .any(|f| inv.device(*f).is_some_and(|d| d.boot_vga));
             if !console || state.quarantined.contains_key(&gpu.address) {
-                add(target_for(&inv, &state, gpu.address)?);
+                add(target(gpu.address)?);
             }
         }
-        for a in state.quarantined.keys() {
-            add(target_for(&inv, &state, *a)?);
+        for a in state.quarantined.keys().chain(&gone) {
+            add(target(*a)?);
         }
     } else {
         for a in addrs {
-            add(target_for(&inv, &state, *a)?);
+            add(target(*a)?);
         }
     }
     let checks = check::check(

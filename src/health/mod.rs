@@ -69,6 +69,59 @@ pub enum HealthError {
     },
 }
 
+/// Why a GPU is quarantined, and since when. Stored in the state dir ([`store`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quarantine {
+    /// What failed, in words a person can act on.
+    pub reason: String,
+    /// Unix seconds when the GPU was quarantined.
+    pub since: u64,
+    /// Who quarantined it: `hook release of vm1`, `agent`, `gpupass health`, `by hand`.
+    #[serde(default)]
+    pub by: String,
+}
+
+/// AER error counters of one function at its last check.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AerCounts {
+    /// `aer_dev_fatal`'s total.
+    pub fatal: u64,
+    /// `aer_dev_nonfatal`'s total.
+    pub nonfatal: u64,
+}
+
+/// What sysfs shows of one PCI function. `None` fields were not reported (an older kernel, a
+/// conventional PCI device without link registers, a device without AER).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FunctionReading {
+    /// The function.
+    pub address: PciAddress,
+    /// Its sysfs directory exists.
+    pub present: bool,
+    /// `vendor`.
+    pub vendor: Option<u32>,
+    /// `device`.
+    pub device: Option<u32>,
+    /// The first bytes of `config` (up to 16: IDs and the header type).
+    pub config: Option<Vec<u8>>,
+    /// `power_state` (`D0`, `D3hot`, …).
+    pub power_state: Option<String>,
+    /// `power/runtime_status` (`active`, `suspended`, …).
+    pub runtime_status: Option<String>,
+    /// `reset_method`; `Some("")` is a kernel that reports no way to reset the device.
+    pub reset_method: Option<String>,
+    /// AER counters, when the device has AER.
+    pub aer: Option<AerCounts>,
+    /// `current_link_speed`.
+    pub link_speed: Option<String>,
+    /// `max_link_speed`.
+    pub max_link_speed: Option<String>,
+    /// `current_link_width`.
+    pub link_width: Option<String>,
+    /// `max_link_width`.
+    pub max_link_width: Option<String>,
+}
+
 impl HealthError {
     /// The documented exit code (the table in `gpupass --help`).
     pub fn exit_code(&self) -> u8 {
