@@ -403,7 +403,10 @@ fn a_check_by_hand_finds_a_used_gpu_that_left_the_bus() {
         .find(|g| g["address"] == WELL)
         .unwrap_or_else(|| panic!("{WELL} not checked: {v}"));
     assert_eq!(gone["state"], "quarantined", "{gone}");
-    assert!(gone["problems"][0].as_str().unwrap().contains("is gone from the PCI bus"));
+    assert!(gone["problems"][0]
+        .as_str()
+        .unwrap()
+        .contains("is gone from the PCI bus"));
     // An address nothing knows is not a GPU to check.
     let r = h.gp(&["health", "0000:07:00.0"]);
     assert_eq!(r.code, 3, "{}", r.stderr);

@@ -235,3 +235,37 @@ pub fn render(
     encode(&mut out, &r)?;
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::host::discover::discover;
+    use crate::host::sysfs::Sysfs;
+
+    #[test]
+    fn quarantined_gpus_are_counted_also_when_gone_from_the_bus() {
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/hosts/hgx-8gpu");
+        let mut inv = discover(&Sysfs::new(root)).unwrap();
+        let q = crate::health::Quarantine {
+            reason: "gone".into(),
+            since: 1,
+            by: "test".into(),
+        };
+        for a in ["0000:18:00.0", "0000:77:00.0"] {
+            inv.quarantine.insert(a.parse().unwrap(), q.clone());
+        }
+        let s = Snapshot {
+            inventory: Arc::new(inv),
+            ..Snapshot::default()
+        };
+        let text = render(&s, None, &BTreeMap::new(), &BTreeMap::new()).unwrap();
+        assert!(
+            text.contains("gpupass_gpus{state=\"quarantined\"} 2"),
+            "{text}"
+        );
+        // The other seven H100s and the console are free (no domain holds them).
+        assert!(text.contains("gpupass_gpus{state=\"free\"} 8"), "{text}");
+    }
+}

@@ -671,6 +671,62 @@ mod tests {
     }
 
     #[test]
+    fn a_stop_the_agent_records_checks_what_was_released_and_marks_the_session() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut opts = hgx_options(dir.path());
+        // 0000:01:00.0 of this host has no reset method; 0000:02:00.0 is healthy.
+        opts.host_root = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/hosts/health-no-reset"
+        )
+        .into();
+        let running = |addrs: &[&str]| FakeDomain {
+            active: true,
+            persistent: true,
+            live: addrs.iter().map(|x| a(x)).collect(),
+            ..FakeDomain::default()
+        };
+        let hv = FakeHypervisor::default().with(
+            "vm1",
+            running(&[
+                "0000:01:00.0",
+                "0000:01:00.1",
+                "0000:02:00.0",
+                "0000:02:00.1",
+            ]),
+        );
+        let shared: Shared = Default::default();
+        reconcile(&opts, &shared, &hv).unwrap();
+        assert!(
+            opts.health.read().unwrap().quarantined.is_empty(),
+            "nothing released yet"
+        );
+        // A live detach of the healthy GPU (the hook never sees it): checked, nothing found.
+        hv.domains
+            .borrow_mut()
+            .insert("vm1".into(), running(&["0000:01:00.0", "0000:01:00.1"]));
+        refresh(&opts, &shared, &hv, "vm1").unwrap();
+        assert!(opts.health.read().unwrap().quarantined.is_empty());
+        // The domain stops while no hook ran: the agent closes the session and checks the GPU.
+        hv.domains.borrow_mut().get_mut("vm1").unwrap().active = false;
+        refresh(&opts, &shared, &hv, "vm1").unwrap();
+        let q = opts.health.read().unwrap().quarantined;
+        assert_eq!(q.keys().copied().collect::<Vec<_>>(), [a("0000:01:00.0")]);
+        assert!(q[&a("0000:01:00.0")].reason.contains("no reset method"));
+        assert!(q[&a("0000:01:00.0")].by.starts_with("agent"));
+        let s = current(&shared);
+        assert!(
+            s.inventory.quarantine.contains_key(&a("0000:01:00.0")),
+            "the API sees it at once"
+        );
+        let last = opts.ledger.read().unwrap().records.pop().unwrap();
+        assert!(
+            matches!(&last, crate::usage::Record::Stop { quarantined, .. } if quarantined == &[a("0000:01:00.0")]),
+            "{last:?}"
+        );
+    }
+
+    #[test]
     fn a_domain_kept_at_its_last_view_gets_no_usage_record() {
         let dir = tempfile::tempdir().unwrap();
         let opts = hgx_options(dir.path());

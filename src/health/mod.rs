@@ -341,7 +341,11 @@ pub fn judge(
             continue;
         }
         if let Some(state) = &r.power_state {
-            let suspended = r.runtime_status.as_deref() == Some("suspended");
+            // The kernel's runtime PM put it there (or is on its way in or out).
+            let suspended = matches!(
+                r.runtime_status.as_deref(),
+                Some("suspended" | "suspending" | "resuming")
+            );
             let ok = state == "D0" || (state.starts_with("D3") && suspended);
             if !ok {
                 j.problems.push(Problem::PowerState {
