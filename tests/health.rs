@@ -411,3 +411,24 @@ fn a_check_by_hand_finds_a_used_gpu_that_left_the_bus() {
     let r = h.gp(&["health", "0000:07:00.0"]);
     assert_eq!(r.code, 3, "{}", r.stderr);
 }
+
+/// A ledger held by another process (past its 5 s wait) does not stop the release's check.
+#[test]
+fn a_release_whose_ledger_is_locked_still_checks() {
+    let h = Host::new("health-no-reset");
+    fs::create_dir_all(h.state_dir()).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(h.state_dir(), fs::Permissions::from_mode(0o750)).unwrap();
+    let ledger = fs::File::create(h.state_dir().join("usage.jsonl")).unwrap();
+    ledger.lock().unwrap();
+    let r = h.qemu_hook(
+        "vm1",
+        "release",
+        "end",
+        &domain_xml("vm1", "", &[SICK, SICK_AUDIO]),
+    );
+    assert_eq!(r.code, 0, "bookkeeping never fails the hook: {}", r.stderr);
+    assert!(r.stderr.contains("usage.jsonl"), "{}", r.stderr);
+    drop(ledger);
+    assert_eq!(h.quarantined()[0]["address"], SICK);
+}

@@ -322,7 +322,8 @@ pub fn started(env: &HookEnv, input: &str) -> Result<(), HookError> {
 
 /// `release end`: checks the health of the GPUs the domain gave back (quarantining those that
 /// fail), closes the usage session (if one is open, marked with its quarantined GPUs) and ends
-/// the lease. Idempotent. A health check that cannot run is a warning: it never fails the hook.
+/// the lease. Idempotent. A health check that cannot run is a warning: it never fails the hook;
+/// a ledger that cannot be written does not stop the check.
 pub fn release(env: &HookEnv, input: &str) -> Result<(), HookError> {
     let doc = scan(input)?;
     let key = lease_key(&doc);
@@ -330,26 +331,45 @@ pub fn release(env: &HookEnv, input: &str) -> Result<(), HookError> {
     let sources = doc.pci_sources();
     let display: BTreeSet<PciAddress> = gpu_sources(env, &doc).into_iter().collect();
     let now = unix_now();
-    let by = format!("hook release of {}", doc.name);
-    Ledger::new(&env.state_dir).stop_checked(&doc.name, &key, now, |session_gpus| {
-        let targets = health::check::targets_of(&sources, &display, session_gpus);
-        let store = HealthStore::new(&env.state_dir);
-        match health::check::check(&Sysfs::new(&env.host_root), &store, &targets, &by, now) {
-            Ok(checks) => {
-                for c in checks.iter().filter(|c| c.newly_quarantined) {
-                    tracing::warn!(domain = %doc.name, gpu = %c.gpu, reason = %c.judgement.reason(), "GPU quarantined after release");
-                }
-                checks
-                    .into_iter()
-                    .filter(|c| c.quarantine.is_some())
-                    .map(|c| c.gpu)
-                    .collect()
-            }
-            Err(e) => {
-                tracing::warn!(domain = %doc.name, error = %e, "health check after release failed");
-                Vec::new()
-            }
-        }
-    })?;
+    let mut checked = false;
+    let stopped = Ledger::new(&env.state_dir).stop_checked(&doc.name, &key, now, |session| {
+        checked = true;
+        check_released(env, &doc.name, &sources, &display, session, now)
+    });
+    if !checked {
+        check_released(env, &doc.name, &sources, &display, &[], now);
+    }
+    stopped?;
     Ok(())
+}
+
+/// Checks the GPUs among `sources` (`display` are its display functions) and those of the
+/// domain's usage session; returns those quarantined now. Failures are logged.
+fn check_released(
+    env: &HookEnv,
+    domain: &str,
+    sources: &[PciAddress],
+    display: &BTreeSet<PciAddress>,
+    session: &[PciAddress],
+    now: u64,
+) -> Vec<PciAddress> {
+    let targets = health::check::targets_of(sources, display, session);
+    let store = HealthStore::new(&env.state_dir);
+    let by = format!("hook release of {domain}");
+    match health::check::check(&Sysfs::new(&env.host_root), &store, &targets, &by, now) {
+        Ok(checks) => {
+            for c in checks.iter().filter(|c| c.newly_quarantined) {
+                tracing::warn!(domain, gpu = %c.gpu, reason = %c.judgement.reason(), "GPU quarantined after release");
+            }
+            checks
+                .into_iter()
+                .filter(|c| c.quarantine.is_some())
+                .map(|c| c.gpu)
+                .collect()
+        }
+        Err(e) => {
+            tracing::warn!(domain, error = %e, "health check after release failed");
+            Vec::new()
+        }
+    }
 }
