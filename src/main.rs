@@ -44,8 +44,8 @@ Exit codes:
   13  doctor: a check failed
   14  bind refused for safety (the host's console, a device the host uses; --force)
   15  the domain's owner would exceed its GPU limit or GPU-hours (config [limits])
-  16  health: a GPU failed its health check (it is quarantined), or `quarantine clear` found
-      it still failing (--force clears it anyway)
+  16  health: a GPU failed its health check (it is quarantined) or still fails after --recover,
+      or `quarantine clear` found it still failing (--force clears it anyway)
 The qemu hook exits 1 when it blocks a start (`prepare`) or cannot rewrite (`migrate`/`restore`).";
 
 /// Give virtual machines whole GPUs on KVM/libvirt hosts.
@@ -228,8 +228,12 @@ enum LibvirtCommand {
         #[arg(value_name = "ADDR")]
         addresses: Vec<PciAddress>,
         /// Print JSON: {"gpus":[{"address","state","failed","problems","notes","reason","since"}]}.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "recover")]
         json: bool,
+        /// Try to bring the GPUs back: the kernel's reset, then remove + rescan of the GPU's
+        /// functions, checking after each step (never a GPU a running domain holds).
+        #[arg(long, requires = "addresses")]
+        recover: bool,
     },
     /// List, add or clear quarantined GPUs: a quarantined GPU is never given to a domain.
     #[command(after_help = "Examples:
@@ -413,7 +417,12 @@ fn run(g: &Global, command: LibvirtCommand) -> anyhow::Result<()> {
             no_libvirt,
         } => cli::list::show(g, address, json, no_libvirt),
         LibvirtCommand::Xml { addresses } => cli::xml::xml(g, &addresses),
-        LibvirtCommand::Health { addresses, json } => cli::health::health(g, &addresses, json),
+        LibvirtCommand::Health {
+            addresses,
+            json,
+            recover: false,
+        } => cli::health::health(g, &addresses, json),
+        LibvirtCommand::Health { addresses, .. } => cli::health::recover(g, &addresses),
         LibvirtCommand::Quarantine { what } => match what {
             QuarantineCommand::List { json } => cli::health::list(g, json),
             QuarantineCommand::Add { address, reason } => cli::health::add(g, address, &reason),

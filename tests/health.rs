@@ -432,3 +432,57 @@ fn a_release_whose_ledger_is_locked_still_checks() {
     drop(ledger);
     assert_eq!(h.quarantined()[0]["address"], SICK);
 }
+
+/// `health ADDR --recover` writes only when asked, through the host root: the kernel's reset
+/// when offered, then remove of each function and a rescan of the bus above; it refuses a GPU
+/// a running domain holds. (On a fixture the writes land in files and heal nothing.)
+#[test]
+fn recover_resets_then_removes_and_rescans_only_when_asked() {
+    let h = Host::new("health-link");
+    let r = h.gp(&["health", "--recover"]);
+    assert_eq!(r.code, 2, "an address is required: {}", r.stderr);
+    let files = [
+        h.dev(SICK).join("reset"),
+        h.dev(SICK).join("remove"),
+        h.dev(SICK_AUDIO).join("remove"),
+        h.dev("0000:00:01.0").join("rescan"),
+    ];
+    for f in &files {
+        fs::write(f, "").unwrap();
+    }
+    // A running domain holds it: refused, nothing written.
+    let status = h.root.path().join("run/libvirt/qemu/vm9.xml");
+    fs::write(&status, common::status_xml("vm9", &[SICK, SICK_AUDIO])).unwrap();
+    let r = h.gp(&["health", SICK, "--recover"]);
+    assert_eq!(r.code, 5, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("running domain 'vm9' holds it"),
+        "{}",
+        r.stderr
+    );
+    assert!(files
+        .iter()
+        .all(|f| fs::read_to_string(f).unwrap().is_empty()));
+    fs::remove_file(&status).unwrap();
+    // Both steps run (the link stays narrow), each file written once, and it still fails.
+    let r = h.gp(&["health", SICK, "--recover"]);
+    assert_eq!(r.code, 16, "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stdout.contains(&format!("{SICK}  reset: still fails")),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout
+            .contains(&format!("{SICK}  remove + rescan: still fails")),
+        "{}",
+        r.stdout
+    );
+    for f in &files {
+        assert_eq!(fs::read_to_string(f).unwrap(), "1", "{}", f.display());
+    }
+    // A healthy GPU needs nothing, and nothing is written.
+    let r = h.gp(&["health", WELL, "--recover"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.stdout, format!("{WELL}  ok: nothing to recover\n"));
+}

@@ -233,3 +233,65 @@ pub fn clear(g: &Global, addr: PciAddress, force: bool) -> anyhow::Result<()> {
         old.reason
     ))
 }
+
+/// `gpupass health ADDR… --recover`: for each GPU that fails its check, the recovery steps
+/// until one passes; exit 16 when a GPU still fails after them all.
+pub fn recover(g: &Global, addrs: &[PciAddress]) -> anyhow::Result<()> {
+    let inv = g.inventory()?;
+    let store = HealthStore::new(&g.state_dir);
+    let state = store.read()?;
+    let sysfs = Sysfs::new(&g.host_root);
+    let running = gpupass::libvirt::files::running_holdings(&g.host_root, "")?;
+    let mut out = String::new();
+    let mut failed = Vec::new();
+    for a in addrs {
+        let target = target_for(&inv, &state, *a)?;
+        let now = check::check(
+            &sysfs,
+            &store,
+            std::slice::from_ref(&target),
+            "gpupass health",
+            unix_now(),
+        )?;
+        if now.iter().all(|c| c.judgement.healthy()) {
+            out.push_str(&format!("{}  ok: nothing to recover\n", target.gpu));
+            continue;
+        }
+        let holder = running.holders(&target.functions).into_iter().next();
+        let steps = gpupass::health::recover::recover(
+            &sysfs,
+            &store,
+            &target,
+            holder.as_ref().map(|h| h.domain.as_str()),
+            unix_now(),
+        )?;
+        for s in &steps {
+            let word = if s.after.judgement.healthy() {
+                "passes"
+            } else {
+                "still fails"
+            };
+            out.push_str(&format!("{}  {}: {word}\n", target.gpu, s.step));
+            for p in &s.after.judgement.problems {
+                out.push_str(&format!("  {p}\n"));
+            }
+        }
+        match steps.last() {
+            Some(s) if s.after.judgement.healthy() => out.push_str(&format!(
+                "{}  recovered; lift its quarantine with `gpupass quarantine clear {}`\n",
+                target.gpu, target.gpu
+            )),
+            _ => failed.push(target.gpu.to_string()),
+        }
+    }
+    print_all(&out)?;
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(HealthError::Failed {
+            count: failed.len(),
+            gpus: failed.join(", "),
+        }
+        .into())
+    }
+}

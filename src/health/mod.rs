@@ -1,7 +1,8 @@
 //! GPU health after a VM gives a GPU back: the verdict on each function's sysfs readings (pure:
 //! [`judge`] never reads the host), the quarantine record a failing GPU gets, and the AER
 //! baseline a check compares against. Reading sysfs is [`read`]'s; the store in the state dir
-//! is [`store`]'s; running a check and quarantining what fails is [`check`]'s.
+//! is [`store`]'s; running a check and quarantining what fails is [`check`]'s; trying to bring
+//! a GPU back, when asked, is [`recover`]'s.
 //!
 //! The signals are the ones sysfs gives without a driver: a device that fell off the bus reads
 //! all-ones (`vendor`, `config`, header type 0x7f) or is gone; `reset_method` empty means
@@ -10,6 +11,7 @@
 
 pub mod check;
 pub mod read;
+pub mod recover;
 pub mod store;
 
 use std::collections::BTreeMap;
@@ -60,6 +62,25 @@ pub enum HealthError {
         count: usize,
         /// Their addresses.
         gpus: String,
+    },
+    /// `--recover` of a GPU a running domain holds.
+    #[error(
+        "refusing to recover {gpu}: running domain '{domain}' holds it (stop the domain first)"
+    )]
+    InUse {
+        /// The GPU.
+        gpu: PciAddress,
+        /// The domain.
+        domain: String,
+    },
+    /// A recovery write failed.
+    #[error("failed to write {path}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The IO error.
+        #[source]
+        source: std::io::Error,
     },
     /// A check asked for a GPU the host does not have.
     #[error("no GPU at {address} on this host, and none quarantined there (see `gpupass list`)")]
@@ -127,6 +148,7 @@ impl HealthError {
     pub fn exit_code(&self) -> u8 {
         match self {
             HealthError::NotQuarantined { .. } | HealthError::UnknownGpu { .. } => 3,
+            HealthError::InUse { .. } => 5,
             HealthError::StillUnhealthy { .. } | HealthError::Failed { .. } => 16,
             _ => 1,
         }
@@ -217,15 +239,15 @@ impl fmt::Display for Problem {
             ),
             Problem::AllOnes { function, what } => write!(
                 f,
-                "{function} reads all-ones from {what}: the device fell off the bus (see dmesg; try a reset, `echo 1 > /sys/bus/pci/devices/{function}/reset`, else power-cycle the host)"
+                "{function} reads all-ones from {what}: the device fell off the bus (see dmesg; try `gpupass health {function} --recover`, else power-cycle the host)"
             ),
             Problem::HeaderType { function } => write!(
                 f,
-                "{function} reports PCI header type 0x7f (QEMU: \"Unknown PCI header type '127'\"): the device did not come back from reset (see dmesg; power-cycle the host)"
+                "{function} reports PCI header type 0x7f (QEMU: \"Unknown PCI header type '127'\"): the device did not come back from reset (try `gpupass health {function} --recover`, else power-cycle the host)"
             ),
             Problem::PowerState { function, state } => write!(
                 f,
-                "{function} is in power state {state}, not D0, and the kernel did not suspend it: it did not wake after release (try a reset, `echo 1 > /sys/bus/pci/devices/{function}/reset`)"
+                "{function} is in power state {state}, not D0, and the kernel did not suspend it: it did not wake after release (try `gpupass health {function} --recover`)"
             ),
             Problem::NoReset { function } => write!(
                 f,
@@ -238,7 +260,7 @@ impl fmt::Display for Problem {
                 to,
             } => write!(
                 f,
-                "{function} logged AER {kind} errors since its last check ({from} -> {to}): check dmesg and the card's seating, then clear with --force (a reset or reboot starts the counters over)"
+                "{function} logged AER {kind} errors since its last check ({from} -> {to}): check dmesg and the card's seating; `gpupass health {function} --recover` or a reboot starts the counters over, else clear with --force"
             ),
             Problem::LinkWidth {
                 function,
@@ -246,7 +268,7 @@ impl fmt::Display for Problem {
                 max,
             } => write!(
                 f,
-                "{function}'s PCIe link runs at x{current}, below its x{max}: it retrained narrower (reseat the card or check the riser; a reset may retrain it)"
+                "{function}'s PCIe link runs at x{current}, below its x{max}: it retrained narrower (reseat the card or check the riser; `gpupass health {function} --recover` may retrain it)"
             ),
         }
     }
