@@ -22,6 +22,7 @@ pub mod cloudstack;
 pub mod config;
 pub mod cpuset;
 pub mod fsutil;
+pub mod health;
 pub mod hook;
 pub mod host;
 pub mod hostcfg;

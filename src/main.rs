@@ -14,6 +14,7 @@ use gpupass::alloc::AllocError;
 use gpupass::assign::AssignError;
 use gpupass::bind::BindError;
 use gpupass::config::ConfigError;
+use gpupass::health::HealthError;
 use gpupass::hook::cli::{one_line, Dirs, HookCommand};
 use gpupass::host::doctor::ChecksFailed;
 use gpupass::host::sysfs::SysfsError;
@@ -43,6 +44,8 @@ Exit codes:
   13  doctor: a check failed
   14  bind refused for safety (the host's console, a device the host uses; --force)
   15  the domain's owner would exceed its GPU limit or GPU-hours (config [limits])
+  16  health: a GPU failed its health check (it is quarantined) or still fails after --recover,
+      or `quarantine clear` found it still failing (--force clears it anyway)
 The qemu hook exits 1 when it blocks a start (`prepare`) or cannot rewrite (`migrate`/`restore`).";
 
 /// Give virtual machines whole GPUs on KVM/libvirt hosts.
@@ -210,6 +213,37 @@ enum LibvirtCommand {
         #[command(subcommand)]
         what: ConfigCommand,
     },
+    /// Check GPUs' health from sysfs and quarantine those that fail: gone from the bus,
+    /// all-ones reads, header type 0x7f, not in D0, no reset method, AER errors since the
+    /// last check, a link narrower than its maximum.
+    ///
+    /// Default: every GPU but the host's console, and every quarantined address. The hook
+    /// checks each GPU a domain gives back (`release end`), and the agent each one it sees
+    /// released; this is the same check by hand. Exit 16 when a GPU fails.
+    #[command(after_help = "Examples:
+  gpupass health
+  gpupass health 0000:18:00.0 --json")]
+    Health {
+        /// These GPUs (any function's address names its GPU).
+        #[arg(value_name = "ADDR")]
+        addresses: Vec<PciAddress>,
+        /// Print JSON: {"gpus":[{"address","state","failed","problems","notes","reason","since"}]}.
+        #[arg(long, conflicts_with = "recover")]
+        json: bool,
+        /// Try to bring the GPUs back: the kernel's reset, then remove + rescan of the GPU's
+        /// functions, checking after each step (never a GPU a running domain holds).
+        #[arg(long, requires = "addresses")]
+        recover: bool,
+    },
+    /// List, add or clear quarantined GPUs: a quarantined GPU is never given to a domain.
+    #[command(after_help = "Examples:
+  gpupass quarantine list
+  gpupass quarantine add 0000:18:00.0 --reason 'fans fail'
+  gpupass quarantine clear 0000:18:00.0")]
+    Quarantine {
+        #[command(subcommand)]
+        what: QuarantineCommand,
+    },
     /// Print the <hostdev> blocks for every function of each GPU (for virsh attach-device or
     /// virsh edit).
     #[command(after_help = "Example:\n  gpupass xml 0000:01:00.0 > gpu.xml")]
@@ -300,6 +334,34 @@ struct ServeFlags {
 }
 
 #[derive(Debug, Subcommand)]
+enum QuarantineCommand {
+    /// The quarantined GPUs: address, since, who, reason.
+    List {
+        /// Print JSON: {"quarantined":[{"address","reason","since","by"}]}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Quarantine a GPU by hand.
+    Add {
+        /// The GPU (any of its functions).
+        #[arg(value_name = "ADDR")]
+        address: PciAddress,
+        /// Why: shown wherever the GPU is refused.
+        #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
+        reason: String,
+    },
+    /// Lift a quarantine after checking the GPU again; refused while it still fails.
+    Clear {
+        /// The GPU.
+        #[arg(value_name = "ADDR")]
+        address: PciAddress,
+        /// Clear it although it still fails its check (logged).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum ConfigCommand {
     /// Validate the config; exit 2 with the first problem when it is invalid.
     Check,
@@ -355,6 +417,17 @@ fn run(g: &Global, command: LibvirtCommand) -> anyhow::Result<()> {
             no_libvirt,
         } => cli::list::show(g, address, json, no_libvirt),
         LibvirtCommand::Xml { addresses } => cli::xml::xml(g, &addresses),
+        LibvirtCommand::Health {
+            addresses,
+            json,
+            recover: false,
+        } => cli::health::health(g, &addresses, json),
+        LibvirtCommand::Health { addresses, .. } => cli::health::recover(g, &addresses),
+        LibvirtCommand::Quarantine { what } => match what {
+            QuarantineCommand::List { json } => cli::health::list(g, json),
+            QuarantineCommand::Add { address, reason } => cli::health::add(g, address, &reason),
+            QuarantineCommand::Clear { address, force } => cli::health::clear(g, address, force),
+        },
         LibvirtCommand::Config {
             what: ConfigCommand::Check,
         } => {
@@ -474,6 +547,9 @@ fn exit_code(err: &anyhow::Error) -> u8 {
             return e.exit_code();
         }
         if let Some(e) = cause.downcast_ref::<LibvirtError>() {
+            return e.exit_code();
+        }
+        if let Some(e) = cause.downcast_ref::<HealthError>() {
             return e.exit_code();
         }
         if let Some(e) = cause.downcast_ref::<BindError>() {

@@ -107,6 +107,39 @@ pub struct GpuReport {
     /// Domains holding only part of it (a crash mid-attach or mid-detach), each with the
     /// functions it has and lacks; `null` when libvirt could not be asked.
     pub partial: Option<Vec<PartialHold>>,
+    /// Whether a health check quarantined it.
+    pub health: HealthReport,
+}
+
+/// A GPU's health as `list`/`show --json` and the API print it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HealthReport {
+    /// `ok` or `quarantined`.
+    pub state: &'static str,
+    /// What failed (quarantined only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Since when, RFC 3339 (quarantined only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+}
+
+impl HealthReport {
+    /// The report of a GPU with this quarantine, or none.
+    pub fn of(q: Option<&crate::health::Quarantine>) -> Self {
+        match q {
+            Some(q) => HealthReport {
+                state: "quarantined",
+                reason: Some(q.reason.clone()),
+                since: Some(crate::limits::rfc3339(q.since)),
+            },
+            None => HealthReport {
+                state: "ok",
+                reason: None,
+                since: None,
+            },
+        }
+    }
 }
 
 fn hex4(v: u16) -> String {
@@ -191,6 +224,7 @@ pub fn gpu_report(inv: &Inventory, gpu: &Gpu, holdings: Option<&Holdings>) -> Gp
         }),
         state,
         partial,
+        health: HealthReport::of(inv.quarantine_of(gpu)),
     }
 }
 
@@ -263,6 +297,9 @@ pub struct LibvirtReport {
 pub fn state_word(r: &GpuReport) -> &'static str {
     if r.state == "partial" {
         return "partial";
+    }
+    if r.health.state == "quarantined" {
+        return "quarantined";
     }
     match (r.viable, r.boot_vga) {
         (false, _) => "blocked",

@@ -68,6 +68,9 @@ pub enum Record {
         domain: String,
         /// The session key.
         key: String,
+        /// The session's GPUs that were quarantined when it ended (a health check failed).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        quarantined: Vec<PciAddress>,
     },
 }
 
@@ -266,6 +269,37 @@ impl Ledger {
         Ok(self.append_if(key, true, None, &r)?.is_some())
     }
 
+    /// [`Ledger::stop`] that first runs `check` with the open session's GPUs (none when no
+    /// session is open), under the ledger's lock, and marks the stop record with the GPUs it
+    /// returns that are the session's: `check` runs the health check of what the domain gave
+    /// back and returns what is quarantined. Returns whether a record was written.
+    pub fn stop_checked(
+        &self,
+        domain: &str,
+        key: &str,
+        ts: u64,
+        check: impl FnOnce(&[PciAddress]) -> Vec<PciAddress>,
+    ) -> Result<bool, UsageError> {
+        let (mut f, _, read) = self.locked()?;
+        let session = match open_session(&read.records, key) {
+            Some(Record::Start { gpus, .. }) => Some(gpus.clone()),
+            _ => None,
+        };
+        let quarantined = check(session.as_deref().unwrap_or_default());
+        let Some(gpus) = session else {
+            return Ok(false);
+        };
+        let mut r = stop_record(domain, key, ts);
+        if let Record::Stop { quarantined: q, .. } = &mut r {
+            *q = quarantined
+                .into_iter()
+                .filter(|g| gpus.contains(g))
+                .collect();
+        }
+        self.append(&mut f, &r)?;
+        Ok(true)
+    }
+
     /// The ledger's length in bytes now (0 when it does not exist yet), without reading it:
     /// what a later [`Ledger::start_since`] or [`Ledger::stop_since`] compares against.
     pub fn end(&self) -> Result<u64, UsageError> {
@@ -304,7 +338,23 @@ impl Ledger {
         ts: u64,
         seen: u64,
     ) -> Result<Option<u64>, UsageError> {
-        let r = stop_record(domain, key, ts);
+        self.stop_since_marked(domain, key, ts, seen, &[])
+    }
+
+    /// [`Ledger::stop_since`], the record marked with the session's GPUs that were
+    /// `quarantined` when it ended.
+    pub fn stop_since_marked(
+        &self,
+        domain: &str,
+        key: &str,
+        ts: u64,
+        seen: u64,
+        quarantined: &[PciAddress],
+    ) -> Result<Option<u64>, UsageError> {
+        let mut r = stop_record(domain, key, ts);
+        if let Record::Stop { quarantined: q, .. } = &mut r {
+            q.extend_from_slice(quarantined);
+        }
         self.append_if(key, true, Some(seen), &r)
     }
 }
@@ -330,6 +380,7 @@ fn stop_record(domain: &str, key: &str, ts: u64) -> Record {
         ts,
         domain: domain.to_owned(),
         key: key.to_owned(),
+        quarantined: Vec::new(),
     }
 }
 
@@ -379,6 +430,9 @@ pub struct DomainUsage {
     pub running: bool,
     /// The domain's owner, when it has one.
     pub owner: Option<String>,
+    /// GPUs a session of it ended on that were quarantined then (a health check failed).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ended_on_quarantined: Vec<PciAddress>,
 }
 
 /// The usage summary.
@@ -438,9 +492,21 @@ pub fn summarize(read: &LedgerRead, since: u64, now: u64) -> UsageReport {
                 owner_of.insert(key.clone(), owner.clone());
                 open.insert(key.clone(), (*ts, gpus.clone()));
             }
-            Record::Stop { ts, domain, key } => {
+            Record::Stop {
+                ts,
+                domain,
+                key,
+                quarantined,
+            } => {
                 if let Some((from, gpus)) = open.remove(key) {
                     charge(&mut by_key, key, domain, from, *ts, &gpus);
+                    if *ts >= since && !quarantined.is_empty() {
+                        if let Some(u) = by_key.get_mut(key) {
+                            u.ended_on_quarantined.extend(quarantined);
+                            u.ended_on_quarantined.sort();
+                            u.ended_on_quarantined.dedup();
+                        }
+                    }
                 }
             }
         }

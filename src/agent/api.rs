@@ -54,6 +54,8 @@ pub struct Api {
     pub run_dir: PathBuf,
     /// The usage ledger.
     pub ledger: Ledger,
+    /// The health file (quarantined GPUs).
+    pub health: crate::health::store::HealthStore,
     /// Config.
     pub config: GpupassConfig,
     /// Hostdev template.
@@ -515,12 +517,17 @@ fn run_change(
     change: &Change,
     imp: Option<Impact>,
 ) -> Result<AssignReport, ApiError> {
-    let inv = discover(&Sysfs::new(&api.host_root)).map_err(|e| {
+    let mut inv = discover(&Sysfs::new(&api.host_root)).map_err(|e| {
         ApiError::from_exit(
             1,
             format!("reading host root {}: {e}", api.host_root.display()),
         )
     })?;
+    inv.quarantine = api
+        .health
+        .read()
+        .map_err(|e| ApiError::from_exit(e.exit_code(), e.to_string()))?
+        .quarantined;
     let hv = VirtHypervisor::open(&api.uri)
         .map_err(|e| ApiError::from_exit(e.exit_code(), e.to_string()))?;
     let lock = HostLock::acquire(&api.run_dir, api.lock_timeout).map_err(|e| {

@@ -70,11 +70,14 @@ pub fn render(
     let mut r = Registry::with_prefix("gpupass");
     let holdings = s.holdings();
     let gpus = Family::<StateLabels, Gauge>::default();
-    for st in ["free", "assigned", "partial", "not_passable"] {
+    for st in ["free", "assigned", "partial", "quarantined", "not_passable"] {
         gpus.get_or_create(&StateLabels { state: st.into() }).set(0);
     }
     for g in &s.inventory.gpus {
-        let state = if !holdings.partial(&g.functions).is_empty() {
+        // Quarantined first: a released GPU usually stays in its domain's definition.
+        let state = if s.inventory.quarantine_of(g).is_some() {
+            "quarantined"
+        } else if !holdings.partial(&g.functions).is_empty() {
             "partial"
         } else if !holdings.holders(&g.functions).is_empty() {
             "assigned"
@@ -88,9 +91,18 @@ pub fn render(
         })
         .inc();
     }
+    // A quarantined GPU that fell off the bus is no longer in the inventory, and still counts.
+    for a in s.inventory.quarantine.keys() {
+        if s.inventory.gpu(*a).is_none() {
+            gpus.get_or_create(&StateLabels {
+                state: "quarantined".into(),
+            })
+            .inc();
+        }
+    }
     r.register(
         "gpus",
-        "GPUs of the host by state (assigned: referenced by a domain; partial: a domain holds only some of its functions)",
+        "GPUs of the host by state (assigned: referenced by a domain; partial: a domain holds only some of its functions; quarantined: failed a health check, see gpupass quarantine list)",
         gpus,
     );
     let per_domain = Family::<DomainLabels, Gauge>::default();
@@ -222,4 +234,38 @@ pub fn render(
     let mut out = String::new();
     encode(&mut out, &r)?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::host::discover::discover;
+    use crate::host::sysfs::Sysfs;
+
+    #[test]
+    fn quarantined_gpus_are_counted_also_when_gone_from_the_bus() {
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/hosts/hgx-8gpu");
+        let mut inv = discover(&Sysfs::new(root)).unwrap();
+        let q = crate::health::Quarantine {
+            reason: "gone".into(),
+            since: 1,
+            by: "test".into(),
+        };
+        for a in ["0000:18:00.0", "0000:77:00.0"] {
+            inv.quarantine.insert(a.parse().unwrap(), q.clone());
+        }
+        let s = Snapshot {
+            inventory: Arc::new(inv),
+            ..Snapshot::default()
+        };
+        let text = render(&s, None, &BTreeMap::new(), &BTreeMap::new()).unwrap();
+        assert!(
+            text.contains("gpupass_gpus{state=\"quarantined\"} 2"),
+            "{text}"
+        );
+        // The other seven H100s and the console are free (no domain holds them).
+        assert!(text.contains("gpupass_gpus{state=\"free\"} 8"), "{text}");
+    }
 }

@@ -15,7 +15,10 @@ use crate::alloc::lease::LeaseStore;
 use crate::alloc::lock::HostLock;
 use crate::assign::{self, AssignError, AssignOptions, DomainDevices};
 use crate::config::{GpupassConfig, RepairPartial};
+use crate::health::check::{self as health_check, Target};
+use crate::health::store::HealthStore;
 use crate::host::discover::discover;
+use crate::host::discover::Inventory;
 use crate::host::sysfs::Sysfs;
 use crate::libvirt::events::{self, LibvirtEvent};
 use crate::libvirt::virt::VirtHypervisor;
@@ -52,6 +55,8 @@ pub struct WatchOptions {
     pub host_root: PathBuf,
     /// The usage ledger.
     pub ledger: Ledger,
+    /// The health file: quarantines, and where released GPUs' checks go.
+    pub health: HealthStore,
     /// Config (owners' rules).
     pub config: GpupassConfig,
     /// Time between full reconciles.
@@ -293,7 +298,10 @@ fn reconcile(opts: &WatchOptions, shared: &Shared, hv: &dyn Hypervisor) -> Resul
         Lost(e)
     };
     let inventory = match discover(&Sysfs::new(&opts.host_root)) {
-        Ok(i) => Arc::new(i),
+        Ok(mut i) => {
+            i.quarantine = quarantined(opts, &current(shared).inventory);
+            Arc::new(i)
+        }
         Err(e) => {
             // The host root is not libvirt: keep the last inventory and say so.
             tracing::warn!(error = %e, "reading the host root failed; keeping the last inventory");
@@ -327,6 +335,7 @@ fn reconcile(opts: &WatchOptions, shared: &Shared, hv: &dyn Hypervisor) -> Resul
         }
     }
     let written = sync_usage(opts, &domains, &inventory, None, seen, &stale);
+    let inventory = with_current_quarantine(opts, inventory);
     let ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
     let n = domains.len();
     update(shared, |s| {
@@ -440,8 +449,82 @@ fn refresh(
         (one, scope, Arc::clone(&s.inventory))
     });
     let written = sync_usage(opts, &one, &inventory, Some(&scope), seen, &BTreeSet::new());
-    update(shared, |s| s.counters.usage_records += written);
+    let checked = with_current_quarantine(opts, Arc::clone(&inventory));
+    update(shared, |s| {
+        s.counters.usage_records += written;
+        if !Arc::ptr_eq(&checked, &inventory) && Arc::ptr_eq(&s.inventory, &inventory) {
+            s.inventory = checked;
+        }
+    });
     Ok(())
+}
+
+/// The quarantines of the health file; on a read error, `last`'s (logged).
+fn quarantined(
+    opts: &WatchOptions,
+    last: &Inventory,
+) -> std::collections::BTreeMap<crate::model::PciAddress, crate::health::Quarantine> {
+    match opts.health.read() {
+        Ok(s) => s.quarantined,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the quarantined GPUs; keeping the last known");
+            last.quarantine.clone()
+        }
+    }
+}
+
+/// `inv` with the health file's quarantines of now, when they changed (a check of a released
+/// GPU, a `gpupass quarantine` by hand); the same `Arc` when not.
+fn with_current_quarantine(opts: &WatchOptions, inv: Arc<Inventory>) -> Arc<Inventory> {
+    let q = quarantined(opts, &inv);
+    if q == inv.quarantine {
+        return inv;
+    }
+    let mut changed = (*inv).clone();
+    changed.quarantine = q;
+    Arc::new(changed)
+}
+
+/// Checks the health of GPUs a domain gave back (a stop, a detach): quarantines those that
+/// fail and returns every one of them that is quarantined now. Failures to check are logged.
+fn check_released(
+    opts: &WatchOptions,
+    inv: &Inventory,
+    domain: &str,
+    gpus: &[crate::model::PciAddress],
+) -> Vec<crate::model::PciAddress> {
+    let targets: Vec<Target> = gpus
+        .iter()
+        .map(|g| Target {
+            gpu: *g,
+            functions: inv
+                .gpu(*g)
+                .map_or_else(|| vec![*g], |x| x.functions.clone()),
+        })
+        .collect();
+    let by = format!("agent, after {domain} released it");
+    match health_check::check(
+        &Sysfs::new(&opts.host_root),
+        &opts.health,
+        &targets,
+        &by,
+        unix_now(),
+    ) {
+        Ok(checks) => {
+            for c in checks.iter().filter(|c| c.newly_quarantined) {
+                tracing::warn!(domain, gpu = %c.gpu, reason = %c.judgement.reason(), "GPU quarantined after release");
+            }
+            checks
+                .into_iter()
+                .filter(|c| c.quarantine.is_some())
+                .map(|c| c.gpu)
+                .collect()
+        }
+        Err(e) => {
+            tracing::warn!(domain, error = %e, "health check of released GPUs failed");
+            Vec::new()
+        }
+    }
 }
 
 /// Writes the usage records the ledger lacks; failures are logged (the hook's records stand,
@@ -454,7 +537,7 @@ fn refresh(
 fn sync_usage(
     opts: &WatchOptions,
     domains: &BTreeMap<String, DomainView>,
-    inv: &crate::host::discover::Inventory,
+    inv: &Inventory,
     scope: Option<&BTreeSet<String>>,
     seen: Result<u64, crate::usage::UsageError>,
     stale: &BTreeSet<String>,
@@ -477,7 +560,8 @@ fn sync_usage(
     };
     let now = unix_now();
     let mut written = 0;
-    for op in usage_ops(domains, inv, &open, scope) {
+    let ops = usage_ops(domains, inv, &open, scope);
+    for op in &ops {
         let (domain, key) = match &op {
             UsageOp::Start { domain, key, .. } | UsageOp::Stop { domain, key } => (domain, key),
         };
@@ -486,7 +570,7 @@ fn sync_usage(
         }
         let key = key.clone();
         let since = seen_for.get(&key).copied().unwrap_or(seen);
-        let r = match &op {
+        let r = match op {
             UsageOp::Start {
                 domain,
                 key,
@@ -495,7 +579,24 @@ fn sync_usage(
             } => opts
                 .ledger
                 .start_since(domain, key, gpus, owner.as_deref(), now, since),
-            UsageOp::Stop { domain, key } => opts.ledger.stop_since(domain, key, now, since),
+            UsageOp::Stop { domain, key } => {
+                // What the session held and its next one (a live detach) does not.
+                let kept: BTreeSet<_> = ops
+                    .iter()
+                    .filter_map(|o| match o {
+                        UsageOp::Start { key: k, gpus, .. } if k == key => Some(gpus),
+                        _ => None,
+                    })
+                    .flatten()
+                    .collect();
+                let released: Vec<_> = open
+                    .get(key)
+                    .map(|(_, g)| g.iter().filter(|g| !kept.contains(g)).copied().collect())
+                    .unwrap_or_default();
+                let quarantined = check_released(opts, inv, domain, &released);
+                opts.ledger
+                    .stop_since_marked(domain, key, now, since, &quarantined)
+            }
         };
         match r {
             Ok(Some(len)) => {
@@ -525,6 +626,7 @@ mod tests {
             uri: "fake:///".into(),
             host_root: concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/hosts/hgx-8gpu").into(),
             ledger: Ledger::new(state_dir),
+            health: HealthStore::new(state_dir),
             config: GpupassConfig::default(),
             reconcile_every: Duration::from_secs(60),
             max_backoff: Duration::from_secs(30),
@@ -566,6 +668,62 @@ mod tests {
         hv.domains.borrow_mut().remove("vm1");
         refresh(&opts, &shared, &hv, "vm1").unwrap();
         assert!(!current(&shared).domains.contains_key("vm1"));
+    }
+
+    #[test]
+    fn a_stop_the_agent_records_checks_what_was_released_and_marks_the_session() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut opts = hgx_options(dir.path());
+        // 0000:01:00.0 of this host has no reset method; 0000:02:00.0 is healthy.
+        opts.host_root = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/hosts/health-no-reset"
+        )
+        .into();
+        let running = |addrs: &[&str]| FakeDomain {
+            active: true,
+            persistent: true,
+            live: addrs.iter().map(|x| a(x)).collect(),
+            ..FakeDomain::default()
+        };
+        let hv = FakeHypervisor::default().with(
+            "vm1",
+            running(&[
+                "0000:01:00.0",
+                "0000:01:00.1",
+                "0000:02:00.0",
+                "0000:02:00.1",
+            ]),
+        );
+        let shared: Shared = Default::default();
+        reconcile(&opts, &shared, &hv).unwrap();
+        assert!(
+            opts.health.read().unwrap().quarantined.is_empty(),
+            "nothing released yet"
+        );
+        // A live detach of the healthy GPU (the hook never sees it): checked, nothing found.
+        hv.domains
+            .borrow_mut()
+            .insert("vm1".into(), running(&["0000:01:00.0", "0000:01:00.1"]));
+        refresh(&opts, &shared, &hv, "vm1").unwrap();
+        assert!(opts.health.read().unwrap().quarantined.is_empty());
+        // The domain stops while no hook ran: the agent closes the session and checks the GPU.
+        hv.domains.borrow_mut().get_mut("vm1").unwrap().active = false;
+        refresh(&opts, &shared, &hv, "vm1").unwrap();
+        let q = opts.health.read().unwrap().quarantined;
+        assert_eq!(q.keys().copied().collect::<Vec<_>>(), [a("0000:01:00.0")]);
+        assert!(q[&a("0000:01:00.0")].reason.contains("no reset method"));
+        assert!(q[&a("0000:01:00.0")].by.starts_with("agent"));
+        let s = current(&shared);
+        assert!(
+            s.inventory.quarantine.contains_key(&a("0000:01:00.0")),
+            "the API sees it at once"
+        );
+        let last = opts.ledger.read().unwrap().records.pop().unwrap();
+        assert!(
+            matches!(&last, crate::usage::Record::Stop { quarantined, .. } if quarantined == &[a("0000:01:00.0")]),
+            "{last:?}"
+        );
     }
 
     #[test]
@@ -624,6 +782,7 @@ mod tests {
             uri: "fake:///".into(),
             host_root: root.into(),
             ledger: Ledger::new(dir.path()),
+            health: HealthStore::new(dir.path()),
             config: GpupassConfig::default(),
             reconcile_every: Duration::from_secs(60),
             max_backoff: Duration::from_secs(30),

@@ -337,6 +337,7 @@ pub fn plan_attach(
             }
             let mut free: Vec<(bool, PciAddress)> = Vec::new();
             let (mut held, mut blocked, mut boot, mut other_model) = (0, 0, 0, 0);
+            let mut quarantined = 0;
             for gpu in &inv.gpus {
                 let Some(dev) = inv.device(gpu.address) else {
                     continue;
@@ -351,6 +352,8 @@ pub fn plan_attach(
                 let v = verdict(inv, gpu);
                 if v.boot_vga {
                     boot += 1;
+                } else if inv.quarantine_of(gpu).is_some() {
+                    quarantined += 1;
                 } else if !v.viable {
                     blocked += 1;
                 } else if !holdings.holders(&gpu.functions).is_empty()
@@ -367,6 +370,11 @@ pub fn plan_attach(
                 let mut parts = vec![format!("{held} in use"), format!("{blocked} not passable")];
                 if boot > 0 {
                     parts.push(format!("{boot} boot VGA"));
+                }
+                if quarantined > 0 {
+                    parts.push(format!(
+                        "{quarantined} quarantined (see `gpupass quarantine list`)"
+                    ));
                 }
                 if model.is_some() {
                     parts.push(format!("{other_model} of other models"));
@@ -576,6 +584,37 @@ mod tests {
 
     fn a(s: &str) -> PciAddress {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_quarantined_gpu_is_never_counted_and_refused_by_name() {
+        let mut inv = eight();
+        inv.quarantine.insert(
+            a("0000:18:00.0"),
+            crate::health::Quarantine {
+                reason: "0000:18:00.0 has no reset method".into(),
+                since: 0,
+                by: "test".into(),
+            },
+        );
+        let none = BTreeSet::new();
+        let count = |n| AttachRequest::Count {
+            count: n,
+            model: None,
+        };
+        let p = plan_attach(&inv, &Holdings::default(), "vm", &count(1), &none).unwrap();
+        assert_eq!(p.gpus, [a("0000:2a:00.0")]);
+        let e = plan_attach(&inv, &Holdings::default(), "vm", &count(4), &none).unwrap_err();
+        assert_eq!(e.exit_code(), 6);
+        assert!(e.to_string().contains("1 quarantined"), "{e}");
+        let by_name = AttachRequest::Gpus(vec![a("0000:18:00.1")]);
+        let e = plan_attach(&inv, &Holdings::default(), "vm", &by_name, &none).unwrap_err();
+        assert_eq!(e.exit_code(), 7);
+        assert!(
+            e.to_string().contains("quarantined since")
+                && e.to_string().contains("no reset method"),
+            "{e}"
+        );
     }
 
     fn eight() -> Inventory {

@@ -56,6 +56,9 @@ fn word(s: Status) -> &'static str {
 /// Runs every check; exit 13 when any fails.
 pub fn doctor(g: &Global, gpus: &[PciAddress], json: bool, offline: bool) -> anyhow::Result<()> {
     let mut facts = gather(&Sysfs::new(&g.host_root))?;
+    facts.inv.quarantine = gpupass::health::store::HealthStore::new(&g.state_dir)
+        .read()?
+        .quarantined;
     let mut only = Vec::new();
     for a in gpus {
         let gpu = facts

@@ -4,6 +4,7 @@
 pub mod assign;
 pub mod bind;
 pub mod doctor;
+pub mod health;
 pub mod host_config;
 pub mod list;
 pub mod serve;
@@ -39,7 +40,10 @@ impl Global {
     /// Reads the host root into an inventory.
     pub fn inventory(&self) -> anyhow::Result<Inventory> {
         let sysfs = Sysfs::new(&self.host_root);
-        discover(&sysfs).with_context(|| format!("reading host root {}", self.host_root.display()))
+        discover(&sysfs)
+            .with_context(|| format!("reading host root {}", self.host_root.display()))?
+            .with_quarantine(&self.state_dir)
+            .context("reading the quarantined GPUs")
     }
 
     /// The hostdev template: the config's override directory, else the built-in one.

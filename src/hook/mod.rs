@@ -61,6 +61,9 @@ pub enum HookError {
     /// A CloudStack integration step failed.
     #[error(transparent)]
     Cloudstack(#[from] CloudstackError),
+    /// The health file (quarantined GPUs) could not be read.
+    #[error(transparent)]
+    Health(#[from] crate::health::HealthError),
     /// `prepare` refuses the start, for this reason.
     #[error("{0}")]
     Blocked(String),

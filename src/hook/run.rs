@@ -12,6 +12,7 @@ use crate::alloc::plan::{AttachRequest, Holdings};
 use crate::assign::preferred_nodes_of;
 use crate::cloudstack::complete;
 use crate::config::GpupassConfig;
+use crate::health::{self, store::HealthStore};
 use crate::hook::resolve::resolve;
 use crate::hook::HookError;
 use crate::host::discover::{discover_with, Scope};
@@ -71,7 +72,8 @@ pub fn transform(
         return Ok(None);
     }
     let _lock = HostLock::acquire(&env.run_dir, env.lock_timeout)?;
-    let inv = discover_with(&Sysfs::new(&env.host_root), &Scope::Gpus, false)?;
+    let inv = discover_with(&Sysfs::new(&env.host_root), &Scope::Gpus, false)?
+        .with_quarantine(&env.state_dir)?;
     let mut holdings: Holdings = files::all_holdings(&env.host_root, &doc.name)?;
     let store = LeaseStore::new(&env.run_dir);
     let t = unix_now();
@@ -231,7 +233,8 @@ pub fn prepare(env: &HookEnv, input: &str) -> Result<Vec<String>, HookError> {
         &Sysfs::new(&env.host_root),
         &Scope::Around(sources.clone()),
         false,
-    )?;
+    )?
+    .with_quarantine(&env.state_dir)?;
     if !sources.is_empty() && !inv.iommu.enabled() {
         return Err(blocked(
             "the IOMMU is off on this host: no PCI device can be passed through".into(),
@@ -377,11 +380,56 @@ pub fn started(env: &HookEnv, input: &str) -> Result<(), HookError> {
     Ok(())
 }
 
-/// `release end`: closes the usage session (if one is open) and ends the lease. Idempotent.
+/// `release end`: checks the health of the GPUs the domain gave back (quarantining those that
+/// fail), closes the usage session (if one is open, marked with its quarantined GPUs) and ends
+/// the lease. Idempotent. A health check that cannot run is a warning: it never fails the hook;
+/// a ledger that cannot be written does not stop the check.
 pub fn release(env: &HookEnv, input: &str) -> Result<(), HookError> {
     let doc = scan(input)?;
     let key = lease_key(&doc);
     LeaseStore::new(&env.run_dir).remove_own(&doc.name, doc.uuid.as_deref())?;
-    Ledger::new(&env.state_dir).stop(&doc.name, &key, unix_now())?;
+    let sources = doc.pci_sources();
+    let display: BTreeSet<PciAddress> = gpu_sources(env, &doc).into_iter().collect();
+    let now = unix_now();
+    let mut checked = false;
+    let stopped = Ledger::new(&env.state_dir).stop_checked(&doc.name, &key, now, |session| {
+        checked = true;
+        check_released(env, &doc.name, &sources, &display, session, now)
+    });
+    if !checked {
+        check_released(env, &doc.name, &sources, &display, &[], now);
+    }
+    stopped?;
     Ok(())
+}
+
+/// Checks the GPUs among `sources` (`display` are its display functions) and those of the
+/// domain's usage session; returns those quarantined now. Failures are logged.
+fn check_released(
+    env: &HookEnv,
+    domain: &str,
+    sources: &[PciAddress],
+    display: &BTreeSet<PciAddress>,
+    session: &[PciAddress],
+    now: u64,
+) -> Vec<PciAddress> {
+    let targets = health::check::targets_of(sources, display, session);
+    let store = HealthStore::new(&env.state_dir);
+    let by = format!("hook release of {domain}");
+    match health::check::check(&Sysfs::new(&env.host_root), &store, &targets, &by, now) {
+        Ok(checks) => {
+            for c in checks.iter().filter(|c| c.newly_quarantined) {
+                tracing::warn!(domain, gpu = %c.gpu, reason = %c.judgement.reason(), "GPU quarantined after release");
+            }
+            checks
+                .into_iter()
+                .filter(|c| c.quarantine.is_some())
+                .map(|c| c.gpu)
+                .collect()
+        }
+        Err(e) => {
+            tracing::warn!(domain, error = %e, "health check after release failed");
+            Vec::new()
+        }
+    }
 }

@@ -94,6 +94,9 @@ pub struct Inventory {
     pub iommu: IommuState,
     /// CPUs of each NUMA node.
     pub numa_cpus: Vec<(NumaNode, BTreeSet<u32>)>,
+    /// Quarantined GPUs (from the state dir's health file, not from sysfs: empty until a
+    /// caller loads them with [`Inventory::with_quarantine`]).
+    pub quarantine: BTreeMap<PciAddress, crate::health::Quarantine>,
 }
 
 /// Which devices a discovery reads.
@@ -280,7 +283,27 @@ impl Inventory {
             gpus,
             iommu,
             numa_cpus,
+            quarantine: BTreeMap::new(),
         }
+    }
+
+    /// The inventory with the quarantines of the health file in `state_dir` (none when it has
+    /// none): a quarantined GPU is judged not passable ([`crate::host::readiness::verdict`]).
+    pub fn with_quarantine(
+        mut self,
+        state_dir: &std::path::Path,
+    ) -> Result<Self, crate::health::HealthError> {
+        self.quarantine = crate::health::store::HealthStore::new(state_dir)
+            .read()?
+            .quarantined;
+        Ok(self)
+    }
+
+    /// The quarantine of a GPU (any of its functions' addresses).
+    pub fn quarantine_of(&self, gpu: &Gpu) -> Option<&crate::health::Quarantine> {
+        std::iter::once(&gpu.address)
+            .chain(&gpu.functions)
+            .find_map(|f| self.quarantine.get(f))
     }
 
     /// The GPU with this display address, or the GPU one of whose functions this is.

@@ -234,7 +234,13 @@ fn gpu_checks(f: &HostFacts, gpu: &Gpu, out: &mut Vec<Check>) {
     } else {
         Status::Fail
     };
-    out.push(if v.viable {
+    // A quarantine is the health check's finding, not a passthrough blocker.
+    let blockers: Vec<&Blocker> = v
+        .blockers
+        .iter()
+        .filter(|b| !matches!(b, Blocker::Quarantined { .. }))
+        .collect();
+    out.push(if blockers.is_empty() {
         check(name("passable"), Status::Ok, format!("groups {:?}", v.iommu_groups.iter().map(|g| g.0).collect::<Vec<_>>()), None)
     } else {
         let fix = if v.blockers.contains(&Blocker::IommuOff) {
@@ -245,10 +251,13 @@ fn gpu_checks(f: &HostFacts, gpu: &Gpu, out: &mut Vec<Check>) {
         check(
             name("passable"),
             blocked,
-            v.blockers.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
+            blockers.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
             Some(fix),
         )
     });
+    if let Some(q) = inv.quarantine_of(gpu) {
+        out.push(quarantine_check(gpu.address, q));
+    }
     let host_display = gpu.functions.iter().any(|a| {
         inv.device(*a)
             .and_then(|d| d.driver.as_deref())
@@ -441,9 +450,31 @@ pub fn checks(f: &HostFacts, only: Option<&[PciAddress]>) -> Vec<Check> {
         }
         gpu_checks(f, gpu, &mut out);
     }
+    // Quarantined addresses the host no longer shows (a GPU that fell off the bus).
+    for (addr, q) in &f.inv.quarantine {
+        if f.inv.gpu(*addr).is_none() && only.is_none_or(|o| o.contains(addr)) {
+            out.push(quarantine_check(*addr, q));
+        }
+    }
     libvirt_checks(f, &mut out);
     cloudstack_checks(f, &mut out);
     out
+}
+
+fn quarantine_check(gpu: PciAddress, q: &crate::health::Quarantine) -> Check {
+    check(
+        format!("gpu {gpu} health"),
+        Status::Fail,
+        format!(
+            "quarantined since {} by {}: {}",
+            crate::limits::rfc3339(q.since),
+            if q.by.is_empty() { "?" } else { &q.by },
+            q.reason
+        ),
+        Some(&format!(
+            "fix the cause, then `gpupass quarantine clear {gpu}` (it checks the GPU again first)"
+        )),
+    )
 }
 
 /// Counts per status.

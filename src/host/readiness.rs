@@ -35,6 +35,13 @@ pub enum Blocker {
         /// Its driver.
         driver: String,
     },
+    /// A health check failed and the GPU is quarantined (`gpupass quarantine`).
+    Quarantined {
+        /// What failed.
+        reason: String,
+        /// Unix seconds.
+        since: u64,
+    },
 }
 
 impl fmt::Display for Blocker {
@@ -56,6 +63,11 @@ impl fmt::Display for Blocker {
                 f,
                 "IOMMU group {group} also holds {device} ({}, class {class}) bound to host driver {driver}",
                 class.name().unwrap_or("unknown class"),
+            ),
+            Blocker::Quarantined { reason, since } => write!(
+                f,
+                "quarantined since {}: {reason} (once fixed: `gpupass quarantine clear` it)",
+                crate::limits::rfc3339(*since)
             ),
         }
     }
@@ -101,6 +113,14 @@ impl Serialize for Blocker {
                 class: Some(*class),
                 driver: Some(driver),
                 iommu_group: Some(*group),
+                message,
+            },
+            Blocker::Quarantined { .. } => Out {
+                kind: "quarantined",
+                device: None,
+                class: None,
+                driver: None,
+                iommu_group: None,
                 message,
             },
         };
@@ -174,6 +194,12 @@ pub fn verdict(inv: &Inventory, gpu: &Gpu) -> Verdict {
         }
     }
     group_peers.sort();
+    if let Some(q) = inv.quarantine_of(gpu) {
+        blockers.push(Blocker::Quarantined {
+            reason: q.reason.clone(),
+            since: q.since,
+        });
+    }
     Verdict {
         viable: blockers.is_empty(),
         blockers,

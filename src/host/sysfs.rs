@@ -480,6 +480,32 @@ impl DeviceDir {
         }
     }
 
+    /// The first `max` bytes of a binary attribute such as `config`, unchanged; `None` when
+    /// the file is absent.
+    pub fn bytes(&self, name: &str, max: usize) -> Result<Option<Vec<u8>>, SysfsError> {
+        let err = |source| SysfsError::Read {
+            path: self.path.join(name),
+            source,
+        };
+        match fcntl::openat(
+            &self.fd,
+            name,
+            OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => {
+                let mut data = Vec::with_capacity(max);
+                fs::File::from(fd)
+                    .take(max as u64)
+                    .read_to_end(&mut data)
+                    .map_err(err)?;
+                Ok(Some(data))
+            }
+            Err(Errno::ENOENT) => Ok(None),
+            Err(e) => Err(err(e.into())),
+        }
+    }
+
     /// Like [`Sysfs::hex_attr`].
     pub fn hex_attr(&self, name: &str) -> Result<Option<u32>, SysfsError> {
         Ok(self.attr(name)?.as_deref().and_then(parse_hex))

@@ -25,6 +25,15 @@ pub const HOSTS: &[&str] = &[
     "amd-arc-multidomain",
 ];
 
+/// The small hosts of the health checks: a sick GPU at 0000:01:00.0 and a healthy one at
+/// 0000:02:00.0 (not in [`HOSTS`]: they have no golden files of their own).
+pub const HEALTH_HOSTS: &[&str] = &[
+    "health-fell-off",
+    "health-no-reset",
+    "health-aer",
+    "health-link",
+];
+
 /// The result of one gpupass run.
 #[derive(Debug)]
 pub struct Run {

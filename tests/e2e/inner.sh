@@ -204,6 +204,15 @@ out=$(gp detach l2 --all 2>&1)
 n=$(virsh dumpxml --inactive l2 | grep -c "<hostdev ")
 check "detach --all frees the GPU from l2's definition" "$out; hostdevs=$n" [ "$n" = 0 ]
 
+phase health-release
+# 4b. The hook's release end checked the GPU l2 gave back (and the agent the one the first
+#     destroy released): a healthy stand-in is no false alarm, and passes a check by hand too.
+nothing_quarantined() { gp quarantine list 2>&1 | grep -qx "no GPU is quarantined"; }
+check "health: nothing quarantined after l2 gave its GPU back" "$(gp quarantine list 2>&1)" nothing_quarantined
+out=$(gp health $GPU 2>&1); rc=$?
+check "health: the stand-in passes the check by hand" "rc=$rc $out" [ "$rc" = 0 ]
+echo "$out" | sed 's/^/E2E-INFO health: /'
+
 phase l2live-wait
 # 5. Live: attach into the running L2 (started above), then detach, confirmed by the domain XML
 #    and the drivers. Its boot took 136-242 s from its start on a quiet machine (measured in
@@ -263,6 +272,30 @@ BRIDGED=$(for d in /sys/bus/pci/devices/*; do
     [ "$(cat "$d/vendor")" = 0x1234 ] && [ "$(cat "$d/device")" = 0x11e8 ] && basename "$d"; done | head -1)
 out=$(gp bind "$BRIDGED" 2>&1); rc=$?
 check "bind refuses a group shared with a host NIC" "rc=$rc $out" [ "$rc" = 14 ]
+
+phase health-gone
+# 8. A GPU that leaves the bus (sysfs remove: what a card that fell off looks like to the
+#    kernel) fails its check and is quarantined; the next attach --count has no GPU to take
+#    (the other VGA is L1's console) and fails with exit 6; the agent counts it.
+check "health: still nothing quarantined after the live detach" "$(gp quarantine list 2>&1)" nothing_quarantined
+echo 1 >/sys/bus/pci/devices/$GPU/remove
+gone() { [ ! -e /sys/bus/pci/devices/$GPU ]; }
+check "the stand-in is gone from the bus" "$(ls /sys/bus/pci/devices)" gone
+out=$(gp health 2>&1); rc=$?
+echo "$out" | sed 's/^/E2E-INFO health: /'
+check "health: the removed GPU fails its check (exit 16)" "rc=$rc $out" [ "$rc" = 16 ]
+q=$(gp quarantine list 2>&1)
+check "health: the removed GPU is quarantined as gone from the bus" "$q" \
+    sh -c 'echo "$1" | grep -q "^$2 " && echo "$1" | grep -q "is gone from the PCI bus"' sh "$q" "$GPU"
+out=$(gp attach l2 --count 1 2>&1); rc=$?
+check "attach --count 1 finds no GPU to take: exit 6" "rc=$rc $out" [ "$rc" = 6 ]
+n=$(virsh dumpxml --inactive l2 | grep -c "<hostdev ")
+check "the failed attach changed nothing" "hostdevs=$n" [ "$n" = 0 ]
+doc=$(gp doctor --no-libvirt 2>&1); rc=$?
+check "doctor fails on the quarantined GPU" "rc=$rc $(echo "$doc" | grep -F "$GPU")" \
+    sh -c '[ "$1" = 13 ] && echo "$2" | grep -qE "^FAIL +gpu $3 health"' sh "$rc" "$doc" "$GPU"
+check "agent: /metrics counts the quarantined GPU" "$(api /metrics | grep 'gpus{')" \
+    wait_api /metrics 'gpupass_gpus{state="quarantined"}1'
 
 # Three sessions in all — l2 cold (the agent alone), l2 with the hook installed (hook and agent
 # both saw it start and stop: one record each), l2live's live attach (the agent alone) — and
