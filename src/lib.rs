@@ -20,6 +20,7 @@ pub mod assign;
 pub mod bind;
 pub mod config;
 pub mod cpuset;
+pub mod fit;
 pub mod fsutil;
 pub mod hook;
 pub mod host;

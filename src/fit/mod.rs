@@ -1,0 +1,145 @@
+//! Fits a domain to its GPUs so they work in the guest: the 64-bit MMIO aperture their BARs
+//! need, the guest's physical address bits, PCIe root ports and each card's own slot layout.
+//! `bars` reads BARs from sysfs; `domain` reads a domain XML; `plan` decides (pure); `rewrite`
+//! edits the XML byte for byte (pure). Never calls libvirt: callers read and define.
+
+pub mod bars;
+pub mod domain;
+pub mod plan;
+pub mod rewrite;
+
+use std::collections::BTreeSet;
+
+use crate::fit::bars::{read_gpu_bars, GpuBars};
+use crate::fit::plan::{FitPlan, FitRequest};
+use crate::host::discover::Inventory;
+use crate::host::sysfs::{Sysfs, SysfsError};
+use crate::model::PciAddress;
+use crate::xml::XmlError;
+
+/// Errors from fitting a domain.
+#[derive(Debug, thiserror::Error)]
+pub enum FitError {
+    /// The domain XML cannot be read.
+    #[error(transparent)]
+    Xml(XmlError),
+    /// The host root cannot be read.
+    #[error(transparent)]
+    Sysfs(#[from] SysfsError),
+    /// A function's `resource` file is not what the kernel writes.
+    #[error("the resource file of {function} is malformed: {reason}")]
+    Resource {
+        /// The function.
+        function: PciAddress,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The domain is written in a way the fit cannot edit safely.
+    #[error("cannot fit this domain: {0}")]
+    Unsupported(String),
+}
+
+/// A fit: the plan and, when it changes anything, the new XML.
+#[derive(Debug, Clone)]
+pub struct Fitted {
+    /// The plan.
+    pub plan: FitPlan,
+    /// The rewritten XML; `None` when nothing changes.
+    pub xml: Option<String>,
+}
+
+/// Fits `xml` for `gpus` (pure): plans, and rewrites when something is missing and nothing is
+/// impossible (a fit that cannot work writes nothing).
+pub fn fit_xml(
+    xml: &str,
+    gpus: &[GpuBars],
+    host_phys_bits: Option<u8>,
+) -> Result<Fitted, FitError> {
+    let layout = domain::scan(xml)?;
+    let plan = plan::plan(
+        &layout,
+        &FitRequest {
+            gpus,
+            host_phys_bits,
+        },
+    );
+    let xml = if plan.changes.is_empty() || plan.impossible() {
+        None
+    } else {
+        Some(rewrite::rewrite(&layout, &plan)?)
+    };
+    Ok(Fitted { plan, xml })
+}
+
+/// The GPUs of the inventory that a domain XML holds (any of their functions as a hostdev),
+/// plus `extra` GPUs (addresses of any of their functions), each once, in address order.
+pub fn domain_gpus(
+    inv: &Inventory,
+    xml: &str,
+    extra: &[PciAddress],
+) -> Result<Vec<PciAddress>, FitError> {
+    let layout = domain::scan(xml)?;
+    let mut out: BTreeSet<PciAddress> = BTreeSet::new();
+    for a in layout
+        .hostdevs
+        .iter()
+        .map(|h| h.source)
+        .chain(extra.iter().copied())
+    {
+        if let Some(g) = inv.gpu(a) {
+            out.insert(g.address);
+        }
+    }
+    Ok(out.into_iter().collect())
+}
+
+/// Reads the BARs of these GPUs (IO).
+pub fn read_bars(
+    sysfs: &Sysfs,
+    inv: &Inventory,
+    gpus: &[PciAddress],
+) -> Result<Vec<GpuBars>, FitError> {
+    gpus.iter()
+        .filter_map(|a| inv.gpu(*a))
+        .map(|g| read_gpu_bars(sysfs, g))
+        .collect()
+}
+
+/// A plan as text: what the GPUs need, each check, and the changes.
+pub fn describe(plan: &FitPlan, domain: &str) -> String {
+    use crate::fit::bars::human;
+    let mut o = String::new();
+    if let Some(why) = &plan.not_applicable {
+        o.push_str(&format!("domain '{domain}': not fitted ({why})\n"));
+        return o;
+    }
+    o.push_str(&format!(
+        "domain '{domain}': {} GPU(s) need a {} 64-bit window and {} guest address bits\n",
+        plan.need.windows.len(),
+        human(plan.need.total),
+        plan.phys_bits_needed
+    ));
+    for w in &plan.need.windows {
+        o.push_str(&format!(
+            "  GPU {}: 64-bit prefetchable BARs {} -> window {}\n",
+            w.gpu,
+            human(w.bars),
+            human(w.window)
+        ));
+    }
+    for c in &plan.checks {
+        let word = match c.status {
+            plan::Status::Ok => "ok     ",
+            plan::Status::Missing => "MISSING",
+            plan::Status::Fail => "FAIL   ",
+        };
+        o.push_str(&format!(
+            "  {word} {:<14} have {}; need {} — {}\n",
+            c.item, c.have, c.need, c.why
+        ));
+    }
+    if let Some(f) = &plan.certain_failure {
+        o.push_str(&format!("  as it is, the start cannot work: {f}\n"));
+    }
+    o
+}
