@@ -43,6 +43,8 @@ Exit codes:
   13  doctor: a check failed
   14  bind refused for safety (the host's console, a device the host uses; --force)
   15  the domain's owner would exceed its GPU limit or GPU-hours (config [limits])
+  16  fit: the domain lacks what its GPUs need (`gpupass fit DOMAIN --apply` adds it)
+  17  fit: the GPUs cannot work in the domain on this host (e.g. the host CPU's address bits)
 The qemu hook exits 1 when it blocks a start (`prepare`) or cannot rewrite (`migrate`/`restore`).";
 
 /// Give virtual machines whole GPUs on KVM/libvirt hosts.
@@ -251,6 +253,45 @@ enum LibvirtCommand {
         after_help = "Examples:\n  gpupass serve\n  curl --unix-socket /run/gpupass/gpupass.sock http://gpupass/v1/gpus\n  curl --unix-socket /run/gpupass/gpupass.sock -H 'Content-Type: application/json' \\\n       -d '{\"count\":1}' http://gpupass/v1/domains/vm1/attach"
     )]
     Serve(ServeFlags),
+    /// Check that a domain gives its GPUs what they need to work in the guest, and with --apply
+    /// change its persistent definition so it does.
+    ///
+    /// Per GPU: the 64-bit window its BARs need (next power of two of their sum; the whole
+    /// aperture is the next power of two of the windows). Per domain: the firmware's window
+    /// (OVMF X-PciMmio64Mb), the guest's physical address bits, pcihole64, a pcie-root-port per
+    /// GPU plus spares, each card's functions at one guest slot. Exit 0 when it fits, 16 when
+    /// something is missing, 17 when it cannot fit on this host. --apply changes only those
+    /// elements (byte for byte otherwise) and never lowers a value set higher.
+    #[command(
+        after_help = "Examples:\n  gpupass fit vm1\n  gpupass fit vm1 --count 8 --model 10de:2330 --json\n  gpupass fit vm1 --apply"
+    )]
+    Fit {
+        /// The libvirt domain name.
+        domain: String,
+        /// Also these GPUs (as if attached).
+        #[arg(long = "gpu", value_name = "ADDR", num_args = 1.., conflicts_with = "count")]
+        gpus: Vec<PciAddress>,
+        /// Also N free GPUs, chosen as `attach --count` would.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+        count: Option<u16>,
+        /// Only GPUs of this vendor:device (with --count).
+        #[arg(long, value_name = "VVVV:DDDD", requires = "count")]
+        model: Option<PciId>,
+        /// Change the persistent definition (validated by libvirt) so the GPUs fit.
+        #[arg(long)]
+        apply: bool,
+        /// Print JSON: {"domain","plan":{need,provides,checks,changes,…},"applied","would_apply"}.
+        #[arg(long)]
+        json: bool,
+        /// Seconds to wait for the host lock (0–3600).
+        #[arg(long, value_name = "SECONDS", default_value_t = 60,
+              value_parser = clap::value_parser!(u64).range(0..=3600))]
+        lock_timeout: u64,
+        /// Seconds libvirt gets to connect, and then to complete the fit (1-3600).
+        #[arg(long, value_name = "SECONDS", default_value_t = 60,
+              value_parser = clap::value_parser!(u64).range(1..=3600))]
+        libvirt_timeout: u64,
+    },
     /// Detach whole GPUs from a domain.
     #[command(
         group(ArgGroup::new("what").required(true).args(["gpus", "all"])),
@@ -442,6 +483,36 @@ fn run(g: &Global, command: LibvirtCommand) -> anyhow::Result<()> {
                 &flags(&common, 0),
             )
         }
+        LibvirtCommand::Fit {
+            domain,
+            gpus,
+            count,
+            model,
+            apply,
+            json,
+            lock_timeout,
+            libvirt_timeout,
+        } => {
+            let request = match count {
+                Some(n) => Some(AttachRequest::Count {
+                    count: usize::from(n),
+                    model,
+                }),
+                None if !gpus.is_empty() => Some(AttachRequest::Gpus(gpus)),
+                None => None,
+            };
+            cli::fit::fit(
+                g,
+                &domain,
+                request.as_ref(),
+                &cli::fit::FitFlags {
+                    json,
+                    apply,
+                    lock_timeout: Duration::from_secs(lock_timeout),
+                    libvirt_timeout: Duration::from_secs(libvirt_timeout),
+                },
+            )
+        }
         LibvirtCommand::Detach {
             domain,
             gpus,
@@ -474,6 +545,9 @@ fn exit_code(err: &anyhow::Error) -> u8 {
             return e.exit_code();
         }
         if let Some(e) = cause.downcast_ref::<LibvirtError>() {
+            return e.exit_code();
+        }
+        if let Some(e) = cause.downcast_ref::<gpupass::fit::FitError>() {
             return e.exit_code();
         }
         if let Some(e) = cause.downcast_ref::<BindError>() {

@@ -4,6 +4,7 @@
 pub mod assign;
 pub mod bind;
 pub mod doctor;
+pub mod fit;
 pub mod host_config;
 pub mod list;
 pub mod serve;

@@ -37,6 +37,63 @@ pub enum FitError {
     /// The domain is written in a way the fit cannot edit safely.
     #[error("cannot fit this domain: {0}")]
     Unsupported(String),
+    /// The domain lacks pieces its GPUs need (`fit --apply` adds them).
+    #[error("domain '{domain}' does not fit its GPUs: {missing} missing (gpupass fit {domain} --apply adds them)")]
+    DoesNotFit {
+        /// The domain.
+        domain: String,
+        /// The missing pieces.
+        missing: String,
+    },
+    /// The GPUs cannot work in the domain on this host.
+    #[error("domain '{domain}' cannot fit its GPUs on this host: {why}")]
+    CannotFit {
+        /// The domain.
+        domain: String,
+        /// Why.
+        why: String,
+    },
+}
+
+impl FitError {
+    /// The documented exit code (the table in `gpupass --help`).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            FitError::Xml(_) | FitError::Unsupported(_) => 2,
+            FitError::Sysfs(_) | FitError::Resource { .. } => 1,
+            FitError::DoesNotFit { .. } => 16,
+            FitError::CannotFit { .. } => 17,
+        }
+    }
+
+    /// The verdict of a plan as an error: `None` when it fits (or does not apply).
+    pub fn verdict(domain: &str, plan: &FitPlan) -> Option<FitError> {
+        if plan.impossible() {
+            let why: Vec<String> = plan
+                .checks
+                .iter()
+                .filter(|c| c.status == plan::Status::Fail)
+                .map(|c| format!("{}: {}", c.item, c.why))
+                .collect();
+            return Some(FitError::CannotFit {
+                domain: domain.to_owned(),
+                why: why.join("; "),
+            });
+        }
+        if plan.fits() {
+            return None;
+        }
+        let missing: Vec<&str> = plan
+            .checks
+            .iter()
+            .filter(|c| c.status == plan::Status::Missing)
+            .map(|c| c.item.as_str())
+            .collect();
+        Some(FitError::DoesNotFit {
+            domain: domain.to_owned(),
+            missing: missing.join(", "),
+        })
+    }
 }
 
 /// A fit: the plan and, when it changes anything, the new XML.

@@ -1,0 +1,193 @@
+//! `gpupass fit DOMAIN`: what the domain's GPUs need to work in the guest (64-bit window,
+//! phys-bits, pcihole64, root ports, slot layout), and with `--apply` the persistent definition
+//! changed so they do. Also the fit `attach --config` applies by default.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::Serialize;
+
+use gpupass::alloc::lock::HostLock;
+use gpupass::alloc::plan::{plan_attach, AttachRequest};
+use gpupass::assign::{preferred_nodes, read_holdings};
+use gpupass::fit::plan::FitPlan;
+use gpupass::fit::{self, FitError};
+use gpupass::host::discover::Inventory;
+use gpupass::host::sysfs::Sysfs;
+use gpupass::libvirt::deadline::Deadline;
+use gpupass::libvirt::virt::VirtHypervisor;
+use gpupass::libvirt::{Hypervisor, XmlView};
+use gpupass::model::PciAddress;
+
+use crate::cli::{print_all, print_json, Global};
+
+/// `gpupass fit` flags.
+#[derive(Debug, Clone)]
+pub struct FitFlags {
+    /// `--json`.
+    pub json: bool,
+    /// `--apply`.
+    pub apply: bool,
+    /// `--lock-timeout`.
+    pub lock_timeout: Duration,
+    /// `--libvirt-timeout`.
+    pub libvirt_timeout: Duration,
+}
+
+/// What `fit` found and did.
+#[derive(Debug, Clone, Serialize)]
+pub struct FitOutcome {
+    /// The domain.
+    pub domain: String,
+    /// The plan for the definition as it was.
+    pub plan: FitPlan,
+    /// The changes written (empty without `--apply`, or when nothing was missing).
+    pub applied: Vec<String>,
+    /// The changes `--apply` would write.
+    pub would_apply: Vec<String>,
+}
+
+fn host_bits(g: &Global) -> anyhow::Result<Option<u8>> {
+    Sysfs::new(&g.host_root)
+        .host_phys_bits()
+        .with_context(|| format!("reading host root {}", g.host_root.display()))
+}
+
+/// Plans the fit of `xml` for the GPUs it holds plus `extra` (pure but for reading BARs).
+pub fn plan_for(
+    g: &Global,
+    inv: &Inventory,
+    xml: &str,
+    extra: &[PciAddress],
+) -> anyhow::Result<fit::Fitted> {
+    let gpus = fit::domain_gpus(inv, xml, extra)?;
+    let bars = fit::read_bars(&Sysfs::new(&g.host_root), inv, &gpus)?;
+    Ok(fit::fit_xml(xml, &bars, host_bits(g)?)?)
+}
+
+/// Fits the persistent definition of `name` for the GPUs it holds plus `extra`, defining the
+/// result; the caller holds the host lock. Returns the outcome; a fit that cannot work writes
+/// nothing and is an error.
+pub fn apply_config(
+    hv: &dyn Hypervisor,
+    g: &Global,
+    inv: &Inventory,
+    name: &str,
+    extra: &[PciAddress],
+) -> anyhow::Result<FitOutcome> {
+    let xml = hv.domain_xml(name, XmlView::Config)?;
+    let fitted = plan_for(g, inv, &xml, extra)?;
+    let changes: Vec<String> = fitted.plan.changes.iter().map(|c| c.describe()).collect();
+    if let Some(e @ FitError::CannotFit { .. }) = FitError::verdict(name, &fitted.plan) {
+        return Err(e.into());
+    }
+    let Some(new) = fitted.xml.clone() else {
+        return Ok(FitOutcome {
+            domain: name.to_owned(),
+            plan: fitted.plan,
+            applied: Vec::new(),
+            would_apply: Vec::new(),
+        });
+    };
+    hv.define(name, &new)?;
+    // The definition libvirt keeps is the proof.
+    let after = plan_for(g, inv, &hv.domain_xml(name, XmlView::Config)?, extra)?;
+    if let Some(e) = FitError::verdict(name, &after.plan) {
+        return Err(anyhow::Error::new(e).context("after defining the fitted domain"));
+    }
+    tracing::info!(domain = name, changes = changes.len(), "domain fitted");
+    Ok(FitOutcome {
+        domain: name.to_owned(),
+        plan: fitted.plan,
+        applied: changes,
+        would_apply: Vec::new(),
+    })
+}
+
+/// The text of an outcome.
+pub fn outcome_text(o: &FitOutcome) -> String {
+    let mut out = fit::describe(&o.plan, &o.domain);
+    for c in &o.applied {
+        out.push_str(&format!("  changed: {c}\n"));
+    }
+    for c in &o.would_apply {
+        out.push_str(&format!("  --apply would set: {c}\n"));
+    }
+    out
+}
+
+/// `gpupass fit DOMAIN [--gpu …|--count N] [--json] [--apply]`.
+pub fn fit(
+    g: &Global,
+    name: &str,
+    request: Option<&AttachRequest>,
+    flags: &FitFlags,
+) -> anyhow::Result<()> {
+    let inv = g.inventory()?;
+    let deadline = Deadline::arm(
+        flags.libvirt_timeout,
+        format!("fit '{name}': connecting to {}", g.uri),
+    );
+    let hv = VirtHypervisor::open(&g.uri)?;
+    drop(deadline);
+    let _deadline = Deadline::arm(flags.libvirt_timeout, format!("fit '{name}'"));
+    let info = hv.domain(name)?;
+    let view = if info.persistent {
+        XmlView::Config
+    } else {
+        XmlView::Live
+    };
+    let xml = hv.domain_xml(name, view)?;
+    let extra: Vec<PciAddress> = match request {
+        None => Vec::new(),
+        Some(AttachRequest::Gpus(g)) => g.clone(),
+        Some(r @ AttachRequest::Count { .. }) => {
+            let holdings = read_holdings(&hv)?;
+            let facts = gpupass::xml::domain::parse(&xml)?;
+            plan_attach(&inv, &holdings, name, r, &preferred_nodes(&inv, &facts))?.gpus
+        }
+    };
+    for a in &extra {
+        if inv.gpu(*a).is_none() {
+            return Err(gpupass::alloc::AllocError::UnknownGpu { address: *a }.into());
+        }
+    }
+    let outcome = if flags.apply {
+        if !info.persistent {
+            anyhow::bail!(
+                "--apply: domain '{name}' is transient (no persistent definition to change)"
+            );
+        }
+        let _lock = HostLock::acquire(&g.run_dir, flags.lock_timeout)?;
+        let o = apply_config(&hv, g, &inv, name, &extra)?;
+        if info.active && !o.applied.is_empty() {
+            tracing::warn!(
+                "domain '{name}' is running: the fitted definition takes effect at its next start"
+            );
+        }
+        o
+    } else {
+        let fitted = plan_for(g, &inv, &xml, &extra)?;
+        FitOutcome {
+            domain: name.to_owned(),
+            would_apply: if fitted.plan.impossible() {
+                Vec::new()
+            } else {
+                fitted.plan.changes.iter().map(|c| c.describe()).collect()
+            },
+            plan: fitted.plan,
+            applied: Vec::new(),
+        }
+    };
+    if flags.json {
+        print_json(&outcome)?;
+    } else {
+        print_all(&outcome_text(&outcome))?;
+    }
+    if !flags.apply {
+        if let Some(e) = FitError::verdict(name, &outcome.plan) {
+            return Err(e.into());
+        }
+    }
+    Ok(())
+}
