@@ -238,6 +238,13 @@ enum LibvirtCommand {
         /// Only GPUs of this vendor:device (with --count).
         #[arg(long, value_name = "VVVV:DDDD", requires = "count")]
         model: Option<PciId>,
+        /// Leave the persistent definition as it is: no 64-bit window, phys-bits, root ports or
+        /// slot layout for the GPUs (see `gpupass fit`).
+        #[arg(long)]
+        no_fit: bool,
+        /// Attach live even when the running domain's 64-bit window cannot hold the GPUs.
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         common: CommonFlags,
     },
@@ -376,6 +383,8 @@ fn run(g: &Global, command: LibvirtCommand) -> anyhow::Result<()> {
         lock_timeout: Duration::from_secs(c.lock_timeout),
         detach_timeout: Duration::from_secs(detach_timeout),
         libvirt_timeout: Duration::from_secs(c.libvirt_timeout),
+        fit: true,
+        force: false,
     };
     match command {
         LibvirtCommand::Serve(f) => cli::serve::serve(
@@ -467,6 +476,8 @@ fn run(g: &Global, command: LibvirtCommand) -> anyhow::Result<()> {
             gpus,
             count,
             model,
+            no_fit,
+            force,
             common,
         } => {
             let request = match count {
@@ -480,7 +491,11 @@ fn run(g: &Global, command: LibvirtCommand) -> anyhow::Result<()> {
                 g,
                 &domain,
                 cli::assign::Action::Attach(&request),
-                &flags(&common, 0),
+                &AssignFlags {
+                    fit: !no_fit,
+                    force,
+                    ..flags(&common, 0)
+                },
             )
         }
         LibvirtCommand::Fit {

@@ -191,3 +191,40 @@ pub fn fit(
     }
     Ok(())
 }
+
+/// Why a live attach of `new` GPUs to the running domain cannot work, or `None` when it can:
+/// a hot-plugged GPU gets only what the running guest was booted with — QEMU's 64-bit PCI
+/// hole and its phys-bits — and no firmware runs again to size anything.
+pub fn live_refusal(
+    g: &Global,
+    inv: &Inventory,
+    name: &str,
+    live_xml: &str,
+    new: &[PciAddress],
+) -> anyhow::Result<Option<String>> {
+    let fitted = plan_for(g, inv, live_xml, new)?;
+    let p = &fitted.plan;
+    if p.not_applicable.is_some() {
+        return Ok(None);
+    }
+    let short: Vec<String> = p
+        .checks
+        .iter()
+        .filter(|c| {
+            c.status != gpupass::fit::plan::Status::Ok
+                && matches!(c.item.as_str(), "pcihole64" | "phys-bits")
+        })
+        .map(|c| format!("{} has {}, needs {}", c.item, c.have, c.need))
+        .chain(p.certain_failure.clone())
+        .collect();
+    if short.is_empty() {
+        return Ok(None);
+    }
+    let gpus: Vec<String> = new.iter().map(PciAddress::to_string).collect();
+    Ok(Some(format!(
+        "GPU {} needs a {} 64-bit window in running domain '{name}', which cannot give it ({}); attach with --config and restart the domain, or --force",
+        gpus.join(", "),
+        gpupass::fit::bars::human(p.need.total),
+        short.join("; ")
+    )))
+}

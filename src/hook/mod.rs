@@ -57,6 +57,9 @@ pub enum HookError {
     /// The run dir or state dir is not safe to use.
     #[error(transparent)]
     Fs(#[from] FsError),
+    /// The domain could not be fitted to its GPUs.
+    #[error(transparent)]
+    Fit(#[from] crate::fit::FitError),
     /// `prepare` refuses the start, for this reason.
     #[error("{0}")]
     Blocked(String),

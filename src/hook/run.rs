@@ -121,6 +121,33 @@ pub fn transform(
     Ok(Some(apply(input, &edits)))
 }
 
+/// Fits a domain XML to the GPUs it holds (the 64-bit window, phys-bits, root ports, slot
+/// layout; see `fit`): `Ok(None)` when nothing changes. A fit that cannot work on this host is
+/// left to `prepare`, which says why; the XML goes through unchanged.
+pub fn fit_domain(env: &HookEnv, xml: &str) -> Result<Option<String>, HookError> {
+    let layout = crate::fit::domain::scan(xml)?;
+    let sources: Vec<PciAddress> = layout.hostdevs.iter().map(|h| h.source).collect();
+    if sources.is_empty() {
+        return Ok(None);
+    }
+    let sysfs = Sysfs::new(&env.host_root);
+    let inv = discover_with(&sysfs, &Scope::Around(sources), false)?;
+    let gpus = crate::fit::domain_gpus(&inv, xml, &[])?;
+    if gpus.is_empty() {
+        return Ok(None);
+    }
+    let bars = crate::fit::read_bars(&sysfs, &inv, &gpus)?;
+    let fitted = crate::fit::fit_xml(xml, &bars, sysfs.host_phys_bits()?)?;
+    for c in &fitted.plan.changes {
+        tracing::info!(domain = %layout_name(xml), "fit: {}", c.describe());
+    }
+    Ok(fitted.xml)
+}
+
+fn layout_name(xml: &str) -> String {
+    scan(xml).map(|d| d.name).unwrap_or_default()
+}
+
 /// Refuses when the owner's limit would be exceeded by the domain holding the GPUs of
 /// `functions` (its own GPUs are counted once).
 fn check_owner_limit(
@@ -247,6 +274,32 @@ pub fn prepare(env: &HookEnv, input: &str) -> Result<Vec<String>, HookError> {
         let all = discover_with(&Sysfs::new(&env.host_root), &Scope::Gpus, false)?;
         check_owner_limit(env, &all, &running, &doc.name, owner.as_deref(), &sources)
             .map_err(|e| blocked(e.to_string()))?;
+    }
+    if !checked.is_empty() {
+        let gpus: Vec<PciAddress> = checked.iter().copied().collect();
+        let sysfs = Sysfs::new(&env.host_root);
+        let bars = crate::fit::read_bars(&sysfs, &inv, &gpus)?;
+        let fitted = crate::fit::fit_xml(input, &bars, sysfs.host_phys_bits()?)?;
+        let p = &fitted.plan;
+        let list = gpus
+            .iter()
+            .map(PciAddress::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        if let Some(why) = &p.certain_failure {
+            return Err(blocked(format!(
+                "GPU {list} needs a {} 64-bit window that domain '{}' cannot give: {why} (gpupass fit {} --apply)",
+                crate::fit::bars::human(p.need.total),
+                doc.name,
+                doc.name
+            )));
+        }
+        if let Some(why) = &p.firmware_dependent {
+            warnings.push(format!(
+                "GPU {list} in domain '{}': {why}; the guest may leave BARs unassigned (gpupass fit {} --apply)",
+                doc.name, doc.name
+            ));
+        }
     }
     if let Some(req) = request {
         let have: Vec<PciAddress> = inv
