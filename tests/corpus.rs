@@ -191,7 +191,8 @@ fn h100_bars(gpu: PciAddress) -> GpuBars {
 /// `xmlns:qemu`).
 fn owned(xml: &str) -> Vec<std::ops::Range<usize>> {
     let d = gpupass::fit::domain::scan(xml).unwrap();
-    let mut v = vec![d.root.span.start..d.root.start_end];
+    let mut v = Vec::new();
+    v.push(d.root.span.start..d.root.start_end);
     v.extend(
         d.hostdevs
             .iter()

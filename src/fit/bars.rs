@@ -55,19 +55,21 @@ impl Bar {
     }
 }
 
-/// A size in the unit people read (`128 GiB`, `32 MiB`, `16 KiB`, `512 B`).
+/// A size in the unit people read (`128 GiB`, `32 MiB`, `16 KiB`, `512 B`; `288.25 MiB` when
+/// not a whole number of its largest unit).
 pub fn human(bytes: u64) -> String {
-    const UNITS: [(&str, u32); 5] = [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10), ("B", 0)];
+    const UNITS: [(&str, u32); 4] = [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)];
     for (name, shift) in UNITS {
         let unit = 1u64 << shift;
-        if bytes >= unit && bytes % unit == 0 {
-            return format!("{} {name}", bytes >> shift);
-        }
-    }
-    // Not a whole number of any unit: the largest unit it reaches, rounded up.
-    for (name, shift) in UNITS {
-        if bytes >= 1u64 << shift {
-            return format!("{} {name}", bytes.div_ceil(1u64 << shift));
+        if bytes >= unit {
+            if bytes.is_multiple_of(unit) {
+                return format!("{} {name}", bytes >> shift);
+            }
+            // Hundredths, rounded up so a need is never shown smaller than it is.
+            let hundredths = u128::from(bytes)
+                .saturating_mul(100)
+                .div_ceil(u128::from(unit));
+            return format!("{}.{:02} {name}", hundredths / 100, hundredths % 100);
         }
     }
     format!("{bytes} B")
@@ -235,7 +237,8 @@ mod tests {
         assert_eq!(human(256 << 30), "256 GiB");
         assert_eq!(human(2 << 40), "2 TiB");
         assert_eq!(human(16 << 10), "16 KiB");
-        assert_eq!(human((128 << 30) + (32 << 20)), "131104 MiB");
+        assert_eq!(human((128 << 30) + (32 << 20)), "128.04 GiB");
+        assert_eq!(human((288 << 20) + (256 << 10)), "288.25 MiB");
         assert_eq!(human(100), "100 B");
     }
 }

@@ -220,6 +220,24 @@ pub fn scaled(value: &str, unit: Option<&str>) -> Option<u64> {
     v.checked_mul(mult)
 }
 
+/// A `<hostdev>` being read.
+struct OpenHostdev {
+    start: usize,
+    start_end: usize,
+    source: Option<PciAddress>,
+    guest: Option<GuestAddress>,
+    other: bool,
+}
+
+/// A PCI `<controller>` being read.
+struct OpenController {
+    start: usize,
+    start_end: usize,
+    index: u32,
+    model: Option<String>,
+    hole: Option<(Range<usize>, u64)>,
+}
+
 /// Which text is being collected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Text {
@@ -279,21 +297,8 @@ pub fn scan(text: &str) -> Result<DomainLayout<'_>, FitError> {
     let mut loader_text = String::new();
     let mut os_firmware: Option<String> = None;
     // The hostdev and controller being read.
-    let mut hostdev: Option<(
-        usize,
-        usize,
-        Option<PciAddress>,
-        Option<GuestAddress>,
-        bool,
-        bool,
-    )> = None;
-    let mut controller: Option<(
-        usize,
-        usize,
-        u32,
-        Option<String>,
-        Option<(Range<usize>, u64)>,
-    )> = None;
+    let mut hostdev: Option<OpenHostdev> = None;
+    let mut controller: Option<OpenController> = None;
     let mut pcihole_start = 0usize;
     let mut prev_arg: Option<String> = None;
     loop {
@@ -406,7 +411,13 @@ pub fn scan(text: &str) -> Result<DomainLayout<'_>, FitError> {
                                 == "subsystem"
                                 && attr(e, b"type")?.as_deref() == Some("pci");
                             if pci && !empty {
-                                hostdev = Some((before, after, None, None, false, true));
+                                hostdev = Some(OpenHostdev {
+                                    start: before,
+                                    start_end: after,
+                                    source: None,
+                                    guest: None,
+                                    other: false,
+                                });
                             }
                         }
                         "controller" if attr(e, b"type")?.as_deref() == Some("pci") => {
@@ -423,7 +434,13 @@ pub fn scan(text: &str) -> Result<DomainLayout<'_>, FitError> {
                                     pcihole64: None,
                                 });
                             } else {
-                                controller = Some((before, after, index, model, None));
+                                controller = Some(OpenController {
+                                    start: before,
+                                    start_end: after,
+                                    index,
+                                    model,
+                                    hole: None,
+                                });
                             }
                         }
                         _ => {}
@@ -445,20 +462,20 @@ pub fn scan(text: &str) -> Result<DomainLayout<'_>, FitError> {
                             };
                             if *dev == "hostdev" {
                                 if let Some(h) = hostdev.as_mut() {
-                                    h.3 = Some(g.clone());
+                                    h.guest = Some(g.clone());
                                 }
                             }
                             out.addresses.push(g);
                         } else if *dev == "hostdev" {
                             if let Some(h) = hostdev.as_mut() {
-                                h.4 = true;
+                                h.other = true;
                             }
                         }
                     }
                     ["domain", "devices", "controller"] if qname == "pcihole64" => {
                         if empty {
                             if let Some(c) = controller.as_mut() {
-                                c.4 = Some((before..after, 0));
+                                c.hole = Some((before..after, 0));
                             }
                         } else {
                             pcihole_start = before;
@@ -472,7 +489,7 @@ pub fn scan(text: &str) -> Result<DomainLayout<'_>, FitError> {
                     }
                     ["domain", "devices", "hostdev", "source"] if qname == "address" => {
                         if let Some(h) = hostdev.as_mut() {
-                            h.2 = pci_address_of(e).map_err(FitError::Xml)?;
+                            h.source = pci_address_of(e).map_err(FitError::Xml)?;
                         }
                     }
                     ["domain", c] if is_qemu && local == "arg" && c.ends_with("commandline") => {
@@ -519,7 +536,7 @@ pub fn scan(text: &str) -> Result<DomainLayout<'_>, FitError> {
                             Text::Loader => loader_text = value,
                             Text::Pcihole64 => {
                                 if let Some(c) = controller.as_mut() {
-                                    c.4 = Some((pcihole_start..after, bytes.unwrap_or(0)));
+                                    c.hole = Some((pcihole_start..after, bytes.unwrap_or(0)));
                                 }
                             }
                         }
@@ -542,7 +559,14 @@ pub fn scan(text: &str) -> Result<DomainLayout<'_>, FitError> {
                         }
                     }
                     (["domain", "devices"], "hostdev") => {
-                        if let Some((s, se, Some(source), guest, other, _)) = hostdev.take() {
+                        if let Some(OpenHostdev {
+                            start: s,
+                            start_end: se,
+                            source: Some(source),
+                            guest,
+                            other,
+                        }) = hostdev.take()
+                        {
                             out.hostdevs.push(Hostdev {
                                 element: Element {
                                     span: s..after,
@@ -557,7 +581,14 @@ pub fn scan(text: &str) -> Result<DomainLayout<'_>, FitError> {
                         }
                     }
                     (["domain", "devices"], "controller") => {
-                        if let Some((s, se, index, model, hole)) = controller.take() {
+                        if let Some(OpenController {
+                            start: s,
+                            start_end: se,
+                            index,
+                            model,
+                            hole,
+                        }) = controller.take()
+                        {
                             out.controllers.push(PciController {
                                 element: Element {
                                     span: s..after,

@@ -1032,12 +1032,9 @@ mod tests {
         // An operator's higher values stay: nothing to change for them.
         let cpu = "  <cpu mode='custom'><model>qemu64</model><maxphysaddr mode='emulate' bits='48'/></cpu>\n";
         let devices = format!("    <controller type='pci' index='0' model='pcie-root'><pcihole64 unit='TiB'>4</pcihole64></controller>\n{H100_HOSTDEV}");
-        let x = format!(
-            "{}",
-            dom(" firmware='efi'", cpu, &devices, 64).replace(
-                "</devices>\n",
-                "</devices>\n  <qemu:commandline xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'><qemu:arg value='-fw_cfg'/><qemu:arg value='name=opt/ovmf/X-PciMmio64Mb,string=4194304'/></qemu:commandline>\n"
-            )
+        let x = dom(" firmware='efi'", cpu, &devices, 64).replace(
+            "</devices>\n",
+            "</devices>\n  <qemu:commandline xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'><qemu:arg value='-fw_cfg'/><qemu:arg value='name=opt/ovmf/X-PciMmio64Mb,string=4194304'/></qemu:commandline>\n",
         );
         let p = plan(
             &scan(&x).unwrap(),
