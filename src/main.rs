@@ -270,11 +270,16 @@ enum LibvirtCommand {
     /// something is missing, 17 when it cannot fit on this host. --apply changes only those
     /// elements (byte for byte otherwise) and never lowers a value set higher.
     #[command(
-        after_help = "Examples:\n  gpupass fit vm1\n  gpupass fit vm1 --count 8 --model 10de:2330 --json\n  gpupass fit vm1 --apply"
+        after_help = "Examples:\n  gpupass fit vm1\n  gpupass fit vm1 --count 8 --model 10de:2330 --json\n  gpupass fit vm1 --apply\n  gpupass fit --all"
     )]
     Fit {
         /// The libvirt domain name.
-        domain: String,
+        #[arg(required_unless_present = "all")]
+        domain: Option<String>,
+        /// Every domain holding a GPU of this host, one line each (the GPUs that would not
+        /// work, with the fix).
+        #[arg(long, conflicts_with_all = ["domain", "gpus", "count", "apply"])]
+        all: bool,
         /// Also these GPUs (as if attached).
         #[arg(long = "gpu", value_name = "ADDR", num_args = 1.., conflicts_with = "count")]
         gpus: Vec<PciAddress>,
@@ -500,6 +505,7 @@ fn run(g: &Global, command: LibvirtCommand) -> anyhow::Result<()> {
         }
         LibvirtCommand::Fit {
             domain,
+            all,
             gpus,
             count,
             model,
@@ -516,17 +522,16 @@ fn run(g: &Global, command: LibvirtCommand) -> anyhow::Result<()> {
                 None if !gpus.is_empty() => Some(AttachRequest::Gpus(gpus)),
                 None => None,
             };
-            cli::fit::fit(
-                g,
-                &domain,
-                request.as_ref(),
-                &cli::fit::FitFlags {
-                    json,
-                    apply,
-                    lock_timeout: Duration::from_secs(lock_timeout),
-                    libvirt_timeout: Duration::from_secs(libvirt_timeout),
-                },
-            )
+            let flags = cli::fit::FitFlags {
+                json,
+                apply,
+                lock_timeout: Duration::from_secs(lock_timeout),
+                libvirt_timeout: Duration::from_secs(libvirt_timeout),
+            };
+            match domain {
+                Some(d) if !all => cli::fit::fit(g, &d, request.as_ref(), &flags),
+                _ => cli::fit::fit_all(g, &flags),
+            }
         }
         LibvirtCommand::Detach {
             domain,

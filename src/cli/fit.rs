@@ -228,3 +228,117 @@ pub fn live_refusal(
         short.join("; ")
     )))
 }
+
+/// One domain's line in `fit --all`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DomainFit {
+    /// The domain.
+    pub domain: String,
+    /// `ok`, `missing`, `impossible` or `not-fitted`.
+    pub status: &'static str,
+    /// What is missing or impossible, or why it is not fitted.
+    pub detail: String,
+    /// The command that fixes it, when one does.
+    pub fix: Option<String>,
+}
+
+/// `gpupass fit --all`: every domain holding a GPU of this host (its persistent definition, else
+/// the running one), judged; exit 17 when one cannot fit, else 16 when one lacks something.
+pub fn fit_all(g: &Global, flags: &FitFlags) -> anyhow::Result<()> {
+    let inv = g.inventory()?;
+    let deadline = Deadline::arm(
+        flags.libvirt_timeout,
+        format!("fit --all: connecting to {}", g.uri),
+    );
+    let hv = VirtHypervisor::open(&g.uri)?;
+    drop(deadline);
+    let _deadline = Deadline::arm(flags.libvirt_timeout, "fit --all".into());
+    let mut rows = Vec::new();
+    for d in hv.domains()? {
+        let view = if d.persistent {
+            XmlView::Config
+        } else {
+            XmlView::Live
+        };
+        let xml = match hv.domain_xml(&d.name, view) {
+            Ok(x) => x,
+            Err(gpupass::libvirt::LibvirtError::UnknownDomain { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        if fit::domain_gpus(&inv, &xml, &[])?.is_empty() {
+            continue;
+        }
+        let p = plan_for(g, &inv, &xml, &[])?.plan;
+        let row = match (&p.not_applicable, FitError::verdict(&d.name, &p)) {
+            (Some(why), _) => DomainFit {
+                domain: d.name.clone(),
+                status: "not-fitted",
+                detail: why.clone(),
+                fix: None,
+            },
+            (None, None) => DomainFit {
+                domain: d.name.clone(),
+                status: "ok",
+                detail: format!("{} window", gpupass::fit::bars::human(p.need.total)),
+                fix: None,
+            },
+            (None, Some(FitError::DoesNotFit { missing, .. })) => DomainFit {
+                domain: d.name.clone(),
+                status: "missing",
+                detail: missing,
+                fix: Some(if d.persistent {
+                    format!("gpupass fit {} --apply", d.name)
+                } else {
+                    "define the domain, then gpupass fit --apply".into()
+                }),
+            },
+            (None, Some(e)) => DomainFit {
+                domain: d.name.clone(),
+                status: "impossible",
+                detail: e.to_string(),
+                fix: None,
+            },
+        };
+        rows.push(row);
+    }
+    if flags.json {
+        print_json(&rows)?;
+    } else {
+        let mut out = String::new();
+        if rows.is_empty() {
+            out.push_str("no domain holds a GPU of this host\n");
+        }
+        for r in &rows {
+            out.push_str(&format!(
+                "{:<10} {}: {}{}\n",
+                r.status,
+                r.domain,
+                r.detail,
+                r.fix
+                    .as_ref()
+                    .map(|f| format!(" — fix: {f}"))
+                    .unwrap_or_default()
+            ));
+        }
+        print_all(&out)?;
+    }
+    if let Some(r) = rows.iter().find(|r| r.status == "impossible") {
+        return Err(FitError::CannotFit {
+            domain: r.domain.clone(),
+            why: r.detail.clone(),
+        }
+        .into());
+    }
+    let missing: Vec<&str> = rows
+        .iter()
+        .filter(|r| r.status == "missing")
+        .map(|r| r.domain.as_str())
+        .collect();
+    if !missing.is_empty() {
+        return Err(FitError::SomeDoNotFit {
+            domains: missing.join(", "),
+        }
+        .into());
+    }
+    Ok(())
+}

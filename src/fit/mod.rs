@@ -45,6 +45,12 @@ pub enum FitError {
         /// The missing pieces.
         missing: String,
     },
+    /// `fit --all`: these domains lack pieces their GPUs need.
+    #[error("domain(s) {domains} lack what their GPUs need (gpupass fit DOMAIN --apply adds it)")]
+    SomeDoNotFit {
+        /// The domains, comma-separated.
+        domains: String,
+    },
     /// The GPUs cannot work in the domain on this host.
     #[error("domain '{domain}' cannot fit its GPUs on this host: {why}")]
     CannotFit {
@@ -61,7 +67,7 @@ impl FitError {
         match self {
             FitError::Xml(_) | FitError::Unsupported(_) => 2,
             FitError::Sysfs(_) | FitError::Resource { .. } => 1,
-            FitError::DoesNotFit { .. } => 16,
+            FitError::DoesNotFit { .. } | FitError::SomeDoNotFit { .. } => 16,
             FitError::CannotFit { .. } => 17,
         }
     }
