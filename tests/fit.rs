@@ -13,8 +13,13 @@ use gpupass::fit::{self, Fitted};
 use gpupass::host::discover::discover;
 use gpupass::host::sysfs::Sysfs;
 
+/// The config of the vendor-options case: hide the hypervisor and switch the ROM BAR off for
+/// RTX 2080 Ti cards in `win-*` domains.
+const VENDOR_CONFIG: &str = "[[guest]]\ndomain = \"win-*\"\nmodel = \"10de:1e07\"\nhide_hypervisor = true\nhyperv_vendor_id = \"gpupass0123\"\nrom = \"off\"\n";
+
 /// Each case: file stem and the fixture host its GPUs live on.
 const CASES: &[(&str, &str)] = &[
+    ("q35-consumer-vendor-options", "consumer-4fn"),
     ("q35-uefi-one-h100", "hgx-8gpu"),
     ("q35-uefi-eight-h100", "hgx-8gpu"),
     ("q35-host-passthrough-existing-commandline", "hgx-8gpu"),
@@ -32,7 +37,10 @@ pub fn fit_on(host: &str, xml: &str) -> Fitted {
     let inv = discover(&sysfs).unwrap();
     let gpus = fit::domain_gpus(&inv, xml, &[]).unwrap();
     let bars = fit::read_bars(&sysfs, &inv, &gpus).unwrap();
-    fit::fit_xml(xml, &bars, sysfs.host_phys_bits().unwrap()).unwrap()
+    let config = gpupass::config::GpupassConfig::parse(VENDOR_CONFIG).unwrap();
+    let name = gpupass::xml::domain::parse(xml).unwrap().name;
+    let vendor = fit::vendor_options(&config, &name, &inv, &gpus);
+    fit::fit_xml_with(xml, &bars, sysfs.host_phys_bits().unwrap(), vendor).unwrap()
 }
 
 /// Lines of `out` that are not in `input`, and lines of `input` not in `out` (a line diff
@@ -82,6 +90,8 @@ fn golden_fits_are_minimal_idempotent_and_schema_valid() {
                     "<domain ",
                     // A one-line hostdev gains its guest address inside the line.
                     "<hostdev ",
+                    "<hidden",
+                    "<vendor_id",
                 ]
                 .iter()
                 .any(|p| r.starts_with(p)),
@@ -155,4 +165,31 @@ fn values_set_higher_are_never_lowered() {
     );
     assert!(out.contains("string=262144"), "{out}");
     assert!(out.contains("bits='46'"), "{out}");
+}
+
+#[test]
+fn vendor_options_apply_only_where_the_config_says_and_keep_the_operators_rom() {
+    let input = fs::read_to_string(dir().join("q35-consumer-vendor-options.in.xml")).unwrap();
+    let out = fit_on("consumer-4fn", &input).xml.unwrap();
+    assert!(out.contains("<kvm><hidden state='on'/></kvm>"), "{out}");
+    assert!(
+        out.contains("<vendor_id state='on' value='gpupass0123'/>"),
+        "{out}"
+    );
+    assert!(
+        out.contains("<relaxed state='on'/>"),
+        "the operator's hyperv stays: {out}"
+    );
+    assert_eq!(out.matches("<rom bar='off'/>").count(), 3, "{out}");
+    assert!(
+        out.contains("<rom file='/usr/share/vgabios/own.rom'/>"),
+        "{out}"
+    );
+    // Another domain name: none of them.
+    let other = input.replace("win-desktop", "linux-desktop");
+    let out = fit_on("consumer-4fn", &other).xml.unwrap();
+    assert!(
+        !out.contains("<hidden") && !out.contains("<rom bar"),
+        "{out}"
+    );
 }

@@ -53,7 +53,8 @@ fn host_bits(g: &Global) -> anyhow::Result<Option<u8>> {
         .with_context(|| format!("reading host root {}", g.host_root.display()))
 }
 
-/// Plans the fit of `xml` for the GPUs it holds plus `extra` (pure but for reading BARs).
+/// Plans the fit of `xml` for the GPUs it holds plus `extra`, with the config's vendor options
+/// (pure but for reading BARs).
 pub fn plan_for(
     g: &Global,
     inv: &Inventory,
@@ -62,7 +63,9 @@ pub fn plan_for(
 ) -> anyhow::Result<fit::Fitted> {
     let gpus = fit::domain_gpus(inv, xml, extra)?;
     let bars = fit::read_bars(&Sysfs::new(&g.host_root), inv, &gpus)?;
-    Ok(fit::fit_xml(xml, &bars, host_bits(g)?)?)
+    let name = gpupass::xml::domain::parse(xml)?.name;
+    let vendor = fit::vendor_options(&g.settings, &name, inv, &gpus);
+    Ok(fit::fit_xml_with(xml, &bars, host_bits(g)?, vendor)?)
 }
 
 /// Fits the persistent definition of `name` for the GPUs it holds plus `extra`, defining the

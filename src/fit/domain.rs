@@ -81,6 +81,8 @@ pub struct Hostdev {
     pub guest: Option<GuestAddress>,
     /// It has an `<address>` of another type (`unassigned`, `ccw`…): the operator placed it.
     pub other_address: bool,
+    /// It has a `<rom>`.
+    pub rom: bool,
 }
 
 /// A `<controller type='pci'>`.
@@ -159,6 +161,16 @@ pub struct DomainLayout<'a> {
     pub commandline: Option<(Element, String)>,
     /// The OVMF window argument.
     pub mmio64: Option<Mmio64Arg>,
+    /// `<features>`.
+    pub features: Option<Element>,
+    /// `<features><kvm>`.
+    pub kvm: Option<Element>,
+    /// `<features><kvm><hidden>`.
+    pub kvm_hidden: Option<StateElement>,
+    /// `<features><hyperv>`.
+    pub hyperv: Option<Element>,
+    /// `<features><hyperv><vendor_id>`.
+    pub hyperv_vendor_id: Option<StateElement>,
 }
 
 impl DomainLayout<'_> {
@@ -227,6 +239,19 @@ struct OpenHostdev {
     source: Option<PciAddress>,
     guest: Option<GuestAddress>,
     other: bool,
+    rom: bool,
+}
+
+/// An element with a `state` (and `value`) attribute: `<hidden state='on'/>`,
+/// `<vendor_id state='on' value='…'/>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateElement {
+    /// The element.
+    pub span: Range<usize>,
+    /// `state`.
+    pub state: Option<String>,
+    /// `value`.
+    pub value: Option<String>,
 }
 
 /// A PCI `<controller>` being read.
@@ -288,6 +313,11 @@ pub fn scan(text: &str) -> Result<DomainLayout<'_>, FitError> {
         hostdevs: Vec::new(),
         commandline: None,
         mmio64: None,
+        features: None,
+        kvm: None,
+        kvm_hidden: None,
+        hyperv: None,
+        hyperv_vendor_id: None,
     };
     // Open elements: qualified name and where each started.
     let mut stack: Vec<(String, usize, usize)> = Vec::new();
@@ -371,6 +401,7 @@ pub fn scan(text: &str) -> Result<DomainLayout<'_>, FitError> {
                             out.cpu_mode = attr(e, b"mode")?;
                         }
                         "devices" => out.devices = Some(element),
+                        "features" => out.features = Some(element),
                         _ if is_qemu && local == "commandline" => {
                             let prefix = qname
                                 .split_once(':')
@@ -417,6 +448,7 @@ pub fn scan(text: &str) -> Result<DomainLayout<'_>, FitError> {
                                     source: None,
                                     guest: None,
                                     other: false,
+                                    rom: false,
                                 });
                             }
                         }
@@ -445,6 +477,28 @@ pub fn scan(text: &str) -> Result<DomainLayout<'_>, FitError> {
                         }
                         _ => {}
                     },
+                    ["domain", "features"] if qname == "kvm" => out.kvm = Some(element),
+                    ["domain", "features"] if qname == "hyperv" => out.hyperv = Some(element),
+                    ["domain", "features", f]
+                        if (*f == "kvm" && qname == "hidden")
+                            || (*f == "hyperv" && qname == "vendor_id") =>
+                    {
+                        let el = StateElement {
+                            span: before..after,
+                            state: attr(e, b"state")?,
+                            value: attr(e, b"value")?,
+                        };
+                        if *f == "kvm" {
+                            out.kvm_hidden = Some(el);
+                        } else {
+                            out.hyperv_vendor_id = Some(el);
+                        }
+                    }
+                    ["domain", "devices", "hostdev"] if qname == "rom" => {
+                        if let Some(h) = hostdev.as_mut() {
+                            h.rom = true;
+                        }
+                    }
                     ["domain", "devices", dev] if qname == "address" => {
                         if attr(e, b"type")?.as_deref() == Some("pci") {
                             let num = |n: &[u8]| -> Result<u32, FitError> {
@@ -548,6 +602,9 @@ pub fn scan(text: &str) -> Result<DomainLayout<'_>, FitError> {
                     ([], _) => out.root = element,
                     (["domain"], "cpu") => out.cpu = Some(element),
                     (["domain"], "devices") => out.devices = Some(element),
+                    (["domain"], "features") => out.features = Some(element),
+                    (["domain", "features"], "kvm") => out.kvm = Some(element),
+                    (["domain", "features"], "hyperv") => out.hyperv = Some(element),
                     (["domain"], _)
                         if out
                             .commandline
@@ -565,6 +622,7 @@ pub fn scan(text: &str) -> Result<DomainLayout<'_>, FitError> {
                             source: Some(source),
                             guest,
                             other,
+                            rom,
                         }) = hostdev.take()
                         {
                             out.hostdevs.push(Hostdev {
@@ -577,6 +635,7 @@ pub fn scan(text: &str) -> Result<DomainLayout<'_>, FitError> {
                                 source,
                                 guest,
                                 other_address: other,
+                                rom,
                             });
                         }
                     }

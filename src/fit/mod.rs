@@ -10,8 +10,9 @@ pub mod rewrite;
 
 use std::collections::BTreeSet;
 
+use crate::config::GpupassConfig;
 use crate::fit::bars::{read_gpu_bars, GpuBars};
-use crate::fit::plan::{FitPlan, FitRequest};
+use crate::fit::plan::{FitPlan, FitRequest, VendorOptions};
 use crate::host::discover::Inventory;
 use crate::host::sysfs::{Sysfs, SysfsError};
 use crate::model::PciAddress;
@@ -118,12 +119,23 @@ pub fn fit_xml(
     gpus: &[GpuBars],
     host_phys_bits: Option<u8>,
 ) -> Result<Fitted, FitError> {
+    fit_xml_with(xml, gpus, host_phys_bits, VendorOptions::default())
+}
+
+/// [`fit_xml`] with the opt-in vendor options that apply.
+pub fn fit_xml_with(
+    xml: &str,
+    gpus: &[GpuBars],
+    host_phys_bits: Option<u8>,
+    vendor: VendorOptions,
+) -> Result<Fitted, FitError> {
     let layout = domain::scan(xml)?;
     let plan = plan::plan(
         &layout,
         &FitRequest {
             gpus,
             host_phys_bits,
+            vendor,
         },
     );
     let xml = if plan.changes.is_empty() || plan.impossible() {
@@ -154,6 +166,33 @@ pub fn domain_gpus(
         }
     }
     Ok(out.into_iter().collect())
+}
+
+/// The vendor options the config's `[[guest]]` entries give domain `name` for `gpus` (pure).
+pub fn vendor_options(
+    config: &GpupassConfig,
+    name: &str,
+    inv: &Inventory,
+    gpus: &[PciAddress],
+) -> VendorOptions {
+    let mut v = VendorOptions::default();
+    for gpu in gpus {
+        let Some(id) = inv.device(*gpu).map(|d| d.id) else {
+            continue;
+        };
+        for g in config.guest_options(name, id) {
+            v.hide_hypervisor |= g.hide_hypervisor;
+            if v.hyperv_vendor_id.is_none() {
+                v.hyperv_vendor_id.clone_from(&g.hyperv_vendor_id);
+            }
+            if let Some(r) = &g.rom {
+                if !v.rom.iter().any(|(a, _)| a == gpu) {
+                    v.rom.push((*gpu, r.clone()));
+                }
+            }
+        }
+    }
+    v
 }
 
 /// Reads the BARs of these GPUs (IO).

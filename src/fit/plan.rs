@@ -168,6 +168,23 @@ pub enum Change {
     },
     /// A GPU's functions put at one guest slot.
     Place(Placement),
+    /// `<features><kvm><hidden state='on'/></kvm></features>`.
+    HideHypervisor,
+    /// `<features><hyperv><vendor_id state='on' value='…'/></hyperv></features>`.
+    HypervVendorId {
+        /// The value.
+        value: String,
+    },
+    /// `<rom bar='off'/>` or `<rom file='…'/>` on hostdevs without one.
+    Rom {
+        /// The GPU.
+        gpu: PciAddress,
+        /// `off` or the file.
+        setting: String,
+        /// Indexes into the layout's hostdevs.
+        #[serde(skip)]
+        hostdevs: Vec<usize>,
+    },
 }
 
 impl Change {
@@ -200,6 +217,16 @@ impl Change {
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
+            Change::HideHypervisor => {
+                "<kvm><hidden state='on'/></kvm> (the guest driver does not see KVM)".into()
+            }
+            Change::HypervVendorId { value } => {
+                format!("<hyperv><vendor_id state='on' value='{value}'/></hyperv>")
+            }
+            Change::Rom { gpu, setting, .. } if setting == "off" => {
+                format!("GPU {gpu}: <rom bar='off'/>")
+            }
+            Change::Rom { gpu, setting, .. } => format!("GPU {gpu}: <rom file='{setting}'/>"),
             Change::Place(p) => format!(
                 "GPU {} at guest bus 0x{:02x} slot 0x{:02x}: {}",
                 p.gpu,
@@ -276,6 +303,17 @@ impl FitPlan {
     }
 }
 
+/// Opt-in vendor options for a domain's GPUs (the config's `[[guest]]` entries that apply).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VendorOptions {
+    /// `<kvm><hidden state='on'/>`.
+    pub hide_hypervisor: bool,
+    /// `<hyperv><vendor_id state='on' value='…'/>`.
+    pub hyperv_vendor_id: Option<String>,
+    /// Per GPU: `off` or a ROM file path, for each of its functions without a `<rom>`.
+    pub rom: Vec<(PciAddress, String)>,
+}
+
 /// What the domain is asked to hold: GPUs it has as hostdevs and GPUs it would get.
 #[derive(Debug, Clone, Default)]
 pub struct FitRequest<'a> {
@@ -283,6 +321,8 @@ pub struct FitRequest<'a> {
     pub gpus: &'a [GpuBars],
     /// The host CPU's physical address bits.
     pub host_phys_bits: Option<u8>,
+    /// Opt-in vendor options.
+    pub vendor: VendorOptions,
 }
 
 fn effective_bits(d: &DomainLayout<'_>, host: Option<u8>) -> (u8, String) {
@@ -576,7 +616,75 @@ pub fn plan(d: &DomainLayout<'_>, req: &FitRequest<'_>) -> FitPlan {
 
     // 4 and 5. Root ports and the card's own slot layout.
     slots(d, req.gpus, machine, &ports, &mut plan);
+    vendor(d, req, &mut plan);
     plan
+}
+
+/// The opt-in vendor options (config `[[guest]]`): what is asked and not there yet.
+fn vendor(d: &DomainLayout<'_>, req: &FitRequest<'_>, plan: &mut FitPlan) {
+    let v = &req.vendor;
+    let mut missing = Vec::new();
+    let on = |e: &Option<crate::fit::domain::StateElement>| {
+        e.as_ref().is_some_and(|h| h.state.as_deref() == Some("on"))
+    };
+    if v.hide_hypervisor && !on(&d.kvm_hidden) {
+        missing.push("hidden hypervisor".to_owned());
+        plan.changes.push(Change::HideHypervisor);
+    }
+    if let Some(id) = &v.hyperv_vendor_id {
+        let set = d
+            .hyperv_vendor_id
+            .as_ref()
+            .is_some_and(|h| h.state.as_deref() == Some("on") && h.value.as_deref() == Some(id));
+        if !set {
+            missing.push(format!("Hyper-V vendor id {id}"));
+            plan.changes
+                .push(Change::HypervVendorId { value: id.clone() });
+        }
+    }
+    for (gpu, setting) in &v.rom {
+        let fns: Vec<PciAddress> = req
+            .gpus
+            .iter()
+            .filter(|g| g.gpu == *gpu)
+            .flat_map(|g| g.functions.iter().map(|f| f.function))
+            .collect();
+        let hostdevs: Vec<usize> = d
+            .hostdevs
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| fns.contains(&h.source) && !h.rom)
+            .map(|(i, _)| i)
+            .collect();
+        if !hostdevs.is_empty() {
+            missing.push(format!("GPU {gpu} ROM {setting}"));
+            plan.changes.push(Change::Rom {
+                gpu: *gpu,
+                setting: setting.clone(),
+                hostdevs,
+            });
+        }
+    }
+    let asked = v.hide_hypervisor || v.hyperv_vendor_id.is_some() || !v.rom.is_empty();
+    if asked {
+        plan.checks.push(if missing.is_empty() {
+            check(
+                "vendor options",
+                Status::Ok,
+                "as the config's [[guest]] asks".into(),
+                "config [[guest]]".into(),
+                "opt-in options for these GPUs are set".into(),
+            )
+        } else {
+            check(
+                "vendor options",
+                Status::Missing,
+                "-".into(),
+                missing.join(", "),
+                "asked by the config's [[guest]] for these GPUs".into(),
+            )
+        });
+    }
 }
 
 /// Places each GPU's functions at one guest slot (host function numbers, multifunction on
@@ -911,6 +1019,7 @@ mod tests {
             &FitRequest {
                 gpus: &hgx(1),
                 host_phys_bits: Some(46),
+                ..Default::default()
             },
         );
         assert!(p.not_applicable.is_none());
@@ -944,6 +1053,7 @@ mod tests {
             &FitRequest {
                 gpus: &hgx(8),
                 host_phys_bits: Some(46),
+                ..Default::default()
             },
         );
         assert_eq!(p.phys_bits_needed, 42);
@@ -964,6 +1074,7 @@ mod tests {
             &FitRequest {
                 gpus: &hgx(8),
                 host_phys_bits: Some(39),
+                ..Default::default()
             },
         );
         assert_eq!(item(&p, "phys-bits").status, Status::Fail);
@@ -980,6 +1091,7 @@ mod tests {
             &FitRequest {
                 gpus: &hgx(1),
                 host_phys_bits: Some(46),
+                ..Default::default()
             },
         );
         assert!(p.certain_failure.is_none());
@@ -999,6 +1111,7 @@ mod tests {
             &FitRequest {
                 gpus: &hgx(8),
                 host_phys_bits: Some(46),
+                ..Default::default()
             },
         );
         assert!(p.certain_failure.is_some());
@@ -1010,6 +1123,7 @@ mod tests {
             &FitRequest {
                 gpus: &hgx(8),
                 host_phys_bits: Some(46),
+                ..Default::default()
             },
         );
         assert!(p.certain_failure.is_none());
@@ -1024,6 +1138,7 @@ mod tests {
             &FitRequest {
                 gpus: &hgx(8),
                 host_phys_bits: Some(46),
+                ..Default::default()
             },
         );
         assert!(p
@@ -1041,6 +1156,7 @@ mod tests {
             &FitRequest {
                 gpus: &hgx(8),
                 host_phys_bits: Some(46),
+                ..Default::default()
             },
         );
         for c in ["64-bit window", "phys-bits", "pcihole64"] {
@@ -1060,6 +1176,7 @@ mod tests {
             &FitRequest {
                 gpus: &hgx(1),
                 host_phys_bits: None,
+                ..Default::default()
             },
         );
         assert!(p.not_applicable.unwrap().contains("aarch64"));
@@ -1070,6 +1187,7 @@ mod tests {
             &FitRequest {
                 gpus: &hgx(1),
                 host_phys_bits: None,
+                ..Default::default()
             },
         );
         assert!(p.not_applicable.unwrap().contains("xen"));
@@ -1104,6 +1222,7 @@ mod tests {
             &FitRequest {
                 gpus: std::slice::from_ref(&card),
                 host_phys_bits: Some(39),
+                ..Default::default()
             },
         );
         let place = p

@@ -188,6 +188,7 @@ pub fn rewrite(d: &DomainLayout<'_>, plan: &FitPlan) -> Result<String, FitError>
                     ));
                 }
             }
+            Change::HideHypervisor | Change::HypervVendorId { .. } | Change::Rom { .. } => {}
             Change::Place(p) => {
                 let multi = p.hostdevs.len() > 1;
                 for (i, f) in &p.hostdevs {
@@ -202,6 +203,62 @@ pub fn rewrite(d: &DomainLayout<'_>, plan: &FitPlan) -> Result<String, FitError>
                     }
                 }
             }
+        }
+    }
+    // Vendor options: children of <features>, created when missing.
+    let mut feature_blocks: Vec<String> = Vec::new();
+    for change in &plan.changes {
+        match change {
+            Change::HideHypervisor => {
+                let el = "<hidden state='on'/>";
+                match (&d.kvm_hidden, &d.kvm) {
+                    (Some(h), _) => edits.push(Edit {
+                        range: h.span.clone(),
+                        text: el.into(),
+                    }),
+                    (None, Some(kvm)) => edits.push(insert_child(text, kvm, el)),
+                    (None, None) => feature_blocks.push(format!("<kvm>{el}</kvm>")),
+                }
+            }
+            Change::HypervVendorId { value } => {
+                let el = format!("<vendor_id state='on' value='{value}'/>");
+                match (&d.hyperv_vendor_id, &d.hyperv) {
+                    (Some(h), _) => edits.push(Edit {
+                        range: h.span.clone(),
+                        text: el,
+                    }),
+                    (None, Some(hv)) => edits.push(insert_child(text, hv, &el)),
+                    (None, None) => feature_blocks.push(format!("<hyperv>{el}</hyperv>")),
+                }
+            }
+            Change::Rom {
+                setting, hostdevs, ..
+            } => {
+                // The config checked the path: no quote, <, > or & to escape.
+                let el = if setting == "off" {
+                    "<rom bar='off'/>".to_owned()
+                } else {
+                    format!("<rom file='{setting}'/>")
+                };
+                for i in hostdevs {
+                    edits.push(insert_child(text, &d.hostdevs[*i].element, &el));
+                }
+            }
+            _ => {}
+        }
+    }
+    if !feature_blocks.is_empty() {
+        match &d.features {
+            Some(f) => {
+                for b in &feature_blocks {
+                    edits.push(insert_child(text, f, b));
+                }
+            }
+            None => edits.push(insert_in_domain(
+                text,
+                &d.root,
+                &format!("<features>{}</features>", feature_blocks.concat()),
+            )),
         }
     }
     if !device_blocks.is_empty() {

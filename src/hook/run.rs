@@ -137,15 +137,13 @@ pub fn fit_domain(env: &HookEnv, xml: &str) -> Result<Option<String>, HookError>
         return Ok(None);
     }
     let bars = crate::fit::read_bars(&sysfs, &inv, &gpus)?;
-    let fitted = crate::fit::fit_xml(xml, &bars, sysfs.host_phys_bits()?)?;
+    let name = scan(xml)?.name;
+    let vendor = crate::fit::vendor_options(&env.config, &name, &inv, &gpus);
+    let fitted = crate::fit::fit_xml_with(xml, &bars, sysfs.host_phys_bits()?, vendor)?;
     for c in &fitted.plan.changes {
-        tracing::info!(domain = %layout_name(xml), "fit: {}", c.describe());
+        tracing::info!(domain = %name, "fit: {}", c.describe());
     }
     Ok(fitted.xml)
-}
-
-fn layout_name(xml: &str) -> String {
-    scan(xml).map(|d| d.name).unwrap_or_default()
 }
 
 /// Refuses when the owner's limit would be exceeded by the domain holding the GPUs of
