@@ -193,3 +193,37 @@ fn vendor_options_apply_only_where_the_config_says_and_keep_the_operators_rom() 
         "{out}"
     );
 }
+
+#[test]
+fn the_report_names_each_missing_piece_with_one_line_why() {
+    let input = fs::read_to_string(dir().join("q35-uefi-one-h100.in.xml")).unwrap();
+    let f = fit_on("hgx-8gpu", &input);
+    let text = fit::describe(&f.plan, "gpu-vm");
+    println!("{text}");
+    assert!(
+        text.starts_with(
+            "domain 'gpu-vm': 1 GPU(s) need a 256 GiB 64-bit window and 39 guest address bits\n"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("GPU 0000:18:00.0: 64-bit prefetchable BARs 128.04 GiB -> window 256 GiB"),
+        "{text}"
+    );
+    for item in ["64-bit window", "pcihole64", "root ports", "slot layout"] {
+        assert!(
+            text.lines()
+                .any(|l| l.contains("MISSING") && l.contains(item)),
+            "{item}: {text}"
+        );
+    }
+    assert!(
+        text.lines()
+            .any(|l| l.contains("ok") && l.contains("phys-bits")),
+        "{text}"
+    );
+    let json = serde_json::to_value(&f.plan).unwrap();
+    assert_eq!(json["need"]["total"], 256u64 << 30);
+    assert_eq!(json["provides"]["firmware"], "uefi");
+    assert_eq!(json["checks"][0]["status"], "missing");
+}
