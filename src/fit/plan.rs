@@ -402,6 +402,10 @@ pub fn plan(d: &DomainLayout<'_>, req: &FitRequest<'_>) -> FitPlan {
         certain_failure: None,
         firmware_dependent: None,
     };
+    if req.gpus.is_empty() {
+        plan.not_applicable = Some("it holds none of this host's GPUs".into());
+        return plan;
+    }
     if !d.is_x86() {
         plan.not_applicable = Some(format!(
             "arch {}: gpupass fits x86 guests only",
@@ -1181,6 +1185,15 @@ mod tests {
         );
         assert!(p.not_applicable.unwrap().contains("aarch64"));
         assert!(p.changes.is_empty());
+        let p = plan(&scan(&dom("", "", "", 4)).unwrap(), &FitRequest::default());
+        assert!(p
+            .not_applicable
+            .unwrap()
+            .contains("none of this host's GPUs"));
+        assert!(
+            p.changes.is_empty(),
+            "no spare root ports for a domain without GPUs"
+        );
         let x = "<domain type='xen'><name>x</name><os><type>hvm</type></os></domain>";
         let p = plan(
             &scan(x).unwrap(),
