@@ -125,6 +125,8 @@ pub struct Mmio64Arg {
 pub struct DomainLayout<'a> {
     /// The text.
     pub text: &'a str,
+    /// `<name>` (its text, as libvirt reads the first one).
+    pub name: String,
     /// `<domain type>` (`kvm`, `qemu`, `xen`…).
     pub virt_type: String,
     /// `<os><type arch>`.
@@ -266,6 +268,7 @@ struct OpenController {
 /// Which text is being collected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Text {
+    Name,
     Memory,
     MaxMemory,
     Pcihole64,
@@ -290,6 +293,7 @@ pub fn scan(text: &str) -> Result<DomainLayout<'_>, FitError> {
     };
     let mut out = DomainLayout {
         text,
+        name: String::new(),
         virt_type: String::new(),
         arch: None,
         machine_name: None,
@@ -331,6 +335,7 @@ pub fn scan(text: &str) -> Result<DomainLayout<'_>, FitError> {
     let mut controller: Option<OpenController> = None;
     let mut pcihole_start = 0usize;
     let mut prev_arg: Option<String> = None;
+    let mut seen_name = false;
     loop {
         let before = pos(&reader);
         let (is_qemu, event) = match reader.read_resolved_event() {
@@ -386,6 +391,10 @@ pub fn scan(text: &str) -> Result<DomainLayout<'_>, FitError> {
                         }
                     }
                     ["domain"] => match qname.as_str() {
+                        "name" if !empty && !seen_name => {
+                            seen_name = true;
+                            collecting = Some((Text::Name, stack.len() + 1, String::new(), None));
+                        }
                         "memory" | "maxMemory" if !empty => {
                             let which = if qname == "memory" {
                                 Text::Memory
@@ -585,6 +594,7 @@ pub fn scan(text: &str) -> Result<DomainLayout<'_>, FitError> {
                     if depth == stack.len() + 1 {
                         let bytes = scaled(&value, unit.as_deref());
                         match which {
+                            Text::Name => out.name = value,
                             Text::Memory => out.memory = bytes.unwrap_or(0),
                             Text::MaxMemory => out.max_memory = bytes,
                             Text::Loader => loader_text = value,
@@ -664,6 +674,11 @@ pub fn scan(text: &str) -> Result<DomainLayout<'_>, FitError> {
                     _ => {}
                 }
             }
+            Event::CData(t) => {
+                if let Some(c) = collecting.as_mut() {
+                    c.2.push_str(&String::from_utf8_lossy(&t));
+                }
+            }
             Event::Text(t) => {
                 if let Some(c) = collecting.as_mut() {
                     let v = t
@@ -736,6 +751,7 @@ mod tests {
     #[test]
     fn reads_everything_the_fit_needs() {
         let d = scan(Q35_EFI).unwrap();
+        assert_eq!(d.name, "vm");
         assert_eq!(d.machine(), Machine::Q35);
         assert_eq!(d.firmware, Firmware::Uefi);
         assert_eq!(d.memory, 16 << 30);

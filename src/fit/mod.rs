@@ -129,9 +129,18 @@ pub fn fit_xml_with(
     host_phys_bits: Option<u8>,
     vendor: VendorOptions,
 ) -> Result<Fitted, FitError> {
-    let layout = domain::scan(xml)?;
+    fit_layout(&domain::scan(xml)?, gpus, host_phys_bits, vendor)
+}
+
+/// [`fit_xml_with`] on a domain already scanned.
+pub fn fit_layout(
+    layout: &domain::DomainLayout<'_>,
+    gpus: &[GpuBars],
+    host_phys_bits: Option<u8>,
+    vendor: VendorOptions,
+) -> Result<Fitted, FitError> {
     let plan = plan::plan(
-        &layout,
+        layout,
         &FitRequest {
             gpus,
             host_phys_bits,
@@ -141,7 +150,7 @@ pub fn fit_xml_with(
     let xml = if plan.changes.is_empty() || plan.impossible() {
         None
     } else {
-        Some(rewrite::rewrite(&layout, &plan)?)
+        Some(rewrite::rewrite(layout, &plan)?)
     };
     Ok(Fitted { plan, xml })
 }
@@ -153,7 +162,15 @@ pub fn domain_gpus(
     xml: &str,
     extra: &[PciAddress],
 ) -> Result<Vec<PciAddress>, FitError> {
-    let layout = domain::scan(xml)?;
+    Ok(layout_gpus(inv, &domain::scan(xml)?, extra))
+}
+
+/// [`domain_gpus`] of a domain already scanned.
+pub fn layout_gpus(
+    inv: &Inventory,
+    layout: &domain::DomainLayout<'_>,
+    extra: &[PciAddress],
+) -> Vec<PciAddress> {
     let mut out: BTreeSet<PciAddress> = BTreeSet::new();
     for a in layout
         .hostdevs
@@ -165,7 +182,7 @@ pub fn domain_gpus(
             out.insert(g.address);
         }
     }
-    Ok(out.into_iter().collect())
+    out.into_iter().collect()
 }
 
 /// The vendor options the config's `[[guest]]` entries give domain `name` for `gpus` (pure).

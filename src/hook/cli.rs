@@ -297,14 +297,8 @@ fn transform(dirs: &Dirs, a: &TransformArgs) -> Result<(), HookError> {
         (None, false) => Some(AttachRequest::Gpus(a.gpus.clone())),
         (None, true) => None,
     };
-    let out = run::transform(&e, &input, request)?;
-    let text = out.as_deref().unwrap_or(&input);
-    let fitted = if a.no_fit {
-        None
-    } else {
-        run::fit_domain(&e, text)?
-    };
-    print_stdout(fitted.as_deref().unwrap_or(text))
+    let out = run::transform_and_fit(&e, &input, request, !a.no_fit)?;
+    print_stdout(out.as_deref().unwrap_or(&input))
 }
 
 /// Counts a decision for `/metrics`; a failure is a warning (an untrusted run dir only a debug

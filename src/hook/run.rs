@@ -55,6 +55,32 @@ pub fn transform(
     input: &str,
     override_request: Option<AttachRequest>,
 ) -> Result<Option<String>, HookError> {
+    transform_keeping(env, input, override_request, &mut None)
+}
+
+/// [`transform`], then the output fitted to its GPUs (`fit`), with the inventory the transform
+/// read (one discovery): `Ok(None)` when nothing changes.
+pub fn transform_and_fit(
+    env: &HookEnv,
+    input: &str,
+    override_request: Option<AttachRequest>,
+    fit: bool,
+) -> Result<Option<String>, HookError> {
+    let mut inv = None;
+    let out = transform_keeping(env, input, override_request, &mut inv)?;
+    if !fit {
+        return Ok(out);
+    }
+    let fitted = fit_domain_with(env, out.as_deref().unwrap_or(input), inv.as_ref())?;
+    Ok(fitted.or(out))
+}
+
+fn transform_keeping(
+    env: &HookEnv,
+    input: &str,
+    override_request: Option<AttachRequest>,
+    keep: &mut Option<crate::host::discover::Inventory>,
+) -> Result<Option<String>, HookError> {
     let doc = scan(input)?;
     let request = match override_request {
         Some(r) => r,
@@ -102,6 +128,7 @@ pub fn transform(
         )?;
     }
     if !res.changes() {
+        *keep = Some(inv);
         return Ok(None);
     }
     let mut edits: Vec<Edit> = res
@@ -118,6 +145,7 @@ pub fn transform(
     for f in &res.add {
         tracing::info!(domain = %doc.name, bdf = %f, "hostdev added");
     }
+    *keep = Some(inv);
     Ok(Some(apply(input, &edits)))
 }
 
@@ -125,23 +153,39 @@ pub fn transform(
 /// layout; see `fit`): `Ok(None)` when nothing changes. A fit that cannot work on this host is
 /// left to `prepare`, which says why; the XML goes through unchanged.
 pub fn fit_domain(env: &HookEnv, xml: &str) -> Result<Option<String>, HookError> {
+    fit_domain_with(env, xml, None)
+}
+
+/// [`fit_domain`] with an inventory already read (one that holds the domain's GPUs), else one
+/// read around the domain's hostdevs.
+fn fit_domain_with(
+    env: &HookEnv,
+    xml: &str,
+    inv: Option<&crate::host::discover::Inventory>,
+) -> Result<Option<String>, HookError> {
     let layout = crate::fit::domain::scan(xml)?;
     let sources: Vec<PciAddress> = layout.hostdevs.iter().map(|h| h.source).collect();
     if sources.is_empty() {
         return Ok(None);
     }
     let sysfs = Sysfs::new(&env.host_root);
-    let inv = discover_with(&sysfs, &Scope::Around(sources), false)?;
-    let gpus = crate::fit::domain_gpus(&inv, xml, &[])?;
+    let around;
+    let inv = match inv {
+        Some(i) if sources.iter().all(|s| i.device(*s).is_some()) => i,
+        _ => {
+            around = discover_with(&sysfs, &Scope::Around(sources), false)?;
+            &around
+        }
+    };
+    let gpus = crate::fit::layout_gpus(inv, &layout, &[]);
     if gpus.is_empty() {
         return Ok(None);
     }
-    let bars = crate::fit::read_bars(&sysfs, &inv, &gpus)?;
-    let name = scan(xml)?.name;
-    let vendor = crate::fit::vendor_options(&env.config, &name, &inv, &gpus);
-    let fitted = crate::fit::fit_xml_with(xml, &bars, sysfs.host_phys_bits()?, vendor)?;
+    let bars = crate::fit::read_bars(&sysfs, inv, &gpus)?;
+    let vendor = crate::fit::vendor_options(&env.config, &layout.name, inv, &gpus);
+    let fitted = crate::fit::fit_layout(&layout, &bars, sysfs.host_phys_bits()?, vendor)?;
     for c in &fitted.plan.changes {
-        tracing::info!(domain = %name, "fit: {}", c.describe());
+        tracing::info!(domain = %layout.name, "fit: {}", c.describe());
     }
     Ok(fitted.xml)
 }
