@@ -151,10 +151,19 @@ pub fn run(
     let report = report.context(what.clone())?;
     // The persistent definition gets what its GPUs need; the running one cannot change.
     let fitted = match (&action, report.config, flags.fit) {
-        (Action::Attach(_), true, true) => Some(
-            crate::cli::fit::apply_config(&hv, g, &inv, domain, &[])
-                .with_context(|| format!("fitting '{domain}' to its GPUs (--no-fit skips it)"))?,
-        ),
+        (Action::Attach(_), true, true) => {
+            match crate::cli::fit::apply_config(&hv, g, &inv, domain, &[]) {
+                Ok(f) => Some(f),
+                // The GPUs are attached; the fit is said plainly, never half-done.
+                Err(e) => {
+                    tracing::warn!(
+                        "GPUs attached to '{domain}', but its definition was not fitted to them: {}; `gpupass fit {domain}` shows what is missing",
+                        gpupass::hook::cli::one_line(&format!("{e:#}"))
+                    );
+                    None
+                }
+            }
+        }
         (Action::Attach(_), true, false) => {
             tracing::warn!(
                 "domain '{domain}' left as it is (--no-fit): `gpupass fit {domain}` shows what its GPUs need"
