@@ -25,6 +25,7 @@ const CASES: &[(&str, &str)] = &[
     ("q35-host-passthrough-existing-commandline", "hgx-8gpu"),
     ("i440fx-bios-consumer-card", "consumer-4fn"),
     ("q35-already-fitted", "hgx-8gpu"),
+    ("q35-bios-three-h100-no-cpu", "hgx-8gpu"),
 ];
 
 fn dir() -> PathBuf {
