@@ -65,7 +65,13 @@ pub fn plan_for(
     let bars = fit::read_bars(&Sysfs::new(&g.host_root), inv, &gpus)?;
     let name = gpupass::xml::domain::parse(xml)?.name;
     let vendor = fit::vendor_options(&g.settings, &name, inv, &gpus);
-    Ok(fit::fit_xml_with(xml, &bars, host_bits(g)?, vendor)?)
+    Ok(fit::fit_xml_fabric(
+        xml,
+        &bars,
+        host_bits(g)?,
+        vendor,
+        fit::fabric(inv),
+    )?)
 }
 
 /// Fits the persistent definition of `name` for the GPUs it holds plus `extra`, defining the

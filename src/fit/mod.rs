@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 
 use crate::config::GpupassConfig;
 use crate::fit::bars::{read_gpu_bars, GpuBars};
-use crate::fit::plan::{FitPlan, FitRequest, VendorOptions};
+use crate::fit::plan::{Fabric, FitPlan, FitRequest, VendorOptions};
 use crate::host::discover::Inventory;
 use crate::host::sysfs::{Sysfs, SysfsError};
 use crate::model::PciAddress;
@@ -132,6 +132,48 @@ pub fn fit_xml_with(
     fit_layout(&domain::scan(xml)?, gpus, host_phys_bits, vendor)
 }
 
+/// [`fit_xml_with`] that also judges HGX full passthrough against the host's fabric.
+pub fn fit_xml_fabric(
+    xml: &str,
+    gpus: &[GpuBars],
+    host_phys_bits: Option<u8>,
+    vendor: VendorOptions,
+    fabric: Option<Fabric>,
+) -> Result<Fitted, FitError> {
+    let layout = domain::scan(xml)?;
+    let plan = plan::plan(
+        &layout,
+        &FitRequest {
+            gpus,
+            host_phys_bits,
+            vendor,
+            fabric,
+        },
+    );
+    finish(&layout, plan)
+}
+
+/// The host's HGX fabric (pure): its NVIDIA NVSwitches (class 0680) and NVIDIA GPUs; `None`
+/// without switches.
+pub fn fabric(inv: &Inventory) -> Option<Fabric> {
+    let switches: Vec<PciAddress> = inv
+        .devices
+        .values()
+        .filter(|d| d.id.vendor == 0x10de && d.class.base() == 0x06 && d.class.sub() == 0x80)
+        .map(|d| d.address)
+        .collect();
+    if switches.is_empty() {
+        return None;
+    }
+    let gpus = inv
+        .gpus
+        .iter()
+        .filter(|g| inv.device(g.address).is_some_and(|d| d.id.vendor == 0x10de))
+        .map(|g| g.address)
+        .collect();
+    Some(Fabric { switches, gpus })
+}
+
 /// [`fit_xml_with`] on a domain already scanned.
 pub fn fit_layout(
     layout: &domain::DomainLayout<'_>,
@@ -145,8 +187,13 @@ pub fn fit_layout(
             gpus,
             host_phys_bits,
             vendor,
+            fabric: None,
         },
     );
+    finish(layout, plan)
+}
+
+fn finish(layout: &domain::DomainLayout<'_>, plan: FitPlan) -> Result<Fitted, FitError> {
     let xml = if plan.changes.is_empty() || plan.impossible() {
         None
     } else {

@@ -314,6 +314,16 @@ pub struct VendorOptions {
     pub rom: Vec<(PciAddress, String)>,
 }
 
+/// An NVIDIA HGX fabric on the host: its NVSwitches (class 0680) and its GPUs. In full
+/// passthrough all of them go to one domain together (Fabric Manager runs in the guest).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Fabric {
+    /// The NVSwitches.
+    pub switches: Vec<PciAddress>,
+    /// The GPUs of the switches' vendor.
+    pub gpus: Vec<PciAddress>,
+}
+
 /// What the domain is asked to hold: GPUs it has as hostdevs and GPUs it would get.
 #[derive(Debug, Clone, Default)]
 pub struct FitRequest<'a> {
@@ -323,6 +333,8 @@ pub struct FitRequest<'a> {
     pub host_phys_bits: Option<u8>,
     /// Opt-in vendor options.
     pub vendor: VendorOptions,
+    /// The host's HGX fabric, when it has NVSwitches.
+    pub fabric: Option<Fabric>,
 }
 
 fn effective_bits(d: &DomainLayout<'_>, host: Option<u8>) -> (u8, String) {
@@ -621,7 +633,49 @@ pub fn plan(d: &DomainLayout<'_>, req: &FitRequest<'_>) -> FitPlan {
     // 4 and 5. Root ports and the card's own slot layout.
     slots(d, req.gpus, machine, &ports, &mut plan);
     vendor(d, req, &mut plan);
+    fabric(d, req, &mut plan);
     plan
+}
+
+/// HGX full passthrough is all or nothing: a domain that holds an NVSwitch must hold every
+/// NVSwitch and every GPU of the fabric (never some GPUs with the switches). A domain without
+/// switches (shared-NVSwitch mode, a service VM holds them) is not judged here.
+fn fabric(d: &DomainLayout<'_>, req: &FitRequest<'_>, plan: &mut FitPlan) {
+    let Some(f) = &req.fabric else { return };
+    let sources: BTreeSet<PciAddress> = d.hostdevs.iter().map(|h| h.source).collect();
+    if !f.switches.iter().any(|s| sources.contains(s)) {
+        return;
+    }
+    let held: BTreeSet<PciAddress> = req.gpus.iter().map(|g| g.gpu).collect();
+    let lacking: Vec<String> = f
+        .switches
+        .iter()
+        .filter(|s| !sources.contains(s))
+        .chain(f.gpus.iter().filter(|g| !held.contains(g)))
+        .map(PciAddress::to_string)
+        .collect();
+    let want = format!(
+        "all {} GPUs and {} NVSwitches together",
+        f.gpus.len(),
+        f.switches.len()
+    );
+    if lacking.is_empty() {
+        plan.checks.push(check(
+            "HGX fabric",
+            Status::Ok,
+            "every GPU and NVSwitch".into(),
+            want,
+            "full passthrough: Fabric Manager runs in the guest".into(),
+        ));
+    } else {
+        plan.checks.push(check(
+            "HGX fabric",
+            Status::Fail,
+            format!("NVSwitches without {}", lacking.join(", ")),
+            want,
+            "full passthrough gives one domain the whole fabric; some GPUs with the switches cannot train NVLink".into(),
+        ));
+    }
 }
 
 /// The opt-in vendor options (config `[[guest]]`): what is asked and not there yet.
@@ -1170,6 +1224,70 @@ mod tests {
             c,
             Change::OvmfWindow { .. } | Change::Pcihole64 { .. } | Change::MaxPhysAddr(_)
         )));
+    }
+
+    #[test]
+    fn hgx_full_passthrough_is_all_gpus_and_switches_or_nothing() {
+        let switches: Vec<PciAddress> = ["05", "06", "07", "08"]
+            .iter()
+            .map(|b| a(&format!("0000:{b}:00.0")))
+            .collect();
+        let fabric = Fabric {
+            switches: switches.clone(),
+            gpus: hgx(8).iter().map(|g| g.gpu).collect(),
+        };
+        let hostdev = |addr: &PciAddress| {
+            format!("    <hostdev mode='subsystem' type='pci'><source><address domain='0' bus='0x{:02x}' slot='0' function='0'/></source></hostdev>\n", addr.bus)
+        };
+        let all_gpus: String = hgx(8).iter().map(|g| hostdev(&g.gpu)).collect();
+        let all_switches: String = switches.iter().map(hostdev).collect();
+        let cpu = "  <cpu mode='custom'><model>qemu64</model><maxphysaddr mode='emulate' bits='46'/></cpu>\n";
+        let whole = dom(
+            " firmware='efi'",
+            cpu,
+            &format!("{all_gpus}{all_switches}"),
+            64,
+        );
+        let p = plan(
+            &scan(&whole).unwrap(),
+            &FitRequest {
+                gpus: &hgx(8),
+                host_phys_bits: Some(46),
+                fabric: Some(fabric.clone()),
+                ..Default::default()
+            },
+        );
+        assert_eq!(item(&p, "HGX fabric").status, Status::Ok);
+        // Two GPUs with the switches: impossible, naming what is lacking.
+        let some: String = hgx(2).iter().map(|g| hostdev(&g.gpu)).collect();
+        let part = dom(" firmware='efi'", cpu, &format!("{some}{all_switches}"), 64);
+        let p = plan(
+            &scan(&part).unwrap(),
+            &FitRequest {
+                gpus: &hgx(2),
+                host_phys_bits: Some(46),
+                fabric: Some(fabric.clone()),
+                ..Default::default()
+            },
+        );
+        let c = item(&p, "HGX fabric");
+        assert_eq!(c.status, Status::Fail);
+        assert!(
+            c.have.contains("0000:3a:00.0") && c.have.contains("0000:db:00.0"),
+            "{c:?}"
+        );
+        assert!(p.impossible());
+        // GPUs without switches (shared-NVSwitch mode): not judged.
+        let p = plan(
+            &scan(&dom(" firmware='efi'", cpu, &some, 64)).unwrap(),
+            &FitRequest {
+                gpus: &hgx(2),
+                host_phys_bits: Some(46),
+                fabric: Some(fabric),
+                ..Default::default()
+            },
+        );
+        assert!(p.checks.iter().all(|c| c.item != "HGX fabric"));
     }
 
     #[test]
