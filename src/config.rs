@@ -1,7 +1,7 @@
 //! gpupass's own configuration file (TOML, default `/etc/gpupass/gpupass.toml`): directories,
 //! the template directory, GPU aliases, rules that give a GPU request (and an owner) to domains
-//! by name, owners' limits, and the agent's API settings. Unknown keys are errors, so a typo is
-//! caught instead of silently ignored.
+//! by name, owners' limits, opt-in guest options per GPU model, and the agent's API settings.
+//! Unknown keys are errors, so a typo is caught instead of silently ignored.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -79,6 +79,34 @@ pub struct RuleConfig {
     /// Who the matching domains belong to (a CloudStack account…), for limits and usage.
     #[serde(default)]
     pub owner: Option<String>,
+}
+
+/// Opt-in guest options for domains holding certain GPUs (`[[guest]]`), applied by the fit:
+/// hiding the hypervisor from old NVIDIA consumer drivers (Code 43), a ROM BAR switched off or
+/// replaced. An entry applies when every selector it gives matches (none = every GPU).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct GuestConfig {
+    /// Glob on the domain name.
+    #[serde(default)]
+    pub domain: Option<String>,
+    /// GPUs of this vendor:device.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Or of this alias's model.
+    #[serde(default)]
+    pub alias: Option<String>,
+    /// `<features><kvm><hidden state='on'/></kvm></features>`.
+    #[serde(default)]
+    pub hide_hypervisor: bool,
+    /// `<features><hyperv><vendor_id state='on' value='…'/></hyperv></features>` (1–12 letters
+    /// or digits).
+    #[serde(default)]
+    pub hyperv_vendor_id: Option<String>,
+    /// `off` (`<rom bar='off'/>`) or an absolute path (`<rom file='…'/>`), on each function of
+    /// the GPU that has no `<rom>` yet.
+    #[serde(default)]
+    pub rom: Option<String>,
 }
 
 /// Nova's `pci_alias` entry, accepted as a JSON string: `{"name":"K4200","vendor_id":"10de",
@@ -220,6 +248,9 @@ pub struct GpupassConfig {
     /// Limits per owner.
     #[serde(default)]
     pub limits: BTreeMap<String, LimitConfig>,
+    /// Opt-in guest options for domains holding certain GPUs (`[[guest]]`).
+    #[serde(default)]
+    pub guest: Vec<GuestConfig>,
     /// Directories.
     #[serde(default)]
     pub paths: PathsConfig,
@@ -280,6 +311,24 @@ impl GpupassConfig {
         Ok(config)
     }
 
+    /// The `[[guest]]` entries that apply to a GPU of model `id` in domain `domain`.
+    pub fn guest_options(&self, domain: &str, id: PciId) -> Vec<&GuestConfig> {
+        self.guest
+            .iter()
+            .filter(|g| {
+                g.domain
+                    .as_deref()
+                    .is_none_or(|d| glob::Pattern::new(d).is_ok_and(|p| p.matches(domain)))
+                    && g.model
+                        .as_deref()
+                        .is_none_or(|m| m.parse::<PciId>().ok() == Some(id))
+                    && g.alias
+                        .as_deref()
+                        .is_none_or(|a| self.aliases.get(a).and_then(AliasConfig::id) == Some(id))
+            })
+            .collect()
+    }
+
     /// The owner of a domain without metadata: the first rule matching its name that names one.
     pub fn rule_owner(&self, domain: &str) -> Option<&str> {
         self.rules
@@ -295,6 +344,46 @@ impl GpupassConfig {
                 return Err(format!(
                     "alias {name}: vendor_id/product_id must be 4 hex digits each"
                 ));
+            }
+        }
+        for (i, g) in self.guest.iter().enumerate() {
+            let at = format!("guest[{i}]");
+            if !g.hide_hypervisor && g.hyperv_vendor_id.is_none() && g.rom.is_none() {
+                return Err(format!(
+                    "{at}: set hide_hypervisor, hyperv_vendor_id or rom (it does nothing)"
+                ));
+            }
+            if let Some(v) = &g.hyperv_vendor_id {
+                if v.is_empty() || v.len() > 12 || !v.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                    return Err(format!(
+                        "{at}.hyperv_vendor_id '{v}': 1 to 12 letters or digits"
+                    ));
+                }
+            }
+            if let Some(r) = &g.rom {
+                let safe = r
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic() && !b"'\"<>&".contains(&b));
+                if r != "off" && !(r.starts_with('/') && safe) {
+                    return Err(format!(
+                        "{at}.rom '{r}': \"off\" or an absolute path (no quotes, <, > or &)"
+                    ));
+                }
+            }
+            if let Some(m) = &g.model {
+                if m.parse::<PciId>().is_err() {
+                    return Err(format!("{at}.model '{m}': expected VVVV:DDDD"));
+                }
+            }
+            if let Some(a) = &g.alias {
+                if !self.aliases.contains_key(a) {
+                    return Err(format!("{at}.alias '{a}' is not defined"));
+                }
+            }
+            if let Some(d) = &g.domain {
+                if glob::Pattern::new(d).is_err() {
+                    return Err(format!("{at}.domain '{d}' is not a valid glob"));
+                }
             }
         }
         for (owner, l) in &self.limits {
@@ -358,6 +447,41 @@ impl GpupassConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guest_options_are_checked_and_matched_by_every_selector_given() {
+        for (bad, why) in [
+            ("[[guest]]\nmodel = \"10de:1e07\"\n", "does nothing"),
+            (
+                "[[guest]]\nhyperv_vendor_id = \"much-too-long-id\"\n",
+                "1 to 12",
+            ),
+            ("[[guest]]\nrom = \"relative.rom\"\n", "absolute path"),
+            ("[[guest]]\nrom = \"/x/a'b.rom\"\n", "absolute path"),
+            (
+                "[[guest]]\nrom = \"off\"\nalias = \"nope\"\n",
+                "not defined",
+            ),
+            ("[[guest]]\nrom = \"off\"\nmodel = \"10de\"\n", "VVVV:DDDD"),
+            ("[[guest]]\nrom = \"off\"\nbogus = 1\n", "unknown field"),
+        ] {
+            let err = GpupassConfig::parse(bad).unwrap_err();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+        let c = GpupassConfig::parse(
+            "[aliases]\nTI = { vendor_id = \"10de\", product_id = \"1e07\" }\n[[guest]]\ndomain = \"win-*\"\nalias = \"TI\"\nhide_hypervisor = true\n[[guest]]\nrom = \"/srv/roms/a.rom\"\n",
+        )
+        .unwrap();
+        let ti: PciId = "10de:1e07".parse().unwrap();
+        let t4: PciId = "10de:1eb8".parse().unwrap();
+        assert_eq!(c.guest_options("win-1", ti).len(), 2);
+        assert_eq!(
+            c.guest_options("linux-1", ti).len(),
+            1,
+            "only the catch-all"
+        );
+        assert_eq!(c.guest_options("win-1", t4).len(), 1);
+    }
 
     #[test]
     fn paths_serve_and_limits_are_checked() {

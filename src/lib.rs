@@ -21,6 +21,7 @@ pub mod bind;
 pub mod cloudstack;
 pub mod config;
 pub mod cpuset;
+pub mod fit;
 pub mod fsutil;
 pub mod health;
 pub mod hook;

@@ -44,7 +44,9 @@ Exit codes:
   13  doctor: a check failed
   14  bind refused for safety (the host's console, a device the host uses; --force)
   15  the domain's owner would exceed its GPU limit or GPU-hours (config [limits])
-  16  health: a GPU failed its health check (it is quarantined) or still fails after --recover,
+  16  fit: the domain lacks what its GPUs need (`gpupass fit DOMAIN --apply` adds it)
+  17  fit: the GPUs cannot work in the domain on this host (e.g. the host CPU's address bits)
+  18  health: a GPU failed its health check (it is quarantined) or still fails after --recover,
       or `quarantine clear` found it still failing (--force clears it anyway)
 The qemu hook exits 1 when it blocks a start (`prepare`) or cannot rewrite (`migrate`/`restore`).";
 
@@ -219,7 +221,7 @@ enum LibvirtCommand {
     ///
     /// Default: every GPU but the host's console, and every quarantined address. The hook
     /// checks each GPU a domain gives back (`release end`), and the agent each one it sees
-    /// released; this is the same check by hand. Exit 16 when a GPU fails.
+    /// released; this is the same check by hand. Exit 18 when a GPU fails.
     #[command(after_help = "Examples:
   gpupass health
   gpupass health 0000:18:00.0 --json")]
@@ -270,6 +272,13 @@ enum LibvirtCommand {
         /// Only GPUs of this vendor:device (with --count).
         #[arg(long, value_name = "VVVV:DDDD", requires = "count")]
         model: Option<PciId>,
+        /// Leave the persistent definition as it is: no 64-bit window, phys-bits, root ports or
+        /// slot layout for the GPUs (see `gpupass fit`).
+        #[arg(long)]
+        no_fit: bool,
+        /// Attach live even when the running domain's 64-bit window cannot hold the GPUs.
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         common: CommonFlags,
     },
@@ -285,6 +294,50 @@ enum LibvirtCommand {
         after_help = "Examples:\n  gpupass serve\n  curl --unix-socket /run/gpupass/gpupass.sock http://gpupass/v1/gpus\n  curl --unix-socket /run/gpupass/gpupass.sock -H 'Content-Type: application/json' \\\n       -d '{\"count\":1}' http://gpupass/v1/domains/vm1/attach"
     )]
     Serve(ServeFlags),
+    /// Check that a domain gives its GPUs what they need to work in the guest, and with --apply
+    /// change its persistent definition so it does.
+    ///
+    /// Per GPU: the 64-bit window its BARs need (next power of two of their sum; the whole
+    /// aperture is the next power of two of the windows). Per domain: the firmware's window
+    /// (OVMF X-PciMmio64Mb), the guest's physical address bits, pcihole64, a pcie-root-port per
+    /// GPU plus spares, each card's functions at one guest slot. Exit 0 when it fits, 16 when
+    /// something is missing, 17 when it cannot fit on this host. --apply changes only those
+    /// elements (byte for byte otherwise) and never lowers a value set higher.
+    #[command(
+        after_help = "Examples:\n  gpupass fit vm1\n  gpupass fit vm1 --count 8 --model 10de:2330 --json\n  gpupass fit vm1 --apply\n  gpupass fit --all"
+    )]
+    Fit {
+        /// The libvirt domain name.
+        #[arg(required_unless_present = "all")]
+        domain: Option<String>,
+        /// Every domain holding a GPU of this host, one line each (the GPUs that would not
+        /// work, with the fix).
+        #[arg(long, conflicts_with_all = ["domain", "gpus", "count", "apply"])]
+        all: bool,
+        /// Also these GPUs (as if attached).
+        #[arg(long = "gpu", value_name = "ADDR", num_args = 1.., conflicts_with = "count")]
+        gpus: Vec<PciAddress>,
+        /// Also N free GPUs, chosen as `attach --count` would.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+        count: Option<u16>,
+        /// Only GPUs of this vendor:device (with --count).
+        #[arg(long, value_name = "VVVV:DDDD", requires = "count")]
+        model: Option<PciId>,
+        /// Change the persistent definition (validated by libvirt) so the GPUs fit.
+        #[arg(long)]
+        apply: bool,
+        /// Print JSON: {"domain","plan":{need,provides,checks,changes,…},"applied","would_apply"}.
+        #[arg(long)]
+        json: bool,
+        /// Seconds to wait for the host lock (0–3600).
+        #[arg(long, value_name = "SECONDS", default_value_t = 60,
+              value_parser = clap::value_parser!(u64).range(0..=3600))]
+        lock_timeout: u64,
+        /// Seconds libvirt gets to connect, and then to complete the fit (1-3600).
+        #[arg(long, value_name = "SECONDS", default_value_t = 60,
+              value_parser = clap::value_parser!(u64).range(1..=3600))]
+        libvirt_timeout: u64,
+    },
     /// Detach whole GPUs from a domain.
     #[command(
         group(ArgGroup::new("what").required(true).args(["gpus", "all"])),
@@ -397,6 +450,8 @@ fn run(g: &Global, command: LibvirtCommand) -> anyhow::Result<()> {
         lock_timeout: Duration::from_secs(c.lock_timeout),
         detach_timeout: Duration::from_secs(detach_timeout),
         libvirt_timeout: Duration::from_secs(c.libvirt_timeout),
+        fit: true,
+        force: false,
     };
     match command {
         LibvirtCommand::Serve(f) => cli::serve::serve(
@@ -499,6 +554,8 @@ fn run(g: &Global, command: LibvirtCommand) -> anyhow::Result<()> {
             gpus,
             count,
             model,
+            no_fit,
+            force,
             common,
         } => {
             let request = match count {
@@ -512,8 +569,42 @@ fn run(g: &Global, command: LibvirtCommand) -> anyhow::Result<()> {
                 g,
                 &domain,
                 cli::assign::Action::Attach(&request),
-                &flags(&common, 0),
+                &AssignFlags {
+                    fit: !no_fit,
+                    force,
+                    ..flags(&common, 0)
+                },
             )
+        }
+        LibvirtCommand::Fit {
+            domain,
+            all,
+            gpus,
+            count,
+            model,
+            apply,
+            json,
+            lock_timeout,
+            libvirt_timeout,
+        } => {
+            let request = match count {
+                Some(n) => Some(AttachRequest::Count {
+                    count: usize::from(n),
+                    model,
+                }),
+                None if !gpus.is_empty() => Some(AttachRequest::Gpus(gpus)),
+                None => None,
+            };
+            let flags = cli::fit::FitFlags {
+                json,
+                apply,
+                lock_timeout: Duration::from_secs(lock_timeout),
+                libvirt_timeout: Duration::from_secs(libvirt_timeout),
+            };
+            match domain {
+                Some(d) if !all => cli::fit::fit(g, &d, request.as_ref(), &flags),
+                _ => cli::fit::fit_all(g, &flags),
+            }
         }
         LibvirtCommand::Detach {
             domain,
@@ -550,6 +641,9 @@ fn exit_code(err: &anyhow::Error) -> u8 {
             return e.exit_code();
         }
         if let Some(e) = cause.downcast_ref::<HealthError>() {
+            return e.exit_code();
+        }
+        if let Some(e) = cause.downcast_ref::<gpupass::fit::FitError>() {
             return e.exit_code();
         }
         if let Some(e) = cause.downcast_ref::<BindError>() {

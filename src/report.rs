@@ -4,6 +4,8 @@
 use serde::Serialize;
 
 use crate::alloc::plan::{Holder, Holdings, PartialHold};
+use crate::fit::bars::{human, FunctionBars, GpuBars};
+use crate::fit::plan::next_pow2;
 use crate::host::discover::{Gpu, Inventory, IommuState, PciDevice};
 use crate::host::readiness::{verdict, Blocker};
 use crate::model::{
@@ -109,6 +111,9 @@ pub struct GpuReport {
     pub partial: Option<Vec<PartialHold>>,
     /// Whether a health check quarantined it.
     pub health: HealthReport,
+    /// Each function's BARs and the 64-bit window the GPU needs in a guest (`show` reads them
+    /// from sysfs; `null` where they were not read).
+    pub bars: Option<BarsReport>,
 }
 
 /// A GPU's health as `list`/`show --json` and the API print it.
@@ -138,6 +143,28 @@ impl HealthReport {
                 reason: None,
                 since: None,
             },
+        }
+    }
+}
+
+/// A GPU's BARs, as `show` prints them.
+#[derive(Debug, Clone, Serialize)]
+pub struct BarsReport {
+    /// Each function with its BARs.
+    pub functions: Vec<FunctionBars>,
+    /// Sum of the 64-bit prefetchable BARs, bytes.
+    pub prefetchable_64: u64,
+    /// The guest window it needs behind its own root port (next power of two), bytes.
+    pub window: u64,
+}
+
+impl BarsReport {
+    /// From a GPU's BARs.
+    pub fn new(b: GpuBars) -> Self {
+        Self {
+            prefetchable_64: b.pref64_sum(),
+            window: next_pow2(b.pref64_sum()),
+            functions: b.functions,
         }
     }
 }
@@ -225,6 +252,7 @@ pub fn gpu_report(inv: &Inventory, gpu: &Gpu, holdings: Option<&Holdings>) -> Gp
         state,
         partial,
         health: HealthReport::of(inv.quarantine_of(gpu)),
+        bars: None,
     }
 }
 
@@ -485,6 +513,24 @@ pub fn details(g: &GpuReport, connected: bool) -> String {
             f.driver.as_deref().unwrap_or("-"),
             f.iommu_group.map_or("-".into(), |x| x.to_string())
         ));
+    }
+    if let Some(b) = &g.bars {
+        o.push_str(&format!(
+            "  bars:         64-bit prefetchable {} -> needs a {} guest window\n",
+            human(b.prefetchable_64),
+            human(b.window)
+        ));
+        for f in &b.functions {
+            for bar in &f.bars {
+                o.push_str(&format!(
+                    "    {}  BAR{} {:>9}  {}\n",
+                    f.function,
+                    bar.index,
+                    human(bar.size),
+                    bar.kind
+                ));
+            }
+        }
     }
     if !g.iommu_group_members.is_empty() {
         o.push_str("  iommu group members:\n");

@@ -3,7 +3,8 @@
 //! injecting a GPU is a pure insertion (removing the inserted text gives the input back byte for
 //! byte, found by comparing the two texts, not by trusting the rewriter's own bookkeeping), the
 //! result scans again with the GPU recognised as injected, injecting again adds nothing, and
-//! every result passes `virt-xml-validate`.
+//! every result passes `virt-xml-validate`. Fitting each of them for an H100 changes no byte
+//! outside the elements the fit owns, is idempotent, and stays schema-valid.
 
 mod common;
 
@@ -11,6 +12,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use gpupass::fit::bars::{Bar, FunctionBars, GpuBars};
 use gpupass::model::PciAddress;
 use gpupass::xml::compose::HostdevTemplate;
 use gpupass::xml::rewrite::{apply, injected_block, scan};
@@ -107,6 +109,11 @@ fn injecting_a_gpu_into_every_corpus_domain_is_a_pure_schema_valid_insertion() {
         outputs.push(out_path);
     }
 
+    validate_all(&outputs, "injection");
+}
+
+/// Every file passes `virt-xml-validate` (skipped where it is not installed).
+fn validate_all(outputs: &[PathBuf], what: &str) {
     if !common::tool_available("virt-xml-validate") {
         return;
     }
@@ -149,9 +156,117 @@ fn injecting_a_gpu_into_every_corpus_domain_is_a_pure_schema_valid_insertion() {
     });
     assert!(
         failures.is_empty(),
-        "{} of {} invalid after injection:\n{}",
+        "{} of {} invalid after {what}:\n{}",
         failures.len(),
         outputs.len(),
         failures.join("\n")
     );
+}
+
+/// An H100's BARs at `gpu` (16 MiB 32-bit, 128 GiB and 32 MiB 64-bit prefetchable).
+fn h100_bars(gpu: PciAddress) -> GpuBars {
+    let bar = |index, size, flags, kind, prefetchable_64| Bar {
+        index,
+        size,
+        flags,
+        kind,
+        prefetchable_64,
+    };
+    GpuBars {
+        gpu,
+        functions: vec![FunctionBars {
+            function: gpu,
+            bars: vec![
+                bar(0, 16 << 20, 0x40200, "32-bit", false),
+                bar(1, 128 << 30, 0x14220c, "64-bit pref", true),
+                bar(3, 32 << 20, 0x14220c, "64-bit pref", true),
+            ],
+        }],
+    }
+}
+
+/// The byte ranges of `xml` the fit may replace: the elements it owns (guest addresses of
+/// hostdevs, `<pcihole64>`, `<maxphysaddr>`, the OVMF window argument) and the empty elements
+/// it may open (`<cpu/>`, the root PCI controller), plus the root's start tag (which gains
+/// `xmlns:qemu`).
+fn owned(xml: &str) -> Vec<std::ops::Range<usize>> {
+    let d = gpupass::fit::domain::scan(xml).unwrap();
+    let mut v = Vec::new();
+    v.push(d.root.span.start..d.root.start_end);
+    v.extend(
+        d.hostdevs
+            .iter()
+            .filter_map(|h| h.guest.as_ref().map(|g| g.span.clone())),
+    );
+    v.extend(d.maxphysaddr.as_ref().map(|m| m.span.clone()));
+    v.extend(d.mmio64.as_ref().map(|m| m.span.clone()));
+    v.extend(
+        d.cpu
+            .as_ref()
+            .filter(|c| c.close.is_none())
+            .map(|c| c.span.clone()),
+    );
+    for c in &d.controllers {
+        v.extend(c.pcihole64.as_ref().map(|(s, _)| s.clone()));
+        if c.element.close.is_none() {
+            v.push(c.element.span.clone());
+        }
+    }
+    v
+}
+
+#[test]
+fn fitting_every_corpus_domain_for_a_gpu_changes_only_the_fits_own_elements() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = corpus_dir(tmp.path());
+    let gpu: PciAddress = "0000:c1:00.0".parse().unwrap();
+    let bars = [h100_bars(gpu)];
+    let out_dir = tempfile::tempdir().unwrap();
+    let mut outputs = Vec::new();
+    let mut fitted = 0usize;
+    for path in files(&dir) {
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let input = inject(&fs::read_to_string(&path).unwrap(), gpu);
+        let f = gpupass::fit::fit_xml(&input, &bars, Some(46))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let Some(out) = f.xml else {
+            assert!(
+                f.plan.not_applicable.is_some() || f.plan.changes.is_empty() || f.plan.impossible(),
+                "{name}: changes planned but none written"
+            );
+            continue;
+        };
+        fitted += 1;
+        // Every byte of the input the fit did not keep lies inside an element it owns.
+        let allowed = owned(&input);
+        let diff = similar::TextDiff::configure()
+            .algorithm(similar::Algorithm::Myers)
+            .diff_chars(input.as_str(), out.as_str());
+        for op in diff.ops() {
+            let old = op.old_range();
+            if matches!(
+                op.tag(),
+                similar::DiffTag::Delete | similar::DiffTag::Replace
+            ) {
+                assert!(
+                    allowed
+                        .iter()
+                        .any(|r| r.start <= old.start && old.end <= r.end),
+                    "{name}: the fit changed bytes {old:?} ({:?}) outside its own elements",
+                    &input[old.clone()]
+                );
+            }
+        }
+        let again = gpupass::fit::fit_xml(&out, &bars, Some(46)).unwrap();
+        assert!(
+            again.xml.is_none(),
+            "{name}: not idempotent: {:?}",
+            again.plan.changes
+        );
+        let p = out_dir.path().join(&name);
+        fs::write(&p, &out).unwrap();
+        outputs.push(p);
+    }
+    assert!(fitted >= 400, "only {fitted} corpus domains were fitted");
+    validate_all(&outputs, "fitting");
 }

@@ -288,3 +288,52 @@ fn scoped_discovery_judges_every_gpu_like_a_full_one() {
         }
     }
 }
+
+#[test]
+fn show_prints_each_functions_bars_and_the_window_the_gpu_needs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = gpupass(&host("hgx-8gpu"), tmp.path());
+    c.args(["show", "0000:18:00.0", "--json", "--no-libvirt"]);
+    let r = run(c);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let g: Value = serde_json::from_str(&r.stdout).unwrap();
+    let bars = &g["bars"];
+    assert_eq!(bars["prefetchable_64"], (128u64 << 30) + (32 << 20));
+    assert_eq!(bars["window"], 256u64 << 30);
+    let sizes: Vec<(u64, u64, bool)> = bars["functions"][0]["bars"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["index"].as_u64().unwrap(),
+                b["size"].as_u64().unwrap(),
+                b["prefetchable_64"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        sizes,
+        [
+            (0, 16 << 20, false),
+            (1, 128 << 30, true),
+            (3, 32 << 20, true)
+        ]
+    );
+    let mut c = gpupass(&host("consumer-4fn"), tmp.path());
+    c.args(["show", "0000:01:00.0", "--no-libvirt"]);
+    let r = run(c);
+    assert!(
+        r.stdout.contains(
+            "bars:         64-bit prefetchable 288.25 MiB -> needs a 512 MiB guest window"
+        ),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout
+            .contains("0000:01:00.2  BAR0   256 KiB  64-bit pref"),
+        "{}",
+        r.stdout
+    );
+}

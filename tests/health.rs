@@ -241,7 +241,7 @@ fn clear_refuses_until_the_gpu_is_healthy_and_force_is_logged() {
         let (reason, mend) = case(fixture);
         grow_aer_if_needed(&h, fixture);
         let r = h.gp(&["health", SICK]);
-        assert_eq!(r.code, 16, "{fixture}: {}{}", r.stdout, r.stderr);
+        assert_eq!(r.code, 18, "{fixture}: {}{}", r.stdout, r.stderr);
         assert!(
             r.stdout.contains("FAIL, quarantined now"),
             "{fixture}: {}",
@@ -250,7 +250,7 @@ fn clear_refuses_until_the_gpu_is_healthy_and_force_is_logged() {
         assert!(r.stdout.contains(reason), "{fixture}: {}", r.stdout);
         // Still sick: refused, the quarantine stays.
         let r = h.gp(&["quarantine", "clear", SICK]);
-        assert_eq!(r.code, 16, "{fixture}: {}", r.stderr);
+        assert_eq!(r.code, 18, "{fixture}: {}", r.stderr);
         assert!(
             r.stderr.contains("still fails its health check") && r.stderr.contains("--force"),
             "{fixture}: {}",
@@ -276,7 +276,7 @@ fn clear_refuses_until_the_gpu_is_healthy_and_force_is_logged() {
     }
     // --force clears a GPU that still fails, and says so in the log.
     let h = Host::new("health-link");
-    assert_eq!(h.gp(&["health", SICK]).code, 16);
+    assert_eq!(h.gp(&["health", SICK]).code, 18);
     let r = h.gp(&["quarantine", "clear", SICK, "--force"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(r.stderr.contains("cleared with --force"), "{}", r.stderr);
@@ -357,7 +357,7 @@ fn attach_skips_and_refuses_a_quarantined_gpu() {
     }
     clean_leftovers();
     let h = Host::new("health-no-reset");
-    assert_eq!(h.gp(&["health"]).code, 16);
+    assert_eq!(h.gp(&["health"]).code, 18);
     let d = TestDomain::define("quarantine", "");
     let attach = |domain: &str, args: &[&str]| {
         let uri = test_uri();
@@ -394,7 +394,7 @@ fn a_check_by_hand_finds_a_used_gpu_that_left_the_bus() {
         fs::remove_file(h.dev(f)).unwrap();
     }
     let r = h.gp(&["health", "--json"]);
-    assert_eq!(r.code, 16, "{}", r.stderr);
+    assert_eq!(r.code, 18, "{}", r.stderr);
     let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     let gone = v["gpus"]
         .as_array()
@@ -466,7 +466,7 @@ fn recover_resets_then_removes_and_rescans_only_when_asked() {
     fs::remove_file(&status).unwrap();
     // Both steps run (the link stays narrow), each file written once, and it still fails.
     let r = h.gp(&["health", SICK, "--recover"]);
-    assert_eq!(r.code, 16, "{}{}", r.stdout, r.stderr);
+    assert_eq!(r.code, 18, "{}{}", r.stdout, r.stderr);
     assert!(
         r.stdout.contains(&format!("{SICK}  reset: still fails")),
         "{}",

@@ -529,3 +529,53 @@ fn a_broken_config_blocks_prepare_only() {
         "unknown field `rundir`",
     );
 }
+
+/// `prepare` blocks a start whose GPUs certainly cannot be placed (eight H100s need 2 TiB;
+/// QEMU's default 40 address bits reach 1 TiB) with one line naming the GPUs and both sizes,
+/// lets a fitted domain through, and only warns where the firmware's own sizing decides.
+#[test]
+fn prepare_blocks_gpus_that_cannot_fit_and_warns_where_the_firmware_decides() {
+    let root = Root::new("hgx-8gpu", &[]);
+    let all = [
+        "0000:18:00.0",
+        "0000:2a:00.0",
+        "0000:3a:00.0",
+        "0000:5d:00.0",
+        "0000:9a:00.0",
+        "0000:ab:00.0",
+        "0000:ba:00.0",
+        "0000:db:00.0",
+    ];
+    let eight = domain_xml("vm", "", &all);
+    let r = root.hook("vm", "prepare", "begin", &eight);
+    blocked(
+        &r,
+        "needs a 2 TiB 64-bit window that domain 'vm' cannot give",
+    );
+    assert!(
+        r.stderr.contains("40 guest address bits reach (1 TiB)"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("gpupass fit vm --apply"), "{}", r.stderr);
+    // The same domain with the bits the fit gives it starts.
+    let fitted = eight.replace(
+        "<memory>",
+        "<cpu><maxphysaddr mode='emulate' bits='42'/></cpu>\n  <memory>",
+    );
+    let r = root.hook("vm", "prepare", "begin", &fitted);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    // UEFI without a window for a 256 GiB need: a warning, not a block.
+    let uefi = domain_xml("vm", "", &["0000:18:00.0"]).replace(
+        "<os><type>hvm</type></os>",
+        "<os firmware='efi'><type>hvm</type></os>",
+    );
+    let r = root.hook("vm", "prepare", "begin", &uefi);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("OVMF's own window may be smaller than the 256 GiB"),
+        "{}",
+        r.stderr
+    );
+}

@@ -159,7 +159,25 @@ fn live_attach_to_a_running_domain_surfaces_libvirts_refusal_with_nothing_persis
     let t = tempfile::tempdir().unwrap();
     let d = TestDomain::define("live", "");
     d.start();
+    // The running domain (q35, defaults) cannot hold an H100's 256 GiB window: refused with
+    // the fix before libvirt is asked.
     let r = gp(t.path(), &["attach", &d.name, "--gpu", "0000:18:00.0"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("needs a 256 GiB 64-bit window in running domain")
+            && r.stderr
+                .contains("attach with --config and restart the domain, or --force"),
+        "{}",
+        r.stderr
+    );
+    assert!(d.hostdevs(false).is_empty() && d.hostdevs(true).is_empty());
+    // --force goes on to libvirt, which refuses (no VFIO here).
+    let r = gp(
+        t.path(),
+        &["attach", &d.name, "--gpu", "0000:18:00.0", "--force"],
+    );
     assert_eq!(r.code, 9, "{}", r.stderr);
     assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
     assert!(
@@ -681,4 +699,83 @@ fn a_cloudstack_domain_is_completed_by_the_transformer_and_judged_by_the_hook() 
     assert!(!r.stderr.contains("gpupass:"), "{}", r.stderr);
     let log = hook_log(&dir);
     assert!(log.contains("hook prepare begin i-2-33-VM: ok"), "{log}");
+}
+
+/// Every golden fit result (tests/golden/fit/*.out.xml) is accepted by the real daemon's
+/// `define` (which validates it), under a test name.
+#[test]
+fn the_daemon_defines_every_fitted_golden_domain() {
+    let _g = need_daemon!();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/fit");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        let file = p.file_name().unwrap().to_string_lossy().into_owned();
+        let Some(case) = file.strip_suffix(".out.xml") else {
+            continue;
+        };
+        let xml = std::fs::read_to_string(&p).unwrap();
+        let name = format!("{}fit-{case}", common::TEST_PREFIX);
+        let start = xml.find("<name>").unwrap() + "<name>".len();
+        let end = xml.find("</name>").unwrap();
+        let renamed = format!("{}{name}{}", &xml[..start], &xml[end..]);
+        let t = tempfile::tempdir().unwrap();
+        let f = t.path().join("d.xml");
+        std::fs::write(&f, &renamed).unwrap();
+        let mut r = common::virsh(&["define", "--validate", f.to_str().unwrap()]);
+        if r.code != 0 && (r.stderr.contains("kvm") || r.stderr.contains("host-passthrough")) {
+            // A machine without usable KVM: the same domain under TCG.
+            let tcg = renamed
+                .replace("type='kvm'", "type='qemu'")
+                .replace("type=\"kvm\"", "type=\"qemu\"")
+                .replace("host-passthrough", "maximum");
+            std::fs::write(&f, tcg).unwrap();
+            r = common::virsh(&["define", "--validate", f.to_str().unwrap()]);
+        }
+        common::virsh(&["undefine", "--nvram", &name]);
+        assert_eq!(r.code, 0, "{case}: {}", r.stderr);
+        n += 1;
+    }
+    assert!(n >= 5, "only {n} golden fits");
+}
+
+/// `gpupass fit` on a domain given one H100 reports what is missing (exit 16), `--apply`
+/// defines the fit (exit 0) and a second `fit` finds nothing missing.
+#[test]
+fn fit_reports_then_applies_and_then_fits() {
+    let _g = need_daemon!();
+    let t = tempfile::tempdir().unwrap();
+    let d = TestDomain::define("fit", "");
+    let r = gp(
+        t.path(),
+        &["attach", &d.name, "--gpu", "0000:18:00.0", "--no-fit"],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("--no-fit"),
+        "a warning says the domain was left: {}",
+        r.stderr
+    );
+    let r = gp(t.path(), &["fit", &d.name]);
+    assert_eq!(r.code, 16, "{}{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("MISSING pcihole64"), "{}", r.stdout);
+    assert!(r.stderr.contains("--apply"), "{}", r.stderr);
+    let r = gp(t.path(), &["fit", &d.name, "--apply", "--json"]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert!(!v["applied"].as_array().unwrap().is_empty(), "{v}");
+    let r = gp(t.path(), &["fit", &d.name]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    let x = common::virsh(&["dumpxml", "--inactive", &d.name]).stdout;
+    assert!(
+        x.contains("<pcihole64 unit='KiB'>268435456</pcihole64>"),
+        "{x}"
+    );
+    // A what-if for 8 more GPUs than the domain has: 16 without changing anything.
+    let r = gp(
+        t.path(),
+        &["fit", &d.name, "--count", "3", "--model", "10de:2330"],
+    );
+    assert_eq!(r.code, 16, "{}{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("phys-bits"), "{}", r.stdout);
 }

@@ -30,6 +30,10 @@ pub struct AssignFlags {
     pub detach_timeout: Duration,
     /// `--libvirt-timeout`: for connecting, then for the change under the lock.
     pub libvirt_timeout: Duration,
+    /// Fit the persistent definition to its GPUs after an attach (`--no-fit` turns it off).
+    pub fit: bool,
+    /// Attach live although the running domain's window cannot hold the GPUs.
+    pub force: bool,
 }
 
 impl AssignFlags {
@@ -41,12 +45,20 @@ impl AssignFlags {
     }
 }
 
-fn print_report(r: &AssignReport, json: bool) -> anyhow::Result<()> {
+fn print_report(
+    r: &AssignReport,
+    fit: Option<&crate::cli::fit::FitOutcome>,
+    json: bool,
+) -> anyhow::Result<()> {
     for w in &r.warnings {
         tracing::warn!("{w}");
     }
     if json {
-        return print_json(r);
+        let mut v = serde_json::to_value(r)?;
+        if let (Some(f), Some(map)) = (fit, v.as_object_mut()) {
+            map.insert("fit".into(), serde_json::to_value(f)?);
+        }
+        return print_json(&v);
     }
     let mut out = String::new();
     let verb = if r.action == "attach" {
@@ -72,6 +84,11 @@ fn print_report(r: &AssignReport, json: bool) -> anyhow::Result<()> {
             r.domain,
             fns.join(" ")
         ));
+    }
+    if let Some(f) = fit {
+        for c in &f.applied {
+            out.push_str(&format!("fitted {}: {c}\n", r.domain));
+        }
     }
     print_all(&out)
 }
@@ -122,12 +139,83 @@ pub fn run(
         flags.libvirt_timeout.saturating_add(flags.detach_timeout),
         what.clone(),
     );
+    if let Action::Attach(r) = action {
+        if !flags.force {
+            refuse_live_misfit(g, &hv, &inv, domain, r, flags)?;
+        }
+    }
     let report = match action {
         Action::Attach(r) => assign::attach(&hv, &inv, &lock, domain, r, &opts),
         Action::Detach(r) => assign::detach(&hv, &inv, &lock, domain, r, &opts),
     };
+    let report = report.context(what.clone())?;
+    // The persistent definition gets what its GPUs need; the running one cannot change.
+    let fitted = match (&action, report.config, flags.fit) {
+        (Action::Attach(_), true, true) => {
+            match crate::cli::fit::apply_config(&hv, g, &inv, domain, &[]) {
+                Ok(f) => Some(f),
+                // The GPUs are attached; the fit is said plainly, never half-done.
+                Err(e) => {
+                    tracing::warn!(
+                        "GPUs attached to '{domain}', but its definition was not fitted to them: {}; `gpupass fit {domain}` shows what is missing",
+                        gpupass::hook::cli::one_line(&format!("{e:#}"))
+                    );
+                    None
+                }
+            }
+        }
+        (Action::Attach(_), true, false) => {
+            tracing::warn!(
+                "domain '{domain}' left as it is (--no-fit): `gpupass fit {domain}` shows what its GPUs need"
+            );
+            None
+        }
+        _ => None,
+    };
     drop(lock);
     drop(deadline);
-    let report = report.context(what)?;
-    print_report(&report, flags.json)
+    print_report(&report, fitted.as_ref(), flags.json)
+}
+
+/// Refuses a live attach whose GPUs cannot fit the running domain's window.
+fn refuse_live_misfit(
+    g: &Global,
+    hv: &VirtHypervisor,
+    inv: &gpupass::host::discover::Inventory,
+    domain: &str,
+    request: &AttachRequest,
+    flags: &AssignFlags,
+) -> anyhow::Result<()> {
+    use gpupass::libvirt::{Hypervisor, XmlView};
+    let info = hv.domain(domain)?;
+    let live = match flags.impact() {
+        Some(i) => i.live,
+        None => info.active,
+    };
+    if !live || !info.active {
+        return Ok(());
+    }
+    let xml = hv.domain_xml(domain, XmlView::Live)?;
+    let gpus: Vec<gpupass::model::PciAddress> = match request {
+        AttachRequest::Gpus(g) => g.clone(),
+        AttachRequest::Count { .. } => {
+            let holdings = assign::read_holdings(hv)?;
+            let facts = gpupass::xml::domain::parse(&xml)?;
+            match gpupass::alloc::plan::plan_attach(
+                inv,
+                &holdings,
+                domain,
+                request,
+                &assign::preferred_nodes(inv, &facts),
+            ) {
+                Ok(p) => p.gpus,
+                // The attach itself says why none can be given.
+                Err(_) => return Ok(()),
+            }
+        }
+    };
+    match crate::cli::fit::live_refusal(g, inv, domain, &xml, &gpus)? {
+        Some(why) => Err(gpupass::assign::AssignError::Impact(why).into()),
+        None => Ok(()),
+    }
 }

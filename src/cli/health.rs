@@ -37,7 +37,7 @@ struct HealthLine {
 
 /// `gpupass health [ADDR…]`: checks the GPUs (default: every GPU but the host's console, every
 /// quarantined address, and every GPU of the ledger's sessions that the host no longer shows),
-/// quarantines those that fail; exit 16 when any fails.
+/// quarantines those that fail; exit 18 when any fails.
 pub fn health(g: &Global, addrs: &[PciAddress], json: bool) -> anyhow::Result<()> {
     let inv = g.inventory()?;
     let store = HealthStore::new(&g.state_dir);
@@ -235,7 +235,7 @@ pub fn clear(g: &Global, addr: PciAddress, force: bool) -> anyhow::Result<()> {
 }
 
 /// `gpupass health ADDR… --recover`: for each GPU that fails its check, the recovery steps
-/// until one passes; exit 16 when a GPU still fails after them all.
+/// until one passes; exit 18 when a GPU still fails after them all.
 pub fn recover(g: &Global, addrs: &[PciAddress]) -> anyhow::Result<()> {
     let inv = g.inventory()?;
     let store = HealthStore::new(&g.state_dir);

@@ -69,7 +69,11 @@ pub fn show(g: &Global, addr: PciAddress, json: bool, offline: bool) -> anyhow::
         .gpu(addr)
         .ok_or(gpupass::alloc::AllocError::UnknownGpu { address: addr })?;
     let (holdings, libvirt) = holdings(g, offline);
-    let report = gpu_report(&inv, gpu, holdings.as_ref());
+    let mut report = gpu_report(&inv, gpu, holdings.as_ref());
+    let sysfs = gpupass::host::sysfs::Sysfs::new(&g.host_root);
+    report.bars = Some(gpupass::report::BarsReport::new(
+        gpupass::fit::bars::read_gpu_bars(&sysfs, gpu)?,
+    ));
     if json {
         print_json(&report)
     } else {

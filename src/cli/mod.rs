@@ -5,6 +5,7 @@ pub mod assign;
 pub mod bind;
 pub mod doctor;
 pub mod health;
+pub mod fit;
 pub mod host_config;
 pub mod list;
 pub mod serve;

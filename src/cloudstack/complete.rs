@@ -76,12 +76,6 @@ pub fn plan(
     })
 }
 
-/// The guest fit of completed GPUs: where issue 11's planner (BAR aperture, phys-bits, the
-/// card's own slot layout in the guest) plugs in. Until it lands the XML passes unchanged.
-pub fn guest_fit(xml: String, _inv: &Inventory, _gpus: &[PciAddress]) -> String {
-    xml
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;

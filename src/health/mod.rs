@@ -149,7 +149,7 @@ impl HealthError {
         match self {
             HealthError::NotQuarantined { .. } | HealthError::UnknownGpu { .. } => 3,
             HealthError::InUse { .. } => 5,
-            HealthError::StillUnhealthy { .. } | HealthError::Failed { .. } => 16,
+            HealthError::StillUnhealthy { .. } | HealthError::Failed { .. } => 18,
             _ => 1,
         }
     }

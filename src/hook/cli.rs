@@ -148,6 +148,10 @@ pub struct TransformArgs {
     #[arg(long, value_name = "SECONDS", default_value_t = 600,
           value_parser = clap::value_parser!(u64).range(1..=crate::alloc::lease::MAX_LEASE_SECONDS))]
     pub lease_seconds: u64,
+    /// Leave the domain's 64-bit window, phys-bits, root ports and slot layout as they are
+    /// (by default the output is fitted to its GPUs, like `gpupass fit --apply`).
+    #[arg(long)]
+    pub no_fit: bool,
 }
 
 /// `hook` arguments, as libvirt passes them after the shim adds `hook qemu`.
@@ -300,10 +304,8 @@ fn transform(dirs: &Dirs, a: &TransformArgs) -> Result<(), HookError> {
         (None, false) => Some(AttachRequest::Gpus(a.gpus.clone())),
         (None, true) => None,
     };
-    match run::transform(&e, &input, request)? {
-        Some(out) => print_stdout(&out),
-        None => print_stdout(&input),
-    }
+    let out = run::transform_and_fit(&e, &input, request, !a.no_fit)?;
+    print_stdout(out.as_deref().unwrap_or(&input))
 }
 
 /// Counts a decision for `/metrics`; a failure is a warning (an untrusted run dir only a debug

@@ -64,6 +64,9 @@ pub enum HookError {
     /// The health file (quarantined GPUs) could not be read.
     #[error(transparent)]
     Health(#[from] crate::health::HealthError),
+    /// The domain could not be fitted to its GPUs.
+    #[error(transparent)]
+    Fit(#[from] crate::fit::FitError),
     /// `prepare` refuses the start, for this reason.
     #[error("{0}")]
     Blocked(String),

@@ -59,6 +59,32 @@ pub fn transform(
     input: &str,
     override_request: Option<AttachRequest>,
 ) -> Result<Option<String>, HookError> {
+    transform_keeping(env, input, override_request, &mut None)
+}
+
+/// [`transform`], then the output fitted to its GPUs (`fit`), with the inventory the transform
+/// read (one discovery): `Ok(None)` when nothing changes.
+pub fn transform_and_fit(
+    env: &HookEnv,
+    input: &str,
+    override_request: Option<AttachRequest>,
+    fit: bool,
+) -> Result<Option<String>, HookError> {
+    let mut inv = None;
+    let out = transform_keeping(env, input, override_request, &mut inv)?;
+    if !fit {
+        return Ok(out);
+    }
+    let fitted = fit_domain_with(env, out.as_deref().unwrap_or(input), inv.as_ref())?;
+    Ok(fitted.or(out))
+}
+
+fn transform_keeping(
+    env: &HookEnv,
+    input: &str,
+    override_request: Option<AttachRequest>,
+    keep: &mut Option<crate::host::discover::Inventory>,
+) -> Result<Option<String>, HookError> {
     let doc = scan(input)?;
     // A request the domain or the caller made itself; a config rule's yields to a GPU the domain
     // already got from elsewhere.
@@ -84,7 +110,9 @@ pub fn transform(
             if request.is_some() {
                 tracing::info!(domain = %doc.name, "the domain has GPUs of its own: completed, the config rule's request not applied");
             }
-            return complete_gpus(env, input, &doc, &inv, &c, &store, t);
+            let out = complete_gpus(env, input, &doc, &c, &store, t);
+            *keep = Some(inv);
+            return out;
         }
     }
     let Some(request) = request else {
@@ -123,6 +151,7 @@ pub fn transform(
         )?;
     }
     if !res.changes() {
+        *keep = Some(inv);
         return Ok(None);
     }
     let mut edits: Vec<Edit> = res
@@ -139,6 +168,7 @@ pub fn transform(
     for f in &res.add {
         tracing::info!(domain = %doc.name, bdf = %f, "hostdev added");
     }
+    *keep = Some(inv);
     Ok(Some(apply(input, &edits)))
 }
 
@@ -148,7 +178,6 @@ fn complete_gpus(
     env: &HookEnv,
     input: &str,
     doc: &DomainDoc<'_>,
-    inv: &crate::host::discover::Inventory,
     c: &complete::Completion,
     store: &LeaseStore,
     t: u64,
@@ -178,8 +207,50 @@ fn complete_gpus(
         input,
         &doc.insertion(&blocks).into_iter().collect::<Vec<_>>(),
     );
-    // The one place the guest fit of completed GPUs plugs in.
-    Ok(Some(complete::guest_fit(out, inv, &c.gpus)))
+    // `transform_and_fit` fits the completed GPUs like any others (never at migrate/restore: a
+    // fit there would change the running guest's machine).
+    Ok(Some(out))
+}
+
+/// Fits a domain XML to the GPUs it holds (the 64-bit window, phys-bits, root ports, slot
+/// layout; see `fit`): `Ok(None)` when nothing changes. A fit that cannot work on this host is
+/// left to `prepare`, which says why; the XML goes through unchanged.
+pub fn fit_domain(env: &HookEnv, xml: &str) -> Result<Option<String>, HookError> {
+    fit_domain_with(env, xml, None)
+}
+
+/// [`fit_domain`] with an inventory already read (one that holds the domain's GPUs), else one
+/// read around the domain's hostdevs.
+fn fit_domain_with(
+    env: &HookEnv,
+    xml: &str,
+    inv: Option<&crate::host::discover::Inventory>,
+) -> Result<Option<String>, HookError> {
+    let layout = crate::fit::domain::scan(xml)?;
+    let sources: Vec<PciAddress> = layout.hostdevs.iter().map(|h| h.source).collect();
+    if sources.is_empty() {
+        return Ok(None);
+    }
+    let sysfs = Sysfs::new(&env.host_root);
+    let around;
+    let inv = match inv {
+        Some(i) if sources.iter().all(|s| i.device(*s).is_some()) => i,
+        _ => {
+            around = discover_with(&sysfs, &Scope::Around(sources), false)?;
+            &around
+        }
+    };
+    let gpus = crate::fit::layout_gpus(inv, &layout, &[]);
+    if gpus.is_empty() {
+        return Ok(None);
+    }
+    let bars = crate::fit::read_bars(&sysfs, inv, &gpus)?;
+    let vendor = crate::fit::vendor_options(&env.config, &layout.name, inv, &gpus);
+    let fitted = crate::fit::fit_layout(&layout, &bars, sysfs.host_phys_bits()?, vendor)?;
+    for c in &fitted.plan.changes {
+        tracing::info!(domain = %layout.name, "fit: {}", c.describe());
+    }
+    Ok(fitted.xml)
 }
 
 /// Refuses when the owner's limit would be exceeded by the domain holding the GPUs of
@@ -309,6 +380,32 @@ pub fn prepare(env: &HookEnv, input: &str) -> Result<Vec<String>, HookError> {
         let all = discover_with(&Sysfs::new(&env.host_root), &Scope::Gpus, false)?;
         check_owner_limit(env, &all, &running, &doc.name, owner.as_deref(), &sources)
             .map_err(|e| blocked(e.to_string()))?;
+    }
+    if !checked.is_empty() {
+        let gpus: Vec<PciAddress> = checked.iter().copied().collect();
+        let sysfs = Sysfs::new(&env.host_root);
+        let bars = crate::fit::read_bars(&sysfs, &inv, &gpus)?;
+        let fitted = crate::fit::fit_xml(input, &bars, sysfs.host_phys_bits()?)?;
+        let p = &fitted.plan;
+        let list = gpus
+            .iter()
+            .map(PciAddress::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        if let Some(why) = &p.certain_failure {
+            return Err(blocked(format!(
+                "GPU {list} needs a {} 64-bit window that domain '{}' cannot give: {why} (gpupass fit {} --apply)",
+                crate::fit::bars::human(p.need.total),
+                doc.name,
+                doc.name
+            )));
+        }
+        if let Some(why) = &p.firmware_dependent {
+            warnings.push(format!(
+                "GPU {list} in domain '{}': {why}; the guest may leave BARs unassigned (gpupass fit {} --apply)",
+                doc.name, doc.name
+            ));
+        }
     }
     if let Some(req) = request {
         let have: Vec<PciAddress> = inv

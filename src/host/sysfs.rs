@@ -369,6 +369,21 @@ impl Sysfs {
         }))
     }
 
+    /// The host CPU's physical address bits (`address sizes : 46 bits physical, …` in
+    /// `proc/cpuinfo`): no guest may be given more. `None` when the file or line is absent.
+    pub fn host_phys_bits(&self) -> Result<Option<u8>, SysfsError> {
+        Ok(read_optional(&self.path("proc/cpuinfo"))?.and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("address sizes"))
+                .and_then(|v| {
+                    v.trim_start_matches([' ', '\t', ':'])
+                        .split_whitespace()
+                        .next()
+                })
+                .and_then(|n| n.parse().ok())
+        }))
+    }
+
     fn link_target(&self, path: &Path) -> Result<Option<PathBuf>, SysfsError> {
         match fs::read_link(path) {
             Ok(t) => Ok(Some(t)),

@@ -143,6 +143,12 @@ impl Hypervisor for FakeHypervisor {
         ))
     }
 
+    fn define(&self, name: &str, _xml: &str) -> Result<(), LibvirtError> {
+        self.get(name)?;
+        self.calls.borrow_mut().push(format!("define {name}"));
+        Ok(())
+    }
+
     fn attach_device(&self, name: &str, xml: &str, impact: Impact) -> Result<(), LibvirtError> {
         let addr = Self::source(xml);
         self.calls

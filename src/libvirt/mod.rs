@@ -121,6 +121,9 @@ pub trait Hypervisor {
     fn domain_xml(&self, name: &str, view: XmlView) -> Result<String, LibvirtError>;
     /// Attaches a device (`virDomainAttachDeviceFlags`).
     fn attach_device(&self, name: &str, xml: &str, impact: Impact) -> Result<(), LibvirtError>;
+    /// Defines (replaces) a domain's persistent definition, validated against libvirt's schema
+    /// (`virDomainDefineXMLFlags` with `VIR_DOMAIN_DEFINE_VALIDATE`).
+    fn define(&self, name: &str, xml: &str) -> Result<(), LibvirtError>;
     /// Detaches a device (`virDomainDetachDeviceFlags`).
     fn detach_device(&self, name: &str, xml: &str, impact: Impact) -> Result<(), LibvirtError>;
     /// The host driver a PCI device is bound to now (`virNodeDeviceGetXMLDesc`).

@@ -203,6 +203,17 @@ impl Hypervisor for VirtHypervisor {
         self.change("attach", name, xml, impact, true)
     }
 
+    fn define(&self, name: &str, xml: &str) -> Result<(), LibvirtError> {
+        self.conn
+            .define_domain_xml_flags(xml, sys::VIR_DOMAIN_DEFINE_VALIDATE)
+            .map(|_| ())
+            .map_err(|e| LibvirtError::Refused {
+                action: "define the fitted definition".into(),
+                domain: name.to_owned(),
+                message: message(&e),
+            })
+    }
+
     fn detach_device(&self, name: &str, xml: &str, impact: Impact) -> Result<(), LibvirtError> {
         self.change("detach", name, xml, impact, false)
     }

@@ -283,7 +283,7 @@ gone() { [ ! -e /sys/bus/pci/devices/$GPU ]; }
 check "the stand-in is gone from the bus" "$(ls /sys/bus/pci/devices)" gone
 out=$(gp health 2>&1); rc=$?
 echo "$out" | sed 's/^/E2E-INFO health: /'
-check "health: the removed GPU fails its check (exit 16)" "rc=$rc $out" [ "$rc" = 16 ]
+check "health: the removed GPU fails its check (exit 18)" "rc=$rc $out" [ "$rc" = 18 ]
 q=$(gp quarantine list 2>&1)
 check "health: the removed GPU is quarantined as gone from the bus" "$q" \
     sh -c 'echo "$1" | grep -q "^$2 " && echo "$1" | grep -q "is gone from the PCI bus"' sh "$q" "$GPU"
