@@ -370,9 +370,33 @@ fn the_shell_transformer_completes_cloudstack_s_gpu_the_way_the_agent_calls_it()
         1,
         "no second allocation of CloudStack's function"
     );
+    // The guest fit gives the guest the card as the host has it: the four functions at one
+    // guest slot with the host's function numbers (CloudStack's own hostdev gains its address).
+    let guest: Vec<String> = out
+        .match_indices("<hostdev")
+        .map(|(i, _)| {
+            let block = &out[i..i + out[i..].find("</hostdev>").unwrap()];
+            let a = block.rfind("<address type='pci'").expect("a guest address");
+            block[a..a + block[a..].find("/>").unwrap()].to_owned()
+        })
+        .collect();
+    assert_eq!(guest.len(), 4, "{out}");
+    let slot = |g: &str| g.split(" function=").next().unwrap().to_owned();
     assert!(
-        out.contains(&cloudstack_hostdev("01")),
-        "CloudStack's own hostdev untouched"
+        guest.iter().all(|g| slot(g) == slot(&guest[0])),
+        "{guest:?}"
+    );
+    for f in ["0x0", "0x1", "0x2", "0x3"] {
+        assert!(
+            guest.iter().any(|g| g.contains(&format!("function='{f}'"))),
+            "{f}: {guest:?}"
+        );
+    }
+    assert!(
+        guest
+            .iter()
+            .any(|g| g.contains("function='0x0'") && g.contains("multifunction='on'")),
+        "{guest:?}"
     );
     // Idempotent: the completed XML comes back as it went in.
     let again = transformer(&h, &["transform", out]);
@@ -434,12 +458,22 @@ fn a_config_rule_does_not_allocate_a_second_gpu_to_a_domain_cloudstack_gave_one(
     std::fs::write(&config, "[[rules]]\ndomain = \"i-*-VM\"\ncount = 1\n").unwrap();
     let cf = config.display().to_string();
     let xml = cloudstack_domain("i-2-33-VM", &cloudstack_hostdev("2a"));
-    let r = h.gpupass(&["--config-file", &cf, "transform"], &xml);
+    let r = h.gpupass(&["--config-file", &cf, "transform", "--no-fit"], &xml);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(
         r.stdout, xml,
         "the H100 is whole already: unchanged, no second GPU"
     );
+    // With the guest fit (the default) the domain is fitted to that one H100, still no second.
+    let r = h.gpupass(&["--config-file", &cf, "transform"], &xml);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(
+        hostdev_sources(&r.stdout),
+        hostdev_sources(&xml),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("<pcihole64"), "{}", r.stdout);
     // A domain with no GPU still gets the rule's.
     let plain = cloudstack_domain("i-2-35-VM", "");
     let r = h.gpupass(&["--config-file", &cf, "transform"], &plain);
