@@ -159,6 +159,15 @@ check "libvirt moved its audio to vfio-pci" "$(driver $AUDIO)" wait_driver $AUDI
 pci=$(virsh qemu-monitor-command l2 --hmp 'info pci' 2>&1)
 check "L2's QEMU shows the VGA device" "$(echo "$pci" | head -c 400)" \
     sh -c "echo '$pci' | grep -q 'VGA controller: PCI device 1234:1111'"
+# The fit (on by default) gives L2 the card as L1 has it: both functions in one guest slot.
+guest_slot() { # VENDOR:DEVICE -> "BUS DEVICE FUNCTION" as L2's QEMU numbers them
+    echo "$pci" | awk -v id="$1" '/Bus .*device .*function/ { b = $2; d = $4; f = $6 } index($0, id) { print b, d, f; exit }' | tr -d ',:\r'
+}
+vga_at=$(guest_slot 1234:1111)
+hda_at=$(guest_slot 8086:293e)
+one_slot() { [ -n "$vga_at" ] && [ "${vga_at% *}" = "${hda_at% *}" ] && [ "${vga_at##* }" = 0 ] && [ "${hda_at##* }" = 1 ]; }
+check "fit: L2 has the GPU's two functions in one slot, as functions 0 and 1" \
+    "VGA at '$vga_at', audio at '$hda_at'; $(virsh dumpxml l2 | grep -A3 '<hostdev' | grep "address type='pci'")" one_slot
 check "agent: /v1/gpus shows the GPU used by l2" "$(api /v1/gpus/$GPU)" \
     wait_api /v1/gpus/$GPU '"used_by":"l2"'
 check "agent: a usage session for l2 is open" "$(api /v1/usage)" \
@@ -240,6 +249,8 @@ out=$(gp attach l2live --gpu $GPU --live 2>&1)
 n=$(virsh dumpxml l2live | grep -c "<hostdev ")
 [ "$n" = 2 ] || virsh dumpxml l2live | grep -E "<controller|<address type='pci'" | sed 's/^/E2E-INFO l2live: /'
 check "live attach: both functions in the running domain" "$out; hostdevs=$n" [ "$n" = 2 ]
+# What libvirt 9.0 does with a multi-function set hot-plugged: where each function landed.
+echo "E2E-INFO live attach: guest addresses: $(virsh dumpxml l2live | sed -n '/<hostdev/,/<\/hostdev>/p' | grep "address type='pci'" | tr -s ' ' | tr '\n' ' ')"
 check "live attach: the GPU is on vfio-pci" "$(driver $GPU)" wait_driver $GPU vfio-pci
 pci=$(virsh qemu-monitor-command l2live --hmp 'info pci' 2>&1)
 check "live attach: L2's QEMU shows the VGA device" "$(echo "$pci" | tail -c 400)" \
