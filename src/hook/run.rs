@@ -65,7 +65,8 @@ pub fn transform(
     };
     let _lock = HostLock::acquire(&env.run_dir, env.lock_timeout)?;
     let inv = discover_with(&Sysfs::new(&env.host_root), &Scope::Gpus, false)?;
-    let mut holdings: Holdings = files::all_holdings(&env.host_root, &doc.name)?;
+    let mut holdings: Holdings =
+        files::all_holdings(&env.host_root, &doc.name, Some(&env.run_dir))?;
     let store = LeaseStore::new(&env.run_dir);
     let t = unix_now();
     store.holdings_except(&doc.name, doc.uuid.as_deref(), t, &mut holdings);
@@ -178,7 +179,7 @@ pub fn prepare(env: &HookEnv, input: &str) -> Result<Vec<String>, HookError> {
             "the IOMMU is off on this host: no PCI device can be passed through".into(),
         ));
     }
-    let mut running = files::running_holdings(&env.host_root, &doc.name)?;
+    let mut running = files::running_holdings(&env.host_root, &doc.name, Some(&env.run_dir))?;
     LeaseStore::new(&env.run_dir).holdings_except(
         &doc.name,
         doc.uuid.as_deref(),
