@@ -172,18 +172,12 @@ pub fn discover_with(sysfs: &Sysfs, scope: &Scope, full: bool) -> Result<Invento
     let names = sysfs.pci_devices()?;
     let mut todo: Vec<PciAddress> = match scope {
         Scope::All => names.clone(),
-        Scope::Gpus => {
-            let mut seeds = Vec::new();
-            for a in &names {
-                if sysfs
-                    .hex_attr(*a, "class")?
-                    .is_some_and(|c| PciClass(c).is_display())
-                {
-                    seeds.push(*a);
-                }
-            }
-            seeds
-        }
+        Scope::Gpus => names
+            .iter()
+            .zip(sysfs.hex_attr_each(&names, "class")?)
+            .filter(|(_, c)| c.is_some_and(|c| PciClass(c).is_display()))
+            .map(|(a, _)| *a)
+            .collect(),
         Scope::Around(seeds) => seeds
             .iter()
             .filter(|a| names.binary_search(a).is_ok())
