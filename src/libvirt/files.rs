@@ -2,7 +2,8 @@
 //! must never call libvirt (the qemu hook, where a call back into the daemon can deadlock):
 //! `run/libvirt/qemu/<name>.xml` is each running domain's live XML (inside `<domstatus>`),
 //! `etc/libvirt/qemu/<name>.xml` each defined domain's persistent XML. Reads them; writes only
-//! its cache of what each file held ([`CACHE_FILE`] in the run dir), never libvirt's files.
+//! its cache of what each file held ([`RUNNING_CACHE`], [`DEFINED_CACHE`] in the run dir), never
+//! libvirt's files.
 //!
 //! The cache saves parsing every other domain's XML on every hook call. An entry is used only
 //! while its file's device, inode, size, mtime and ctime are all what they were when it was read
@@ -31,8 +32,13 @@ use crate::xml::domain;
 pub const STATUS_DIR: &str = "run/libvirt/qemu";
 /// Defined domains' XML, relative to the host root.
 pub const CONFIG_DIR: &str = "etc/libvirt/qemu";
-/// The cache of what each domain file holds, in the run dir.
-pub const CACHE_FILE: &str = "libvirt-files.json";
+/// The cache of what each running domain's status file holds, in the run dir.
+pub const RUNNING_CACHE: &str = "libvirt-running.json";
+/// The cache of what each defined domain's file holds, in the run dir.
+pub const DEFINED_CACHE: &str = "libvirt-defined.json";
+/// The directories read, relative to the host root: whether their domains run, their cache.
+const RUNNING: (&str, bool, &str) = (STATUS_DIR, true, RUNNING_CACHE);
+const DEFINED: (&str, bool, &str) = (CONFIG_DIR, false, DEFINED_CACHE);
 /// A file changed less than this long before it was read is not cached: a change in the same
 /// clock tick (or second, on a filesystem with coarse times) could leave its times as they were.
 pub const RACY_MARGIN: Duration = Duration::from_secs(2);
@@ -54,33 +60,34 @@ pub enum FilesError {
 }
 
 /// What identifies one version of a file: if any of it differs, the file may have changed.
+/// Times are nanoseconds since the epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 struct Stamp {
     dev: u64,
     ino: u64,
     size: u64,
-    /// Nanoseconds since the epoch.
-    mtime: i128,
-    /// Nanoseconds since the epoch.
-    ctime: i128,
+    mtime: i64,
+    ctime: i64,
 }
 
 impl Stamp {
-    fn of(m: &Metadata) -> Self {
-        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
-        Self {
+    /// `None` for times outside what nanoseconds in an `i64` can hold (before 1678, after
+    /// 2262): such a file is read every time.
+    fn of(m: &Metadata) -> Option<Self> {
+        let ns = |s: i64, n: i64| s.checked_mul(1_000_000_000)?.checked_add(n);
+        Some(Self {
             dev: m.dev(),
             ino: m.ino(),
             size: m.size(),
-            mtime: ns(m.mtime(), m.mtime_nsec()),
-            ctime: ns(m.ctime(), m.ctime_nsec()),
-        }
+            mtime: ns(m.mtime(), m.mtime_nsec())?,
+            ctime: ns(m.ctime(), m.ctime_nsec())?,
+        })
     }
 
     /// Whether a file with this stamp, seen at `now` (ns since the epoch), may be cached: both
     /// its times at least [`RACY_MARGIN`] in the past (pure).
-    fn settled(&self, now: i128) -> bool {
-        let margin = i128::try_from(RACY_MARGIN.as_nanos()).unwrap_or(i128::MAX);
+    fn settled(&self, now: i64) -> bool {
+        let margin = i64::try_from(RACY_MARGIN.as_nanos()).unwrap_or(i64::MAX);
         let limit = now.saturating_sub(margin);
         self.mtime <= limit && self.ctime <= limit
     }
@@ -101,46 +108,34 @@ struct Entry {
     hold: Option<DomainHold>,
 }
 
-/// The cache file: directory → file name → entry.
+/// One cache file: the directory it describes, and file name → entry.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Cache {
     version: u32,
-    dirs: BTreeMap<String, BTreeMap<String, Entry>>,
+    dir: String,
+    files: BTreeMap<String, Entry>,
 }
 
-/// The cache as one call uses it: loaded from the run dir (or empty), saved back if it changed.
-struct CacheFile<'a> {
-    run_dir: Option<&'a Path>,
-    cache: Cache,
-    changed: bool,
-}
-
-impl<'a> CacheFile<'a> {
-    /// Loads the cache from `run_dir` (a trusted directory); a missing, unreadable or foreign
-    /// cache is an empty one. `None`: no cache, every file is read.
-    fn load(run_dir: Option<&'a Path>) -> Self {
-        let cache = run_dir
-            .and_then(|d| fsutil::read_state(&d.join(CACHE_FILE)).ok().flatten())
+impl Cache {
+    /// The cache `name` of `dir` in `run_dir` (a trusted directory): a missing, unreadable,
+    /// torn or other directory's cache is an empty one.
+    fn load(run_dir: &Path, name: &str, dir: &str) -> Self {
+        fsutil::read_state(&run_dir.join(name))
+            .ok()
+            .flatten()
             .and_then(|b| serde_json::from_slice::<Cache>(&b).ok())
-            .filter(|c| c.version == CACHE_VERSION)
-            .unwrap_or(Cache {
+            .filter(|c| c.version == CACHE_VERSION && c.dir == dir)
+            .unwrap_or_else(|| Cache {
                 version: CACHE_VERSION,
-                dirs: BTreeMap::new(),
-            });
-        Self {
-            run_dir,
-            cache,
-            changed: false,
-        }
+                dir: dir.to_owned(),
+                files: BTreeMap::new(),
+            })
     }
 
-    /// Writes the cache back when it changed. Best effort: failing to cache changes no result.
-    fn save(self) {
-        let Some(dir) = self.run_dir.filter(|_| self.changed) else {
-            return;
-        };
-        let written = match serde_json::to_vec(&self.cache) {
-            Ok(body) => fsutil::write_atomic(dir, CACHE_FILE, &body).map_err(|e| {
+    /// Writes the cache. Best effort: failing to cache changes no result.
+    fn save(&self, run_dir: &Path, name: &str) {
+        let written = match serde_json::to_vec(self) {
+            Ok(body) => fsutil::write_atomic(run_dir, name, &body).map_err(|e| {
                 let cause = std::error::Error::source(&e).map(ToString::to_string);
                 format!("{e}: {}", cause.unwrap_or_default())
             }),
@@ -204,45 +199,47 @@ fn read_hold(path: &Path) -> Option<Option<DomainHold>> {
     }
 }
 
-/// Adds what the files of `dir` hold to `h`, each from the cache while its stamp is unchanged,
-/// else read (and cached when settled at `now`).
+/// Adds what the files of `dir` hold to `h`, each from the cache (`run dir`, `file name`)
+/// while its stamp is unchanged, else read (and cached when settled at `now`).
 fn add_from(
     dir: &Path,
     running: bool,
     skip: &str,
     h: &mut Holdings,
-    cache: &mut CacheFile<'_>,
-    now: i128,
+    cache: Option<(&Path, &str)>,
+    now: i64,
 ) -> Result<(), FilesError> {
     let files = xml_files(dir)?;
     // Only a directory and file names that are text can be keys; others are read every time.
-    let dir_key = dir.to_str().filter(|_| cache.run_dir.is_some());
-    let mut before = dir_key
-        .and_then(|k| cache.cache.dirs.remove(k))
-        .unwrap_or_default();
+    let cache = cache.zip(dir.to_str());
+    let mut before = match cache {
+        Some(((run_dir, name), d)) => Cache::load(run_dir, name, d),
+        None => Cache::default(),
+    };
     let mut after = BTreeMap::new();
+    let mut changed = false;
     for (path, meta) in files {
         // Taken before the file is read: a change after this leaves a different stamp.
         let stamp = Stamp::of(&meta);
         let name = path
             .file_name()
             .and_then(|n| n.to_str())
-            .filter(|_| dir_key.is_some());
-        let old = name.and_then(|n| before.remove(n));
-        let hold = match (name, old) {
-            (Some(n), Some(e)) if e.stamp == stamp => {
+            .filter(|_| cache.is_some());
+        let old = name.and_then(|n| before.files.remove(n));
+        let hold = match (name, old, stamp) {
+            (Some(n), Some(e), Some(stamp)) if e.stamp == stamp => {
                 let hold = e.hold.clone();
                 after.insert(n.to_owned(), e);
                 hold
             }
-            (name, old) => {
-                cache.changed |= old.is_some();
+            (name, old, stamp) => {
+                changed |= old.is_some();
                 let read = read_hold(&path);
-                if let (Some(n), Some(hold)) = (name, &read) {
+                if let (Some(n), Some(hold), Some(stamp)) = (name, &read, stamp) {
                     if stamp.settled(now) {
                         let hold = hold.clone();
                         after.insert(n.to_owned(), Entry { stamp, hold });
-                        cache.changed = true;
+                        changed = true;
                     }
                 }
                 read.flatten()
@@ -256,35 +253,35 @@ fn add_from(
         }
     }
     // Entries of files that are gone.
-    cache.changed |= !before.is_empty();
-    if let (Some(k), false) = (dir_key, after.is_empty()) {
-        cache.cache.dirs.insert(k.to_owned(), after);
+    changed |= !before.files.is_empty();
+    if let (Some(((run_dir, name), _)), true) = (cache, changed) {
+        before.files = after;
+        before.save(run_dir, name);
     }
     Ok(())
 }
 
 /// Nanoseconds since the epoch.
-fn now_ns() -> i128 {
+fn now_ns() -> i64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| i128::try_from(d.as_nanos()).unwrap_or(i128::MAX))
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
 }
 
-/// The holdings in the directories `dirs` (relative to `root`, each with whether its domains
-/// are running), through the cache in `cache_dir`, as seen at `now`.
+/// The holdings in the directories `dirs` (relative to `root`: whether their domains run, their
+/// cache file), through the caches in `cache_dir`, as seen at `now`.
 fn collect(
     root: &Path,
     skip: &str,
     cache_dir: Option<&Path>,
-    dirs: &[(&str, bool)],
-    now: i128,
+    dirs: &[(&str, bool, &str)],
+    now: i64,
 ) -> Result<Holdings, FilesError> {
-    let mut cache = CacheFile::load(cache_dir);
     let mut h = Holdings::default();
-    for (dir, running) in dirs {
-        add_from(&root.join(dir), *running, skip, &mut h, &mut cache, now)?;
+    for (dir, running, cache) in dirs {
+        let cache = cache_dir.map(|d| (d, *cache));
+        add_from(&root.join(dir), *running, skip, &mut h, cache, now)?;
     }
-    cache.save();
     Ok(h)
 }
 
@@ -295,7 +292,7 @@ pub fn running_holdings(
     skip: &str,
     cache_dir: Option<&Path>,
 ) -> Result<Holdings, FilesError> {
-    collect(root, skip, cache_dir, &[(STATUS_DIR, true)], now_ns())
+    collect(root, skip, cache_dir, &[RUNNING], now_ns())
 }
 
 /// Holdings of running and defined domains, leaving out domain `skip` (`cache_dir`: as for
@@ -305,8 +302,7 @@ pub fn all_holdings(
     skip: &str,
     cache_dir: Option<&Path>,
 ) -> Result<Holdings, FilesError> {
-    let dirs = [(STATUS_DIR, true), (CONFIG_DIR, false)];
-    collect(root, skip, cache_dir, &dirs, now_ns())
+    collect(root, skip, cache_dir, &[RUNNING, DEFINED], now_ns())
 }
 
 #[cfg(test)]
@@ -379,8 +375,8 @@ mod tests {
         }
 
         /// Who runs on bus `bus` (function 0), read through the cache as if at `now`.
-        fn holder(&self, bus: &str, now: i128) -> Option<String> {
-            let dirs = [(STATUS_DIR, true), (CONFIG_DIR, false)];
+        fn holder(&self, bus: &str, now: i64) -> Option<String> {
+            let dirs = [RUNNING, DEFINED];
             let h = collect(self.root.path(), "self", Some(&self.run), &dirs, now).unwrap();
             let addr: PciAddress = format!("0000:{bus}:00.0").parse().unwrap();
             h.holders(&[addr])
@@ -389,24 +385,25 @@ mod tests {
                 .map(|h| h.domain)
         }
 
-        fn cache(&self) -> Cache {
-            serde_json::from_slice(&fs::read(self.run.join(CACHE_FILE)).unwrap()).unwrap()
+        fn cache(&self, name: &str) -> Cache {
+            serde_json::from_slice(&fs::read(self.run.join(name)).unwrap()).unwrap()
         }
 
         fn cached_files(&self) -> Vec<String> {
-            match fs::read(self.run.join(CACHE_FILE)) {
-                Ok(b) => {
+            let mut out = Vec::new();
+            for name in [RUNNING_CACHE, DEFINED_CACHE] {
+                if let Ok(b) = fs::read(self.run.join(name)) {
                     let c: Cache = serde_json::from_slice(&b).unwrap();
-                    c.dirs.values().flat_map(|f| f.keys().cloned()).collect()
+                    out.extend(c.files.keys().cloned());
                 }
-                Err(_) => Vec::new(),
             }
+            out
         }
     }
 
     /// Later than every file written so far has settled.
-    fn later() -> i128 {
-        now_ns() + 3 * i128::try_from(RACY_MARGIN.as_nanos()).unwrap()
+    fn later() -> i64 {
+        now_ns() + 3 * i64::try_from(RACY_MARGIN.as_nanos()).unwrap()
     }
 
     /// Longer than a clock tick of the filesystem's timestamps (they are coarse).
@@ -455,16 +452,17 @@ mod tests {
         files.sort();
         assert_eq!(files, ["a.xml", "b.xml"]);
         // The cache is what answers now: a (forged) entry with the file's own stamp wins.
-        let mut c = host.cache();
-        let dir = host.root.path().join(STATUS_DIR);
-        let entry = c
-            .dirs
-            .get_mut(dir.to_str().unwrap())
-            .and_then(|f| f.get_mut("a.xml"))
-            .unwrap();
+        let mut c = host.cache(RUNNING_CACHE);
+        let entry = c.files.get_mut("a.xml").unwrap();
         entry.hold.as_mut().unwrap().name = "from-cache".into();
-        fs::write(host.run.join(CACHE_FILE), serde_json::to_vec(&c).unwrap()).unwrap();
+        let forged = serde_json::to_vec(&c).unwrap();
+        fs::write(host.run.join(RUNNING_CACHE), &forged).unwrap();
         assert_eq!(host.holder("18", later()).as_deref(), Some("from-cache"));
+        // Not for another host root's directory.
+        let other = Host::new();
+        fs::write(other.file(STATUS_DIR, "a.xml"), status("a", "0x18")).unwrap();
+        fs::write(other.run.join(RUNNING_CACHE), &forged).unwrap();
+        assert_eq!(other.holder("18", later()).as_deref(), Some("a"));
         // The same files without the cache (or with another root's) read what is there.
         let plain = running_holdings(host.root.path(), "self", None).unwrap();
         assert_eq!(
@@ -510,7 +508,7 @@ mod tests {
         // A domain that lost its hostdev, and a torn cache file: read, not trusted.
         tick();
         fs::write(host.file(STATUS_DIR, "b.xml"), "<domstatus/>").unwrap();
-        fs::write(host.run.join(CACHE_FILE), "{\"version\":1,\"dirs\":{").unwrap();
+        fs::write(host.run.join(RUNNING_CACHE), "{\"version\":1,\"dir\":").unwrap();
         assert_eq!(host.holder("38", later()), None);
         assert_eq!(host.cached_files(), ["b.xml"]);
     }
