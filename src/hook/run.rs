@@ -11,6 +11,7 @@ use crate::alloc::lock::HostLock;
 use crate::alloc::plan::{AttachRequest, Holdings};
 use crate::assign::preferred_nodes_of;
 use crate::config::GpupassConfig;
+use crate::cpuset;
 use crate::hook::resolve::resolve;
 use crate::hook::HookError;
 use crate::host::discover::{discover_with, Scope};
@@ -64,13 +65,22 @@ pub fn transform(
         },
     };
     let _lock = HostLock::acquire(&env.run_dir, env.lock_timeout)?;
-    let inv = discover_with(&Sysfs::new(&env.host_root), &Scope::Gpus, false)?;
+    let sysfs = Sysfs::new(&env.host_root);
+    let mut inv = discover_with(&sysfs, &Scope::Gpus, false)?;
     let mut holdings: Holdings =
         files::all_holdings(&env.host_root, &doc.name, Some(&env.run_dir))?;
     let store = LeaseStore::new(&env.run_dir);
     let t = unix_now();
     store.holdings_except(&doc.name, doc.uuid.as_deref(), t, &mut holdings);
     let pin = &doc.pinning;
+    // The NUMA preference needs each node's CPUs only for a domain pinned by CPU, not by node.
+    let by_node = pin
+        .numa_nodeset
+        .as_deref()
+        .is_some_and(|s| cpuset::parse(s).is_ok());
+    if !by_node && (pin.vcpu_cpuset.is_some() || !pin.vcpupin_cpusets.is_empty()) {
+        inv.numa_cpus = sysfs.numa_cpus()?;
+    }
     let prefer = preferred_nodes_of(
         &inv,
         pin.numa_nodeset.as_deref(),

@@ -90,7 +90,7 @@ pub struct Inventory {
     pub gpus: Vec<Gpu>,
     /// IOMMU state.
     pub iommu: IommuState,
-    /// CPUs of each NUMA node.
+    /// CPUs of each NUMA node ([`Scope::All`] only; empty otherwise).
     pub numa_cpus: Vec<(NumaNode, BTreeSet<u32>)>,
 }
 
@@ -250,9 +250,11 @@ pub fn discover_with(sysfs: &Sysfs, scope: &Scope, full: bool) -> Result<Invento
             Vec::new()
         },
     };
+    // Each node's CPUs matter only for a domain pinned by CPU: `transform` reads them itself
+    // when it needs them.
     let numa = match scope {
-        Scope::Around(_) => Vec::new(),
-        _ => sysfs.numa_cpus()?,
+        Scope::All => sysfs.numa_cpus()?,
+        Scope::Gpus | Scope::Around(_) => Vec::new(),
     };
     Ok(Inventory::build(devices, groups, iommu, numa))
 }
