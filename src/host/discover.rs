@@ -115,13 +115,17 @@ fn read_device(
     sysfs: &Sysfs,
     address: PciAddress,
     full: bool,
+    class: Option<u32>,
 ) -> Result<Option<PciDevice>, SysfsError> {
     let dev = sysfs.device(address)?;
     let attrs = match &dev {
         Some(d) => (
             d.hex_attr("vendor")?,
             d.hex_attr("device")?,
-            d.hex_attr("class")?,
+            match class {
+                Some(c) => Some(c),
+                None => d.hex_attr("class")?,
+            },
         ),
         None => (None, None, None),
     };
@@ -170,13 +174,24 @@ fn read_device(
 /// IOMMU units, command line) that only reports show.
 pub fn discover_with(sysfs: &Sysfs, scope: &Scope, full: bool) -> Result<Inventory, SysfsError> {
     let names = sysfs.pci_devices()?;
+    // Every function's class, when the scope needs them all (a device's class never changes:
+    // read once, not again with the device's other attributes).
+    let classes = match scope {
+        Scope::Gpus => sysfs.hex_attr_each(&names, "class")?,
+        Scope::All | Scope::Around(_) => Vec::new(),
+    };
+    let class_of = |a: &PciAddress| {
+        names
+            .binary_search(a)
+            .ok()
+            .and_then(|i| classes.get(i).copied().flatten())
+    };
     let mut todo: Vec<PciAddress> = match scope {
         Scope::All => names.clone(),
         Scope::Gpus => names
             .iter()
-            .zip(sysfs.hex_attr_each(&names, "class")?)
-            .filter(|(_, c)| c.is_some_and(|c| PciClass(c).is_display()))
-            .map(|(a, _)| *a)
+            .filter(|a| class_of(a).is_some_and(|c| PciClass(c).is_display()))
+            .copied()
             .collect(),
         Scope::Around(seeds) => seeds
             .iter()
@@ -193,7 +208,7 @@ pub fn discover_with(sysfs: &Sysfs, scope: &Scope, full: bool) -> Result<Invento
             if devices.contains_key(&a) || skipped.contains(&a) {
                 continue;
             }
-            let Some(d) = read_device(sysfs, a, full)? else {
+            let Some(d) = read_device(sysfs, a, full, class_of(&a))? else {
                 skipped.insert(a);
                 continue;
             };
