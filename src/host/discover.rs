@@ -37,7 +37,8 @@ pub struct PciDevice {
 /// How the IOMMU looks on this host.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct IommuState {
-    /// Number of IOMMU groups (0 = IOMMU off for VFIO's purposes).
+    /// Number of IOMMU groups (0 = IOMMU off for VFIO's purposes). With [`Scope::Around`],
+    /// the number of groups of the devices read, when they are in any.
     pub groups: usize,
     /// IOMMU units under `sys/class/iommu`.
     pub units: Vec<String>,
@@ -253,7 +254,11 @@ pub fn discover_with(sysfs: &Sysfs, scope: &Scope, full: bool) -> Result<Invento
         }
     }
     let iommu = IommuState {
-        groups: sysfs.iommu_group_ids()?.len(),
+        // Devices in groups prove the IOMMU on: `prepare` (Scope::Around) need not list them all.
+        groups: match scope {
+            Scope::Around(_) if !groups.is_empty() => groups.len(),
+            _ => sysfs.iommu_group_ids()?.len(),
+        },
         units: if full {
             sysfs.iommu_units()?
         } else {
