@@ -74,13 +74,31 @@ impl PciAddress {
 }
 
 impl fmt::Display for PciAddress {
+    /// `{:04x}:{:02x}:{:02x}.{:x}`, written by hand into a buffer: the hook joins addresses to
+    /// sysfs paths dozens of times per call, and `write!`'s padded hex showed in its profile.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{:04x}:{:02x}:{:02x}.{:x}",
-            self.domain, self.bus, self.slot, self.function
-        )
+        let mut buf = [0u8; 18];
+        let mut n = put_hex(&mut buf, 0, self.domain, 4);
+        buf[n] = b':';
+        n = put_hex(&mut buf, n + 1, self.bus.into(), 2);
+        buf[n] = b':';
+        n = put_hex(&mut buf, n + 1, self.slot.into(), 2);
+        buf[n] = b'.';
+        n = put_hex(&mut buf, n + 1, self.function.into(), 1);
+        f.write_str(std::str::from_utf8(&buf[..n]).map_err(|_| fmt::Error)?)
     }
+}
+
+/// Writes `v` in lowercase hex, at least `min` digits, at `buf[at..]`; returns the end.
+fn put_hex(buf: &mut [u8], at: usize, v: u32, min: u32) -> usize {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let digits = (32 - v.leading_zeros()).div_ceil(4).max(min);
+    let mut n = at;
+    for i in (0..digits).rev() {
+        buf[n] = HEX[((v >> (4 * i)) & 0xf) as usize];
+        n += 1;
+    }
+    n
 }
 
 fn hex_field(s: &str, max_digits: usize) -> Option<u32> {
@@ -368,6 +386,27 @@ pub fn subsystem_name(id: PciId, subsystem: PciId) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addresses_print_like_padded_hex() {
+        for (d, b, sl, f) in [
+            (0, 0, 0, 0),
+            (0, 0x61, 0x1f, 7),
+            (0xffff, 0xff, 0x1f, 7),
+            (0x10000, 1, 2, 3),
+            (0xffff_ffff, 0xab, 0x0c, 1),
+            (0xa, 0xb, 0xc, 0xd),
+            (0x123, 0, 0, 0xff),
+        ] {
+            let a = PciAddress {
+                domain: d,
+                bus: b,
+                slot: sl,
+                function: f,
+            };
+            assert_eq!(a.to_string(), format!("{d:04x}:{b:02x}:{sl:02x}.{f:x}"));
+        }
+    }
 
     #[test]
     fn parses_and_prints_addresses() {

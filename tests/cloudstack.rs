@@ -635,3 +635,43 @@ fn doctor_fails_a_cloudstack_host_with_the_transformer_but_not_the_qemu_hook() {
     assert_eq!(check.unwrap()["status"], "ok");
     assert_eq!(code, base);
 }
+
+/// A quarantined GPU (issue 14) is not offered to CloudStack: left out, its reason on stderr.
+#[test]
+fn a_quarantined_gpu_is_left_out_of_the_agents_list() {
+    let h = HookRoot::new("hgx-8gpu", &[]);
+    let r = h.gpupass(&["cloudstack", "discover"], "");
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("\"18:00.0\""), "{}", r.stdout);
+    let q = Command::new(env!("CARGO_BIN_EXE_gpupass"))
+        .env_remove("GPUPASS_CONFIG")
+        .arg("--host-root")
+        .arg(h.path())
+        .arg("--run-dir")
+        .arg(h.run_dir())
+        .arg("--state-dir")
+        .arg(h.state_dir())
+        .args([
+            "quarantine",
+            "add",
+            "0000:18:00.0",
+            "--reason",
+            "fell off the bus",
+        ])
+        .output()
+        .unwrap();
+    assert!(q.status.success(), "{}", String::from_utf8_lossy(&q.stderr));
+    let r = h.gpupass(&["cloudstack", "discover"], "");
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(!r.stdout.contains("\"18:00.0\""), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("\"2a:00.0\""),
+        "the others stay: {}",
+        r.stdout
+    );
+    assert!(
+        r.stderr.contains("18:00.0") && r.stderr.contains("quarantine"),
+        "{}",
+        r.stderr
+    );
+}

@@ -143,6 +143,48 @@ fn prepare_respects_a_lease_from_a_transform_in_flight() {
     );
 }
 
+/// The GPUs `transform` gave a domain with `extra` (pinning) asking for two.
+fn chosen(root: &Root, name: &str, extra: &str) -> Vec<String> {
+    let xml = domain_xml(name, &format!("{}{extra}", meta(2)), &[]);
+    let r = root.gpupass(&["transform"], &xml);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let facts = gpupass::xml::domain::parse(&r.stdout).unwrap();
+    facts.pci_hostdevs.iter().map(|a| a.to_string()).collect()
+}
+
+#[test]
+fn transform_prefers_the_numa_node_a_domain_is_pinned_to() {
+    // hgx-8gpu: 18, 2a, 3a, 5d on node 0 (CPUs 0-55,112-167); 9a, ab, ba, db on node 1.
+    let root = Root::new("hgx-8gpu", &[]);
+    let node1 = ["0000:9a:00.0", "0000:ab:00.0"];
+    assert_eq!(
+        chosen(&root, "by-vcpu", "<vcpu cpuset='56-59'>4</vcpu>"),
+        node1
+    );
+    assert_eq!(
+        chosen(
+            &root,
+            "by-pin",
+            "<vcpu>2</vcpu><cputune><vcpupin vcpu='0' cpuset='170'/></cputune>"
+        ),
+        ["0000:ba:00.0", "0000:db:00.0"]
+    );
+    let root = Root::new("hgx-8gpu", &[]);
+    assert_eq!(
+        chosen(
+            &root,
+            "by-node",
+            "<vcpu cpuset='0-3'>4</vcpu><numatune><memory nodeset='1'/></numatune>"
+        ),
+        node1
+    );
+    let root = Root::new("hgx-8gpu", &[]);
+    assert_eq!(
+        chosen(&root, "unpinned", ""),
+        ["0000:18:00.0", "0000:2a:00.0"]
+    );
+}
+
 #[test]
 fn a_transformed_domain_starts_once_libvirt_has_given_it_a_uuid() {
     let root = Root::new("hgx-8gpu", &[]);

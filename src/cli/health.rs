@@ -241,7 +241,7 @@ pub fn recover(g: &Global, addrs: &[PciAddress]) -> anyhow::Result<()> {
     let store = HealthStore::new(&g.state_dir);
     let state = store.read()?;
     let sysfs = Sysfs::new(&g.host_root);
-    let running = gpupass::libvirt::files::running_holdings(&g.host_root, "")?;
+    let running = gpupass::libvirt::files::running_holdings(&g.host_root, "", None)?;
     let mut out = String::new();
     let mut failed = Vec::new();
     for a in addrs {

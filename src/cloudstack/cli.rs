@@ -67,7 +67,7 @@ fn discover(dirs: &Dirs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let fresh = discover::gather(&dirs.host_root, &opts).map(|d| {
+    let fresh = discover::gather(&dirs.host_root, &dirs.state_dir, &dirs.run_dir, &opts).map(|d| {
         let mut json = serde_json::to_string(&d.list).expect("the answer serializes");
         json.push('\n');
         (json, d.left_out)

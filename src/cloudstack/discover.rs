@@ -259,17 +259,24 @@ fn decimal(sysfs: &Sysfs, a: PciAddress, name: &str) -> Result<u32, CloudstackEr
         .unwrap_or(0))
 }
 
-/// Reads the host root and libvirt's files under it and builds the answer. Any read failure,
-/// or a host root listing no PCI device at all, is an error: never a partial answer.
-pub fn gather(host_root: &Path, opts: &CloudstackConfig) -> Result<Discovery, CloudstackError> {
+/// Reads the host root, libvirt's files under it and the quarantined GPUs (`state_dir`) and
+/// builds the answer; `run_dir` keeps the cache of libvirt's files. Any read failure, or a host
+/// root listing no PCI device at all, is an error: never a partial answer.
+pub fn gather(
+    host_root: &Path,
+    state_dir: &Path,
+    run_dir: &Path,
+    opts: &CloudstackConfig,
+) -> Result<Discovery, CloudstackError> {
     let sysfs = Sysfs::new(host_root);
-    let inv = discover_with(&sysfs, &Scope::Gpus, false)?;
+    // A quarantined GPU is not passable: left out, with its reason, like any blocked GPU.
+    let inv = discover_with(&sysfs, &Scope::Gpus, false)?.with_quarantine(state_dir)?;
     if inv.devices.is_empty() && sysfs.pci_devices()?.is_empty() {
         return Err(CloudstackError::NoPciDevices {
             root: host_root.to_path_buf(),
         });
     }
-    let holdings = files::all_holdings(host_root, "")?;
+    let holdings = files::all_holdings(host_root, "", Some(run_dir))?;
     let mut split = BTreeMap::new();
     for gpu in &inv.gpus {
         let dir = host_root

@@ -28,6 +28,9 @@ pub enum CloudstackError {
     /// libvirt's domain files could not be read.
     #[error(transparent)]
     Files(#[from] FilesError),
+    /// The health file (quarantined GPUs) could not be read.
+    #[error(transparent)]
+    Health(#[from] crate::health::HealthError),
     /// The host root lists no PCI device at all (sysfs not mounted, or a transient failure):
     /// never an answer to give the agent.
     #[error("{root} lists no PCI devices")]

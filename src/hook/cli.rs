@@ -73,22 +73,27 @@ impl Dirs {
     /// Reads nothing when every directory was given (the installed hook passes them all): hook
     /// mode's bookkeeping calls (`started`, `release`, …) must work without a valid config, and
     /// every other command calls [`Dirs::config`] before anything else.
-    pub fn resolve(&mut self, matches: &clap::ArgMatches) -> Result<(), ConfigError> {
-        use clap::parser::ValueSource;
-        let defaulted = |id: &str| matches.value_source(id) == Some(ValueSource::DefaultValue);
-        let ids = ["host_root", "run_dir", "state_dir"];
-        if !ids.iter().any(|id| defaulted(id)) {
+    pub fn resolve(&mut self, defaulted: Defaulted) -> Result<(), ConfigError> {
+        if !(defaulted.host_root || defaulted.run_dir || defaulted.state_dir) {
             return Ok(());
         }
         let config = GpupassConfig::load(self.config_file.as_deref())?;
-        let pick = |id: &str, from: &Option<PathBuf>, to: &mut PathBuf| {
-            if let (true, Some(p)) = (defaulted(id), from) {
+        let pick = |defaulted: bool, from: &Option<PathBuf>, to: &mut PathBuf| {
+            if let (true, Some(p)) = (defaulted, from) {
                 to.clone_from(p);
             }
         };
-        pick("host_root", &config.paths.host_root, &mut self.host_root);
-        pick("run_dir", &config.paths.run_dir, &mut self.run_dir);
-        pick("state_dir", &config.paths.state_dir, &mut self.state_dir);
+        pick(
+            defaulted.host_root,
+            &config.paths.host_root,
+            &mut self.host_root,
+        );
+        pick(defaulted.run_dir, &config.paths.run_dir, &mut self.run_dir);
+        pick(
+            defaulted.state_dir,
+            &config.paths.state_dir,
+            &mut self.state_dir,
+        );
         self.loaded = Some(config);
         Ok(())
     }
@@ -102,6 +107,31 @@ impl Dirs {
     }
 }
 
+/// Which of [`Dirs`]' directories were left at their built-in defaults (neither a flag nor an
+/// environment variable gave them).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Defaulted {
+    /// `--host-root`.
+    pub host_root: bool,
+    /// `--run-dir`.
+    pub run_dir: bool,
+    /// `--state-dir`.
+    pub state_dir: bool,
+}
+
+impl Defaulted {
+    /// Read from the parsed command line (before its values are taken out of it).
+    pub fn of(matches: &clap::ArgMatches) -> Self {
+        use clap::parser::ValueSource;
+        let d = |id: &str| matches.value_source(id) == Some(ValueSource::DefaultValue);
+        Self {
+            host_root: d("host_root"),
+            run_dir: d("run_dir"),
+            state_dir: d("state_dir"),
+        }
+    }
+}
+
 /// Parses a binary's command line the way both binaries do: a parse error or `--help` as
 /// [`exit_on_parse_error`] handles it, then the config's `[paths]` applied ([`Dirs::resolve`];
 /// an unreadable or invalid config is one line and exit 2).
@@ -109,11 +139,14 @@ pub fn parse_args<C>(program: &str, dirs: fn(&mut C) -> &mut Dirs) -> Result<C, 
 where
     C: clap::CommandFactory + clap::FromArgMatches,
 {
-    let parsed = C::command()
-        .try_get_matches()
-        .and_then(|m| C::from_arg_matches(&m).map(|c| (c, m)));
-    let (mut cli, matches) = parsed.map_err(|e| exit_on_parse_error(&e, program))?;
-    if let Err(e) = dirs(&mut cli).resolve(&matches) {
+    // The values are moved out of the matches (`from_arg_matches` would copy them all), after
+    // noting which directories were defaulted.
+    let parsed = C::command().try_get_matches().and_then(|mut m| {
+        let defaulted = Defaulted::of(&m);
+        C::from_arg_matches_mut(&mut m).map(|c| (c, defaulted))
+    });
+    let (mut cli, defaulted) = parsed.map_err(|e| exit_on_parse_error(&e, program))?;
+    if let Err(e) = dirs(&mut cli).resolve(defaulted) {
         eprintln!("gpupass: error: {}", one_line(&error_chain(&e)));
         return Err(ExitCode::from(2));
     }
@@ -265,22 +298,31 @@ const HOOK_LOCK_TIMEOUT: Duration = Duration::from_secs(30);
 /// (started, release) need no config: one that cannot be loaded is a warning, and the session
 /// is recorded without an owner from the config's rules.
 fn env(dirs: &Dirs, lease: Duration, bookkeeping: bool) -> Result<HookEnv, HookError> {
-    fsutil::private_dir(&dirs.run_dir)?;
-    fsutil::private_dir(&dirs.state_dir)?;
-    fsutil::check_dir_if_exists(LeaseStore::new(&dirs.run_dir).dir())?;
-    let (config, template) = if bookkeeping {
+    if bookkeeping {
         let config = dirs.config().unwrap_or_else(|e| {
             tracing::warn!("{}; recording usage without it", error_line(&e));
             GpupassConfig::default()
         });
-        (config, HostdevTemplate::builtin())
+        env_with(dirs, lease, config, false)
     } else {
-        let config = dirs.config()?;
-        let template = match &config.templates_dir {
-            Some(d) => HostdevTemplate::from_dir(d)?,
-            None => HostdevTemplate::builtin(),
-        };
-        (config, template)
+        env_with(dirs, lease, dirs.config()?, true)
+    }
+}
+
+/// [`env`] with the config already loaded (once per call: a transform checks it first);
+/// `templates`: the config's template directory is loaded (else the built-in template).
+fn env_with(
+    dirs: &Dirs,
+    lease: Duration,
+    config: GpupassConfig,
+    templates: bool,
+) -> Result<HookEnv, HookError> {
+    fsutil::private_dir(&dirs.run_dir)?;
+    fsutil::private_dir(&dirs.state_dir)?;
+    fsutil::check_dir_if_exists(LeaseStore::new(&dirs.run_dir).dir())?;
+    let template = match (&config.templates_dir, templates) {
+        (Some(d), true) => HostdevTemplate::from_dir(d)?,
+        _ => HostdevTemplate::builtin(),
     };
     Ok(HookEnv {
         host_root: dirs.host_root.clone(),
@@ -293,9 +335,9 @@ fn env(dirs: &Dirs, lease: Duration, bookkeeping: bool) -> Result<HookEnv, HookE
     })
 }
 
-fn transform(dirs: &Dirs, a: &TransformArgs) -> Result<(), HookError> {
+fn transform(dirs: &Dirs, config: GpupassConfig, a: &TransformArgs) -> Result<(), HookError> {
     let input = read_stdin()?;
-    let e = env(dirs, Duration::from_secs(a.lease_seconds), false)?;
+    let e = env_with(dirs, Duration::from_secs(a.lease_seconds), config, true)?;
     let request = match (a.count, a.gpus.is_empty()) {
         (Some(n), _) => Some(AttachRequest::Count {
             count: usize::from(n),
@@ -530,7 +572,10 @@ pub fn run(dirs: &Dirs, cmd: &HookCommand) -> ExitCode {
             }
         }
         HookCommand::Transform(a) => {
-            let r = config_ok().and_then(|()| transform(dirs, a));
+            let r = dirs
+                .config()
+                .map_err(HookError::from)
+                .and_then(|c| transform(dirs, c, a));
             let outcome = if r.is_ok() { "ok" } else { "refused" };
             count_decision(dirs, "transform", outcome);
             r

@@ -12,6 +12,7 @@ use crate::alloc::plan::{AttachRequest, Holdings};
 use crate::assign::preferred_nodes_of;
 use crate::cloudstack::complete;
 use crate::config::GpupassConfig;
+use crate::cpuset;
 use crate::health::{self, store::HealthStore};
 use crate::hook::resolve::resolve;
 use crate::hook::HookError;
@@ -98,9 +99,10 @@ fn transform_keeping(
         return Ok(None);
     }
     let _lock = HostLock::acquire(&env.run_dir, env.lock_timeout)?;
-    let inv = discover_with(&Sysfs::new(&env.host_root), &Scope::Gpus, false)?
-        .with_quarantine(&env.state_dir)?;
-    let mut holdings: Holdings = files::all_holdings(&env.host_root, &doc.name)?;
+    let sysfs = Sysfs::new(&env.host_root);
+    let mut inv = discover_with(&sysfs, &Scope::Gpus, false)?.with_quarantine(&env.state_dir)?;
+    let mut holdings: Holdings =
+        files::all_holdings(&env.host_root, &doc.name, Some(&env.run_dir))?;
     let store = LeaseStore::new(&env.run_dir);
     let t = unix_now();
     store.holdings_except(&doc.name, doc.uuid.as_deref(), t, &mut holdings);
@@ -119,6 +121,14 @@ fn transform_keeping(
         return Ok(None);
     };
     let pin = &doc.pinning;
+    // The NUMA preference needs each node's CPUs only for a domain pinned by CPU, not by node.
+    let by_node = pin
+        .numa_nodeset
+        .as_deref()
+        .is_some_and(|s| cpuset::parse(s).is_ok());
+    if !by_node && (pin.vcpu_cpuset.is_some() || !pin.vcpupin_cpusets.is_empty()) {
+        inv.numa_cpus = sysfs.numa_cpus()?;
+    }
     let prefer = preferred_nodes_of(
         &inv,
         pin.numa_nodeset.as_deref(),
@@ -311,7 +321,7 @@ pub fn prepare(env: &HookEnv, input: &str) -> Result<Vec<String>, HookError> {
             "the IOMMU is off on this host: no PCI device can be passed through".into(),
         ));
     }
-    let mut running = files::running_holdings(&env.host_root, &doc.name)?;
+    let mut running = files::running_holdings(&env.host_root, &doc.name, Some(&env.run_dir))?;
     LeaseStore::new(&env.run_dir).holdings_except(
         &doc.name,
         doc.uuid.as_deref(),

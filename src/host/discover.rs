@@ -37,7 +37,8 @@ pub struct PciDevice {
 /// How the IOMMU looks on this host.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct IommuState {
-    /// Number of IOMMU groups (0 = IOMMU off for VFIO's purposes).
+    /// Number of IOMMU groups (0 = IOMMU off for VFIO's purposes). With [`Scope::Around`],
+    /// the number of groups of the devices read, when they are in any.
     pub groups: usize,
     /// IOMMU units under `sys/class/iommu`.
     pub units: Vec<String>,
@@ -92,7 +93,7 @@ pub struct Inventory {
     pub gpus: Vec<Gpu>,
     /// IOMMU state.
     pub iommu: IommuState,
-    /// CPUs of each NUMA node.
+    /// CPUs of each NUMA node ([`Scope::All`] only; empty otherwise).
     pub numa_cpus: Vec<(NumaNode, BTreeSet<u32>)>,
     /// Quarantined GPUs (from the state dir's health file, not from sysfs: empty until a
     /// caller loads them with [`Inventory::with_quarantine`]).
@@ -120,13 +121,17 @@ fn read_device(
     sysfs: &Sysfs,
     address: PciAddress,
     full: bool,
+    class: Option<u32>,
 ) -> Result<Option<PciDevice>, SysfsError> {
     let dev = sysfs.device(address)?;
     let attrs = match &dev {
         Some(d) => (
             d.hex_attr("vendor")?,
             d.hex_attr("device")?,
-            d.hex_attr("class")?,
+            match class {
+                Some(c) => Some(c),
+                None => d.hex_attr("class")?,
+            },
         ),
         None => (None, None, None),
     };
@@ -175,20 +180,25 @@ fn read_device(
 /// IOMMU units, command line) that only reports show.
 pub fn discover_with(sysfs: &Sysfs, scope: &Scope, full: bool) -> Result<Inventory, SysfsError> {
     let names = sysfs.pci_devices()?;
+    // Every function's class, when the scope needs them all (a device's class never changes:
+    // read once, not again with the device's other attributes).
+    let classes = match scope {
+        Scope::Gpus => sysfs.hex_attr_each(&names, "class")?,
+        Scope::All | Scope::Around(_) => Vec::new(),
+    };
+    let class_of = |a: &PciAddress| {
+        names
+            .binary_search(a)
+            .ok()
+            .and_then(|i| classes.get(i).copied().flatten())
+    };
     let mut todo: Vec<PciAddress> = match scope {
         Scope::All => names.clone(),
-        Scope::Gpus => {
-            let mut seeds = Vec::new();
-            for a in &names {
-                if sysfs
-                    .hex_attr(*a, "class")?
-                    .is_some_and(|c| PciClass(c).is_gpu())
-                {
-                    seeds.push(*a);
-                }
-            }
-            seeds
-        }
+        Scope::Gpus => names
+            .iter()
+            .filter(|a| class_of(a).is_some_and(|c| PciClass(c).is_gpu()))
+            .copied()
+            .collect(),
         Scope::Around(seeds) => seeds
             .iter()
             .filter(|a| names.binary_search(a).is_ok())
@@ -204,7 +214,7 @@ pub fn discover_with(sysfs: &Sysfs, scope: &Scope, full: bool) -> Result<Invento
             if devices.contains_key(&a) || skipped.contains(&a) {
                 continue;
             }
-            let Some(d) = read_device(sysfs, a, full)? else {
+            let Some(d) = read_device(sysfs, a, full, class_of(&a))? else {
                 skipped.insert(a);
                 continue;
             };
@@ -249,7 +259,11 @@ pub fn discover_with(sysfs: &Sysfs, scope: &Scope, full: bool) -> Result<Invento
         }
     }
     let iommu = IommuState {
-        groups: sysfs.iommu_group_ids()?.len(),
+        // Devices in groups prove the IOMMU on: `prepare` (Scope::Around) need not list them all.
+        groups: match scope {
+            Scope::Around(_) if !groups.is_empty() => groups.len(),
+            _ => sysfs.iommu_group_ids()?.len(),
+        },
         units: if full {
             sysfs.iommu_units()?
         } else {
@@ -261,9 +275,11 @@ pub fn discover_with(sysfs: &Sysfs, scope: &Scope, full: bool) -> Result<Invento
             Vec::new()
         },
     };
+    // Each node's CPUs matter only for a domain pinned by CPU: `transform` reads them itself
+    // when it needs them.
     let numa = match scope {
-        Scope::Around(_) => Vec::new(),
-        _ => sysfs.numa_cpus()?,
+        Scope::All => sysfs.numa_cpus()?,
+        Scope::Gpus | Scope::Around(_) => Vec::new(),
     };
     Ok(Inventory::build(devices, groups, iommu, numa))
 }

@@ -152,6 +152,52 @@ impl Sysfs {
         read_optional(&self.device_dir(addr).join(name))
     }
 
+    /// A hex attribute of each of `addrs` (`None` where the device or the file is absent), read
+    /// through `sys/bus/pci/devices` opened once: the kernel then resolves the host root once
+    /// rather than once per device (`transform` reads `class` of every function on every call).
+    pub fn hex_attr_each(
+        &self,
+        addrs: &[PciAddress],
+        name: &str,
+    ) -> Result<Vec<Option<u32>>, SysfsError> {
+        let dir = self.path("sys/bus/pci/devices");
+        let fd = fcntl::open(
+            &dir,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| SysfsError::Read {
+            path: dir.clone(),
+            source: e.into(),
+        })?;
+        let mut rel = String::new();
+        addrs
+            .iter()
+            .map(|a| {
+                use std::fmt::Write;
+                rel.clear();
+                // `a` prints as hex digits, ':' and '.': one name inside devices/.
+                let _ = write!(rel, "{a}/{name}");
+                let err = |source| SysfsError::Read {
+                    path: dir.join(&rel),
+                    source,
+                };
+                match fcntl::openat(
+                    &fd,
+                    rel.as_str(),
+                    OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+                    Mode::empty(),
+                ) {
+                    Ok(f) => read_small(fs::File::from(f))
+                        .map(|v| parse_hex(&v))
+                        .map_err(err),
+                    Err(Errno::ENOENT) => Ok(None),
+                    Err(e) => Err(err(e.into())),
+                }
+            })
+            .collect()
+    }
+
     /// A hex attribute such as `vendor` (`0x10de`) or `class` (`0x030200`).
     pub fn hex_attr(&self, addr: PciAddress, name: &str) -> Result<Option<u32>, SysfsError> {
         Ok(self.attr(addr, name)?.as_deref().and_then(parse_hex))
@@ -714,5 +760,32 @@ mod tests {
         symlink("../..", dev.join("driver")).unwrap();
         let e = s.driver_name(a).unwrap_err();
         assert!(matches!(e, SysfsError::BadDriverLink { .. }), "{e}");
+    }
+
+    #[test]
+    fn attributes_read_through_one_open_directory_match_one_by_one() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hosts/hgx-8gpu");
+        let sysfs = Sysfs::new(&root);
+        let mut addrs = sysfs.pci_devices().unwrap();
+        assert!(addrs.len() > 8);
+        let missing: PciAddress = "0000:ff:1f.7".parse().unwrap();
+        addrs.push(missing);
+        let each = sysfs.hex_attr_each(&addrs, "class").unwrap();
+        let one: Vec<Option<u32>> = addrs
+            .iter()
+            .map(|a| sysfs.hex_attr(*a, "class").unwrap())
+            .collect();
+        assert_eq!(each, one);
+        assert_eq!(each.last(), Some(&None));
+        // The eight GPUs and the BMC's VGA.
+        assert_eq!(
+            each.iter()
+                .filter(|c| c.is_some_and(|c| c >> 16 == 3))
+                .count(),
+            9
+        );
+        assert!(Sysfs::new(root.join("none"))
+            .hex_attr_each(&addrs, "class")
+            .is_err());
     }
 }

@@ -6,8 +6,8 @@
 use std::ops::Range;
 
 use quick_xml::events::Event;
-use quick_xml::name::ResolveResult;
-use quick_xml::NsReader;
+use quick_xml::name::{PrefixDeclaration, QName};
+use quick_xml::Reader;
 
 use crate::model::PciAddress;
 use crate::request::{RequestSpec, XMLNS};
@@ -101,8 +101,72 @@ fn line_indent(text: &str, pos: usize) -> Option<&str> {
         .then_some(prefix)
 }
 
-fn is_gpupass(ns: &ResolveResult<'_>) -> bool {
-    matches!(ns, ResolveResult::Bound(n) if n.as_ref() == XMLNS.as_bytes())
+/// The namespace the `xml` prefix is bound to, and the one no prefix may be bound to.
+const XML_NAMESPACE: &[u8] = b"http://www.w3.org/XML/1998/namespace";
+const XMLNS_NAMESPACE: &[u8] = b"http://www.w3.org/2000/xmlns/";
+
+/// The namespace declarations in scope, innermost last, each with the depth of the element that
+/// made it. gpupass resolves the names of only a few elements (those in `<metadata>`), so
+/// this replaces quick-xml's `NsReader`, which resolves every element and reads every
+/// element's attributes once more to find declarations (a tenth of reading a domain, in the
+/// hook's profile). Declarations are refused as `NsReader` refuses them.
+#[derive(Debug, Default)]
+struct Namespaces {
+    /// (prefix, empty for the default namespace; namespace as written; depth).
+    bindings: Vec<(Vec<u8>, Vec<u8>, usize)>,
+}
+
+impl Namespaces {
+    /// Records one declaration on an element at `depth`.
+    fn declare(
+        &mut self,
+        decl: PrefixDeclaration<'_>,
+        value: &[u8],
+        depth: usize,
+    ) -> Result<(), String> {
+        let shown = || String::from_utf8_lossy(value).into_owned();
+        match decl {
+            PrefixDeclaration::Default => {
+                self.bindings.push((Vec::new(), value.to_vec(), depth));
+            }
+            PrefixDeclaration::Named(b"xml") => {
+                if value != XML_NAMESPACE {
+                    return Err(format!("the xml prefix cannot be bound to '{}'", shown()));
+                }
+            }
+            PrefixDeclaration::Named(b"xmlns") => {
+                return Err(format!("the xmlns prefix cannot be bound to '{}'", shown()));
+            }
+            PrefixDeclaration::Named(p) => {
+                if value == XML_NAMESPACE || value == XMLNS_NAMESPACE {
+                    return Err(format!(
+                        "the prefix '{}' cannot be bound to '{}'",
+                        String::from_utf8_lossy(p),
+                        shown()
+                    ));
+                }
+                self.bindings.push((p.to_vec(), value.to_vec(), depth));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the element `name` is in gpupass's namespace ([`XMLNS`]).
+    fn is_gpupass(&self, name: QName<'_>) -> bool {
+        let prefix = name.prefix().map_or(&b""[..], |p| p.into_inner());
+        self.bindings
+            .iter()
+            .rev()
+            .find(|(p, _, _)| p.as_slice() == prefix)
+            .is_some_and(|(_, ns, _)| ns.as_slice() == XMLNS.as_bytes())
+    }
+
+    /// Ends the scope of the declarations made at `depth` and below.
+    fn close(&mut self, depth: usize) {
+        while self.bindings.last().is_some_and(|b| b.2 >= depth) {
+            self.bindings.pop();
+        }
+    }
 }
 
 /// Scans a domain XML. Fails on malformed XML, a root other than `<domain>`, or a document over
@@ -175,7 +239,7 @@ fn scan_root(text: &str, status: bool) -> Result<DomainDoc<'_>, XmlError> {
     if body.starts_with('\u{feff}') {
         return Err(malformed("text outside the root element"));
     }
-    let mut reader = NsReader::from_str(body);
+    let mut reader = Reader::from_str(body);
     let mut path: Vec<Vec<u8>> = Vec::new();
     let mut doc = DomainDoc {
         text,
@@ -197,16 +261,17 @@ fn scan_root(text: &str, status: bool) -> Result<DomainDoc<'_>, XmlError> {
     // Namespace declarations in scope, and how many each open element made.
     let mut namespaces = 0usize;
     let mut declared: Vec<usize> = Vec::new();
+    let mut ns = Namespaces::default();
     let mut in_request = false;
     let mut current: Option<HostdevSpan> = None;
     let mut current_pci = false;
-    let pos = |r: &NsReader<&[u8]>| {
+    let pos = |r: &Reader<&[u8]>| {
         usize::try_from(r.buffer_position()).map_or(usize::MAX, |p| p.saturating_add(base))
     };
     loop {
         let before = pos(&reader);
-        let (gp, event) = match reader.read_resolved_event() {
-            Ok((ns, event)) => (is_gpupass(&ns), event),
+        let event = match reader.read_event() {
+            Ok(event) => event,
             Err(e) => return Err(malformed(format!("at byte {}: {e}", pos(&reader)))),
         };
         let after = pos(&reader);
@@ -220,16 +285,37 @@ fn scan_root(text: &str, status: bool) -> Result<DomainDoc<'_>, XmlError> {
                         "at byte {before}: elements nested deeper than {MAX_DEPTH} levels"
                     )));
                 }
-                // Counted without the parser's (quadratic) checks, before anything reads them.
+                // One pass over the attributes: counted (and refused past the limit before the
+                // parser's duplicate check, whose cost is the square of their number, gets far),
+                // namespace declarations counted, and — in a document that may be edited —
+                // each checked, since quick-xml checks an attribute only when it is read: its
+                // syntax, that it is not a duplicate, and that its value's entities are known
+                // (a value without `&` has none to check). libvirt's own files, which are
+                // never edited, are only counted.
                 let (mut attrs, mut decls) = (0usize, 0usize);
-                for a in e.attributes().with_checks(false).map_while(Result::ok) {
+                let mut attributes = e.attributes();
+                attributes.with_checks(!status);
+                for a in attributes {
+                    let a = match a {
+                        Ok(a) => a,
+                        Err(_) if status => break,
+                        Err(err) => return Err(malformed(format!("at byte {before}: {err}"))),
+                    };
                     attrs += 1;
-                    decls += usize::from(a.key.as_namespace_binding().is_some());
-                }
-                if attrs > MAX_ATTRIBUTES {
-                    return Err(malformed(format!(
-                        "at byte {before}: more than {MAX_ATTRIBUTES} attributes on one element"
-                    )));
+                    if attrs > MAX_ATTRIBUTES {
+                        return Err(malformed(format!(
+                            "at byte {before}: more than {MAX_ATTRIBUTES} attributes on one element"
+                        )));
+                    }
+                    if let Some(decl) = a.key.as_namespace_binding() {
+                        decls += 1;
+                        ns.declare(decl, &a.value, path.len())
+                            .map_err(|err| malformed(format!("at byte {before}: {err}")))?;
+                    }
+                    if !status && a.value.contains(&b'&') {
+                        a.unescape_value()
+                            .map_err(|err| malformed(format!("at byte {before}: {err}")))?;
+                    }
                 }
                 namespaces += decls;
                 if namespaces > MAX_NAMESPACES {
@@ -241,14 +327,6 @@ fn scan_root(text: &str, status: bool) -> Result<DomainDoc<'_>, XmlError> {
                     namespaces -= decls;
                 } else {
                     declared.push(decls);
-                }
-                // quick-xml checks attributes only when they are read: read them all, so a
-                // document that is not well-formed is refused rather than edited. (Reading
-                // libvirt's own files, which are never edited, skips this.)
-                for a in e.attributes().filter(|_| !status) {
-                    let a = a.map_err(|err| malformed(format!("at byte {before}: {err}")))?;
-                    a.unescape_value()
-                        .map_err(|err| malformed(format!("at byte {before}: {err}")))?;
                 }
                 let qname = e.name();
                 let local = e.local_name();
@@ -352,7 +430,9 @@ fn scan_root(text: &str, status: bool) -> Result<DomainDoc<'_>, XmlError> {
                             c.source = crate::xml::domain::pci_address_of(e)?;
                         }
                     }
-                    [b"domain", b"metadata"] if gp && name == b"gpus" && doc.request.is_none() => {
+                    [b"domain", b"metadata"]
+                        if name == b"gpus" && doc.request.is_none() && ns.is_gpupass(qname) =>
+                    {
                         doc.request = Some(RequestSpec {
                             count: attr(e, b"count")?,
                             model: attr(e, b"model")?,
@@ -362,18 +442,22 @@ fn scan_root(text: &str, status: bool) -> Result<DomainDoc<'_>, XmlError> {
                         });
                         in_request = !empty;
                     }
-                    [b"domain", b"metadata", _] if in_request && gp && name == b"gpu" => {
+                    [b"domain", b"metadata", _]
+                        if in_request && name == b"gpu" && ns.is_gpupass(qname) =>
+                    {
                         if let (Some(r), Some(a)) = (doc.request.as_mut(), attr(e, b"address")?) {
                             r.gpus.push(a);
                         }
                     }
                     _ => {}
                 }
-                if !empty {
+                if empty {
+                    ns.close(path.len());
+                } else {
                     path.push(qname.as_ref().to_vec());
                 }
             }
-            Event::End(_) => {
+            Event::End(ref e) => {
                 let (here, depth) = relative(&path, status);
                 match &here[..depth] {
                     [b"domain"] => doc.domain_close = before,
@@ -384,7 +468,7 @@ fn scan_root(text: &str, status: bool) -> Result<DomainDoc<'_>, XmlError> {
                             doc.hostdevs.push(c);
                         }
                     }
-                    [b"domain", b"metadata", _] if in_request && gp => {
+                    [b"domain", b"metadata", _] if in_request && ns.is_gpupass(e.name()) => {
                         in_request = false;
                     }
                     _ => {}
@@ -402,14 +486,16 @@ fn scan_root(text: &str, status: bool) -> Result<DomainDoc<'_>, XmlError> {
                     }
                 }
                 path.pop();
+                ns.close(path.len());
                 namespaces -= declared.pop().unwrap_or(0);
             }
             Event::Text(t) => {
                 if path.is_empty() && !t.iter().all(u8::is_ascii_whitespace) {
                     return Err(malformed("text outside the root element"));
                 }
-                if collecting.is_some() || !status {
-                    // An unknown entity makes the document not well-formed: refuse it.
+                // An unknown entity makes the document not well-formed: refuse it (text without
+                // `&` has no entity to check).
+                if collecting.is_some() || (!status && t.contains(&b'&')) {
                     let value = t
                         .unescape()
                         .map_err(|err| malformed(format!("at byte {before}: {err}")))?;
@@ -711,9 +797,15 @@ mod tests {
             "<domain><name>x</name><os managed=\t<na'></os></domain>",
             "<domain><name>x</name><os a='1' a='2'/></domain>",
             "<domain><name>x</name><description>&nosuch;</description></domain>",
+            "<domain><name>x</name><description>a & b</description></domain>",
+            "<domain><name>x</name><os a='&nosuch;'/></domain>",
+            "<domain><name>x</name><os a='1 &amp 2'/></domain>",
+            "<domain><name>x</name><os b='&#1114112;'/></domain>",
         ] {
             assert!(scan(bad).is_err(), "{bad}");
         }
+        let fine = "<domain><name>x</name><os a='&lt;&#65;&amp;' b='c'>d &gt; e</os></domain>";
+        assert_eq!(scan(fine).unwrap().name, "x");
     }
 
     /// A domain whose `<metadata>` holds `depth - 2` nested `<a>` (so `depth` levels in all).
@@ -818,5 +910,63 @@ mod tests {
         assert_eq!(r.gpus, ["0000:18:00.0", "0000:2a:00.0"]);
         let other = "<domain><name>x</name><metadata><gpus count='1'/></metadata></domain>";
         assert!(scan(other).unwrap().request.is_none());
+    }
+
+    #[test]
+    fn namespaces_are_scoped_like_xml_says() {
+        let request = |metadata: &str| {
+            scan(&format!(
+                "<domain xmlns:r='https://gpupass.dev/xmlns/1'><name>x</name><metadata>{metadata}</metadata></domain>"
+            ))
+            .map(|d| d.request.map(|r| (r.count, r.gpus)))
+        };
+        let two = Some((Some("2".to_owned()), Vec::new()));
+        // Declared on the root, by default namespace, on the element itself.
+        assert_eq!(request("<r:gpus count='2'/>").unwrap(), two);
+        assert_eq!(
+            request("<gpus xmlns='https://gpupass.dev/xmlns/1' count='2'/>").unwrap(),
+            two
+        );
+        assert_eq!(
+            request("<q:gpus xmlns:q='https://gpupass.dev/xmlns/1' count='2'/>").unwrap(),
+            two
+        );
+        // Rebound on the element, or undeclared: not gpupass's.
+        assert_eq!(
+            request("<r:gpus xmlns:r='urn:x' count='2'/>").unwrap(),
+            None
+        );
+        assert_eq!(request("<q:gpus count='2'/>").unwrap(), None);
+        assert_eq!(request("<gpus xmlns='' count='2'/>").unwrap(), None);
+        // A declaration ends with its element: an empty one's at once.
+        assert_eq!(
+            request("<a xmlns:q='https://gpupass.dev/xmlns/1'/><q:gpus count='2'/>").unwrap(),
+            None
+        );
+        assert_eq!(
+            request("<a xmlns:q='https://gpupass.dev/xmlns/1'></a><q:gpus count='2'/>").unwrap(),
+            None
+        );
+        // Children are read in the request's own scope, and a rebinding below it ends there.
+        let r = request("<r:gpus><r:gpu address='a'/><r:gpu xmlns:r='urn:x' address='b'/><r:gpu address='c'/></r:gpus>")
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.1, ["a", "c"]);
+        // The request ends at its own end tag, found by namespace too.
+        let r =
+            request("<r:gpus><q:gpu xmlns:q='urn:x' address='a'/></r:gpus><r:gpu address='z'/>")
+                .unwrap()
+                .unwrap();
+        assert!(r.1.is_empty(), "{r:?}");
+        // Reserved prefixes and namespaces, refused as quick-xml's namespace reader did.
+        for bad in [
+            "<a xmlns:xml='urn:x'/>",
+            "<a xmlns:xmlns='urn:x'/>",
+            "<a xmlns:p='http://www.w3.org/XML/1998/namespace'/>",
+            "<a xmlns:p='http://www.w3.org/2000/xmlns/'/>",
+        ] {
+            assert!(request(bad).is_err(), "{bad}");
+        }
+        assert!(request("<a xmlns:xml='http://www.w3.org/XML/1998/namespace'/>").is_ok());
     }
 }
