@@ -108,6 +108,10 @@ pub struct AssignReport {
     pub gpus: Vec<GpuChange>,
     /// Things the operator should know.
     pub warnings: Vec<String>,
+    /// What the guest fit changed in the persistent definition (the agent's API attach; the
+    /// CLI prints its fit apart).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub fitted: Vec<String>,
 }
 
 /// One GPU in a report.
@@ -492,6 +496,7 @@ fn attach_unlocked(
         config: steps.iter().any(|s| s.impact.config),
         gpus: changes(inv, &steps),
         warnings: plan.warnings,
+        fitted: Vec::new(),
     })
 }
 
@@ -629,6 +634,7 @@ fn detach_unlocked(
         config: steps.iter().any(|s| s.impact.config),
         gpus: changes(inv, &steps),
         warnings,
+        fitted: Vec::new(),
     })
 }
 

@@ -31,6 +31,7 @@ pub mod libvirt;
 pub mod limits;
 pub mod model;
 pub mod observability;
+pub mod refit;
 pub mod report;
 pub mod request;
 pub mod usage;

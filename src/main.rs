@@ -646,6 +646,9 @@ fn exit_code(err: &anyhow::Error) -> u8 {
         if let Some(e) = cause.downcast_ref::<gpupass::fit::FitError>() {
             return e.exit_code();
         }
+        if let Some(e) = cause.downcast_ref::<gpupass::refit::RefitError>() {
+            return e.exit_code();
+        }
         if let Some(e) = cause.downcast_ref::<BindError>() {
             return e.exit_code();
         }

@@ -951,3 +951,47 @@ fn sigterm_with_slow_clients_open_exits_within_the_grace() {
     assert_eq!(status.code(), Some(0), "{}", agent.log());
     assert!(!agent.socket.exists(), "socket removed");
 }
+
+/// An API attach fits the persistent definition as `gpupass attach` does (the guest fit: a q35
+/// domain given an H100 gets its 64-bit window), and `no_fit` leaves it alone with a warning.
+#[test]
+fn api_attach_fits_the_definition_unless_told_not_to() {
+    let Some(_g) = setup() else { return };
+    let agent = Agent::start("", &[]);
+    let inactive = |name: &str| {
+        let r = common::virsh(&["dumpxml", "--inactive", name]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        r.stdout
+    };
+    let d = TestDomain::define("serve-fit", "");
+    let (code, v) = agent.post(
+        &format!("/v1/domains/{}/attach", d.name),
+        r#"{"count":1,"config":true}"#,
+    );
+    assert_eq!(code, 200, "{v}");
+    let fitted = v["fitted"].as_array().cloned().unwrap_or_default();
+    assert!(
+        !fitted.is_empty(),
+        "the report says what the fit changed: {v}"
+    );
+    let xml = inactive(&d.name);
+    assert_eq!(d.hostdevs(true).len(), 1, "{xml}");
+    assert!(
+        xml.contains("X-PciMmio64Mb") || xml.contains("<pcihole64"),
+        "{xml}"
+    );
+
+    let e = TestDomain::define("serve-nofit", "");
+    let (code, v) = agent.post(
+        &format!("/v1/domains/{}/attach", e.name),
+        r#"{"count":1,"config":true,"no_fit":true}"#,
+    );
+    assert_eq!(code, 200, "{v}");
+    assert!(v.get("fitted").is_none(), "{v}");
+    assert!(v["warnings"].to_string().contains("no_fit"), "{v}");
+    let xml = inactive(&e.name);
+    assert!(
+        !xml.contains("X-PciMmio64Mb") && !xml.contains("<pcihole64"),
+        "{xml}"
+    );
+}

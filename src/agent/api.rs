@@ -32,6 +32,7 @@ use crate::libvirt::virt::VirtHypervisor;
 use crate::libvirt::Impact;
 use crate::limits;
 use crate::model::{PciAddress, PciId};
+use crate::refit;
 use crate::report::{gpu_report, GpuReport, LibvirtReport, ListReport};
 use crate::usage::unix_now;
 use crate::usage::{parse_since, summarize, Ledger, LedgerRead, UsageReport};
@@ -414,6 +415,12 @@ pub struct AttachBody {
     /// `--config`.
     #[serde(default)]
     pub config: bool,
+    /// `--no-fit`: leave the persistent definition as it is (the guest fit is on by default).
+    #[serde(default)]
+    pub no_fit: bool,
+    /// `--force`: hot-plug even GPUs whose BARs the running domain's window cannot hold.
+    #[serde(default)]
+    pub force: bool,
 }
 
 /// `POST …/detach` body.
@@ -502,8 +509,15 @@ fn impact(live: bool, config: bool) -> Option<Impact> {
     (live || config).then_some(Impact { live, config })
 }
 
+/// How an attach fits the domain (`no_fit`, `force` of the body).
+#[derive(Clone, Copy)]
+struct FitFlags {
+    fit: bool,
+    force: bool,
+}
+
 enum Change {
-    Attach(AttachRequest),
+    Attach(AttachRequest, FitFlags),
     Detach(DetachRequest, Duration),
 }
 
@@ -540,7 +554,7 @@ fn run_change(
     })?;
     let detach_timeout = match change {
         Change::Detach(_, t) => *t,
-        Change::Attach(_) => Duration::from_secs(30),
+        Change::Attach(..) => Duration::from_secs(30),
     };
     // A daemon that still answers keepalive but never finishes the call would keep the host
     // lock for good: past the deadline the agent exits 8 (its service manager restarts it).
@@ -558,8 +572,7 @@ fn run_change(
         ledger: Some(api.ledger.clone()),
     };
     let result = match change {
-        Change::Attach(r) => assign::attach(&hv, &inv, &lock, name, r, &opts)
-            .map_err(|e| ApiError::from_exit(e.exit_code(), format!("attach to '{name}': {e}"))),
+        Change::Attach(r, f) => attach_and_fit(api, &hv, &inv, &lock, name, r, &opts, *f),
         Change::Detach(r, _) => assign::detach(&hv, &inv, &lock, name, r, &opts)
             .map_err(|e| ApiError::from_exit(e.exit_code(), format!("detach from '{name}': {e}"))),
     };
@@ -567,6 +580,54 @@ fn run_change(
     // Whatever happened, re-read the domain now rather than at the next event.
     let _ = api.tx.send(Msg::Refresh(name.to_owned()));
     result
+}
+
+/// An attach as the CLI does it: a live attach the running domain's window cannot hold is
+/// refused (unless `force`), and the persistent definition is fitted to its GPUs (unless
+/// `no_fit`); a fit that fails after the GPUs went in is a warning in the report.
+#[allow(clippy::too_many_arguments)]
+fn attach_and_fit(
+    api: &Api,
+    hv: &VirtHypervisor,
+    inv: &crate::host::discover::Inventory,
+    lock: &HostLock,
+    name: &str,
+    r: &AttachRequest,
+    opts: &AssignOptions,
+    f: FitFlags,
+) -> Result<AssignReport, ApiError> {
+    if !f.force {
+        let live = opts.impact.map(|i| i.live);
+        match refit::live_misfit(hv, &api.host_root, &api.config, inv, name, r, live) {
+            Ok(Some(why)) => {
+                return Err(ApiError::from_exit(2, format!("attach to '{name}': {why}")));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                return Err(ApiError::from_exit(
+                    e.exit_code(),
+                    format!("attach to '{name}': {e}"),
+                ))
+            }
+        }
+    }
+    let mut report = assign::attach(hv, inv, lock, name, r, opts)
+        .map_err(|e| ApiError::from_exit(e.exit_code(), format!("attach to '{name}': {e}")))?;
+    if report.config {
+        if !f.fit {
+            report.warnings.push(format!(
+                "domain '{name}' left as it is (no_fit): `gpupass fit {name}` shows what its GPUs need"
+            ));
+        } else {
+            match refit::apply_config(hv, &api.host_root, &api.config, inv, name, &[]) {
+                Ok(o) => report.fitted = o.applied,
+                Err(e) => report.warnings.push(format!(
+                    "GPUs attached to '{name}', but its definition was not fitted to them: {e}; `gpupass fit {name}` shows what is missing"
+                )),
+            }
+        }
+    }
+    Ok(report)
 }
 
 async fn change(
@@ -600,16 +661,20 @@ async fn attach(
 ) -> Result<Json<AssignReport>, ApiError> {
     let checked = domain_name(path).and_then(|name| {
         let Json(b) = body.map_err(json_rejection)?;
-        Ok((name, attach_request(&b)?, impact(b.live, b.config)))
+        let flags = FitFlags {
+            fit: !b.no_fit,
+            force: b.force,
+        };
+        Ok((name, attach_request(&b)?, impact(b.live, b.config), flags))
     });
-    let (name, req, imp) = match checked {
+    let (name, req, imp, flags) = match checked {
         Ok(c) => c,
         Err(e) => {
             api.count("attach", e.code);
             return Err(e);
         }
     };
-    change(api, "attach", name, Change::Attach(req), imp).await
+    change(api, "attach", name, Change::Attach(req, flags), imp).await
 }
 
 async fn detach(

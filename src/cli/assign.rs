@@ -186,35 +186,8 @@ fn refuse_live_misfit(
     request: &AttachRequest,
     flags: &AssignFlags,
 ) -> anyhow::Result<()> {
-    use gpupass::libvirt::{Hypervisor, XmlView};
-    let info = hv.domain(domain)?;
-    let live = match flags.impact() {
-        Some(i) => i.live,
-        None => info.active,
-    };
-    if !live || !info.active {
-        return Ok(());
-    }
-    let xml = hv.domain_xml(domain, XmlView::Live)?;
-    let gpus: Vec<gpupass::model::PciAddress> = match request {
-        AttachRequest::Gpus(g) => g.clone(),
-        AttachRequest::Count { .. } => {
-            let holdings = assign::read_holdings(hv)?;
-            let facts = gpupass::xml::domain::parse(&xml)?;
-            match gpupass::alloc::plan::plan_attach(
-                inv,
-                &holdings,
-                domain,
-                request,
-                &assign::preferred_nodes(inv, &facts),
-            ) {
-                Ok(p) => p.gpus,
-                // The attach itself says why none can be given.
-                Err(_) => return Ok(()),
-            }
-        }
-    };
-    match crate::cli::fit::live_refusal(g, inv, domain, &xml, &gpus)? {
+    let live = flags.impact().map(|i| i.live);
+    match gpupass::refit::live_misfit(hv, &g.host_root, &g.settings, inv, domain, request, live)? {
         Some(why) => Err(gpupass::assign::AssignError::Impact(why).into()),
         None => Ok(()),
     }

@@ -10,10 +10,8 @@ use serde::Serialize;
 use gpupass::alloc::lock::HostLock;
 use gpupass::alloc::plan::{plan_attach, AttachRequest};
 use gpupass::assign::{preferred_nodes, read_holdings};
-use gpupass::fit::plan::FitPlan;
 use gpupass::fit::{self, FitError};
 use gpupass::host::discover::Inventory;
-use gpupass::host::sysfs::Sysfs;
 use gpupass::libvirt::deadline::Deadline;
 use gpupass::libvirt::virt::VirtHypervisor;
 use gpupass::libvirt::{Hypervisor, XmlView};
@@ -34,24 +32,7 @@ pub struct FitFlags {
     pub libvirt_timeout: Duration,
 }
 
-/// What `fit` found and did.
-#[derive(Debug, Clone, Serialize)]
-pub struct FitOutcome {
-    /// The domain.
-    pub domain: String,
-    /// The plan for the definition as it was.
-    pub plan: FitPlan,
-    /// The changes written (empty without `--apply`, or when nothing was missing).
-    pub applied: Vec<String>,
-    /// The changes `--apply` would write.
-    pub would_apply: Vec<String>,
-}
-
-fn host_bits(g: &Global) -> anyhow::Result<Option<u8>> {
-    Sysfs::new(&g.host_root)
-        .host_phys_bits()
-        .with_context(|| format!("reading host root {}", g.host_root.display()))
-}
+pub use gpupass::refit::FitOutcome;
 
 /// Plans the fit of `xml` for the GPUs it holds plus `extra`, with the config's vendor options
 /// (pure but for reading BARs).
@@ -61,22 +42,12 @@ pub fn plan_for(
     xml: &str,
     extra: &[PciAddress],
 ) -> anyhow::Result<fit::Fitted> {
-    let gpus = fit::domain_gpus(inv, xml, extra)?;
-    let bars = fit::read_bars(&Sysfs::new(&g.host_root), inv, &gpus)?;
-    let name = gpupass::xml::domain::parse(xml)?.name;
-    let vendor = fit::vendor_options(&g.settings, &name, inv, &gpus);
-    Ok(fit::fit_xml_fabric(
-        xml,
-        &bars,
-        host_bits(g)?,
-        vendor,
-        fit::fabric(inv),
-    )?)
+    gpupass::refit::plan_for(&g.host_root, &g.settings, inv, xml, extra)
+        .with_context(|| format!("fitting with host root {}", g.host_root.display()))
 }
 
 /// Fits the persistent definition of `name` for the GPUs it holds plus `extra`, defining the
-/// result; the caller holds the host lock. Returns the outcome; a fit that cannot work writes
-/// nothing and is an error.
+/// result; the caller holds the host lock (see `gpupass::refit::apply_config`).
 pub fn apply_config(
     hv: &dyn Hypervisor,
     g: &Global,
@@ -84,33 +55,14 @@ pub fn apply_config(
     name: &str,
     extra: &[PciAddress],
 ) -> anyhow::Result<FitOutcome> {
-    let xml = hv.domain_xml(name, XmlView::Config)?;
-    let fitted = plan_for(g, inv, &xml, extra)?;
-    let changes: Vec<String> = fitted.plan.changes.iter().map(|c| c.describe()).collect();
-    if let Some(e @ FitError::CannotFit { .. }) = FitError::verdict(name, &fitted.plan) {
-        return Err(e.into());
-    }
-    let Some(new) = fitted.xml.clone() else {
-        return Ok(FitOutcome {
-            domain: name.to_owned(),
-            plan: fitted.plan,
-            applied: Vec::new(),
-            would_apply: Vec::new(),
-        });
-    };
-    hv.define(name, &new)?;
-    // The definition libvirt keeps is the proof.
-    let after = plan_for(g, inv, &hv.domain_xml(name, XmlView::Config)?, extra)?;
-    if let Some(e) = FitError::verdict(name, &after.plan) {
-        return Err(anyhow::Error::new(e).context("after defining the fitted domain"));
-    }
-    tracing::info!(domain = name, changes = changes.len(), "domain fitted");
-    Ok(FitOutcome {
-        domain: name.to_owned(),
-        plan: fitted.plan,
-        applied: changes,
-        would_apply: Vec::new(),
-    })
+    Ok(gpupass::refit::apply_config(
+        hv,
+        &g.host_root,
+        &g.settings,
+        inv,
+        name,
+        extra,
+    )?)
 }
 
 /// The text of an outcome.
@@ -199,43 +151,6 @@ pub fn fit(
         }
     }
     Ok(())
-}
-
-/// Why a live attach of `new` GPUs to the running domain cannot work, or `None` when it can:
-/// a hot-plugged GPU gets only what the running guest was booted with — QEMU's 64-bit PCI
-/// hole and its phys-bits — and no firmware runs again to size anything.
-pub fn live_refusal(
-    g: &Global,
-    inv: &Inventory,
-    name: &str,
-    live_xml: &str,
-    new: &[PciAddress],
-) -> anyhow::Result<Option<String>> {
-    let fitted = plan_for(g, inv, live_xml, new)?;
-    let p = &fitted.plan;
-    if p.not_applicable.is_some() {
-        return Ok(None);
-    }
-    let short: Vec<String> = p
-        .checks
-        .iter()
-        .filter(|c| {
-            c.status != gpupass::fit::plan::Status::Ok
-                && matches!(c.item.as_str(), "pcihole64" | "phys-bits")
-        })
-        .map(|c| format!("{} has {}, needs {}", c.item, c.have, c.need))
-        .chain(p.certain_failure.clone())
-        .collect();
-    if short.is_empty() {
-        return Ok(None);
-    }
-    let gpus: Vec<String> = new.iter().map(PciAddress::to_string).collect();
-    Ok(Some(format!(
-        "GPU {} needs a {} 64-bit window in running domain '{name}', which cannot give it ({}); attach with --config and restart the domain, or --force",
-        gpus.join(", "),
-        gpupass::fit::bars::human(p.need.total),
-        short.join("; ")
-    )))
 }
 
 /// One domain's line in `fit --all`.
