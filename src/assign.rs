@@ -738,6 +738,7 @@ mod tests {
                         boot_vga: false,
                         reset_method: None,
                         parent: None,
+                        virtfn: false,
                     },
                 );
                 groups.entry(IommuGroupId(i as u32)).or_default().push(f);

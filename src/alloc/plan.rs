@@ -551,6 +551,7 @@ mod tests {
                         boot_vga: *boot && f == a,
                         reset_method: None,
                         parent: None,
+                        virtfn: false,
                     },
                 );
                 groups.entry(IommuGroupId(*group)).or_default().push(f);
@@ -571,6 +572,7 @@ mod tests {
                     boot_vga: false,
                     reset_method: None,
                     parent: None,
+                    virtfn: false,
                 },
             );
             groups.entry(IommuGroupId(g)).or_default().push(nic);

@@ -112,6 +112,7 @@ mod tests {
                     boot_vga: false,
                     reset_method: None,
                     parent: None,
+                    virtfn: false,
                 },
             );
         }

@@ -312,6 +312,7 @@ mod tests {
             boot_vga: false,
             reset_method: None,
             parent: parent.map(|p| p.parse().unwrap()),
+            virtfn: false,
         }
     }
 

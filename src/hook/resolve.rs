@@ -197,6 +197,7 @@ mod tests {
                     boot_vga: false,
                     reset_method: None,
                     parent: None,
+                    virtfn: false,
                 },
             );
             groups.insert(IommuGroupId(i as u32), vec![f]);

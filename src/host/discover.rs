@@ -32,6 +32,9 @@ pub struct PciDevice {
     pub reset_method: Option<String>,
     /// The bridge above it; `None` on a root bus.
     pub parent: Option<PciAddress>,
+    /// An SR-IOV virtual function (it has a `physfn` link): never a companion function of the
+    /// GPU whose slot it shares.
+    pub virtfn: bool,
 }
 
 /// How the IOMMU looks on this host.
@@ -173,6 +176,7 @@ fn read_device(
             None
         },
         parent: sysfs.parent(address)?,
+        virtfn: dev.is_virtfn()?,
     }))
 }
 
@@ -378,19 +382,29 @@ fn find_gpus(devices: &BTreeMap<PciAddress, PciDevice>) -> Vec<Gpu> {
     let displays: Vec<&PciDevice> = devices.values().filter(|d| d.class.is_gpu()).collect();
     let mut gpus = Vec::new();
     for d in &displays {
-        // A second display function in the same slot (old dual-head cards) is part of the first.
-        if displays
-            .iter()
-            .any(|o| o.address.same_slot(&d.address) && o.address < d.address)
+        // A second display function in the same slot (old dual-head cards) is part of the first;
+        // an SR-IOV virtual function in the PF's slot is not (it is a device of its own).
+        if !d.virtfn
+            && displays
+                .iter()
+                .any(|o| !o.virtfn && o.address.same_slot(&d.address) && o.address < d.address)
         {
             continue;
         }
-        let mut functions: BTreeSet<PciAddress> = devices
-            .values()
-            .filter(|o| o.address.same_slot(&d.address) && !o.class.is_pci_bridge())
-            .map(|o| o.address)
-            .collect();
-        if let Some(root) = card_root(devices, d) {
+        // A GPU's functions: its slot's, but never another function's virtual functions (a
+        // whole-GPU attach must not take an SR-IOV GPU's VFs with it); a VF is alone.
+        let mut functions: BTreeSet<PciAddress> = if d.virtfn {
+            BTreeSet::from([d.address])
+        } else {
+            devices
+                .values()
+                .filter(|o| {
+                    o.address.same_slot(&d.address) && !o.class.is_pci_bridge() && !o.virtfn
+                })
+                .map(|o| o.address)
+                .collect()
+        };
+        if let Some(root) = card_root(devices, d).filter(|_| !d.virtfn) {
             let below: Vec<&PciDevice> = devices
                 .values()
                 .filter(|o| ancestors(devices, o.address).contains(&root))
@@ -406,7 +420,9 @@ fn find_gpus(devices: &BTreeMap<PciAddress, PciDevice>) -> Vec<Gpu> {
                 functions.extend(
                     below
                         .iter()
-                        .filter(|o| o.id.vendor == d.id.vendor && !o.class.is_pci_bridge())
+                        .filter(|o| {
+                            o.id.vendor == d.id.vendor && !o.class.is_pci_bridge() && !o.virtfn
+                        })
                         .map(|o| o.address),
                 );
             }
@@ -435,6 +451,7 @@ mod tests {
             boot_vga: false,
             reset_method: None,
             parent: parent.map(|p| p.parse().unwrap()),
+            virtfn: false,
         }
     }
 
@@ -472,6 +489,30 @@ mod tests {
         );
         let audio = "0000:01:00.1".parse().unwrap();
         assert_eq!(i.gpu(audio).unwrap().address.to_string(), "0000:01:00.0");
+    }
+
+    #[test]
+    fn an_sr_iov_gpus_virtual_functions_are_not_its_functions() {
+        // An A10-style PF with its audio, and VFs in its own slot and the next one.
+        let vf = |a: &str| PciDevice {
+            virtfn: true,
+            ..dev(a, "10de:2236", 0x030200, Some("0000:40:01.0"))
+        };
+        let i = inv(vec![
+            dev("0000:40:01.0", "8086:1901", 0x060400, None),
+            dev("0000:41:00.0", "10de:2236", 0x030200, Some("0000:40:01.0")),
+            dev("0000:41:00.1", "10de:1aef", 0x040300, Some("0000:40:01.0")),
+            vf("0000:41:00.4"),
+            vf("0000:41:00.5"),
+            vf("0000:41:01.0"),
+        ]);
+        let pf = i.gpu("0000:41:00.0".parse().unwrap()).unwrap();
+        assert_eq!(fns(pf), ["0000:41:00.0", "0000:41:00.1"]);
+        // Each VF is a device of its own, never folded into the PF.
+        for a in ["0000:41:00.4", "0000:41:00.5", "0000:41:01.0"] {
+            let g = i.gpu(a.parse().unwrap()).unwrap();
+            assert_eq!(fns(g), [a]);
+        }
     }
 
     #[test]

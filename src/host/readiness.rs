@@ -232,6 +232,7 @@ mod tests {
             boot_vga: false,
             reset_method: None,
             parent: None,
+            virtfn: false,
         }
     }
 

@@ -590,6 +590,11 @@ impl DeviceDir {
         Ok(self.attr("numa_node")?.as_deref().and_then(parse_numa))
     }
 
+    /// An SR-IOV virtual function: the kernel links it to its PF (`physfn`).
+    pub fn is_virtfn(&self) -> Result<bool, SysfsError> {
+        Ok(self.link("physfn")?.is_some())
+    }
+
     fn link(&self, name: &str) -> Result<Option<PathBuf>, SysfsError> {
         match fcntl::readlinkat(&self.fd, name) {
             Ok(t) => Ok(Some(PathBuf::from(t))),
