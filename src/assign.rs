@@ -410,7 +410,8 @@ fn attach_unlocked(
                 });
             }
         }
-        if steps.len() == before {
+        // HGX full passthrough completes whatever of the fabric is missing.
+        if steps.len() == before && *request != AttachRequest::HgxFull {
             return Err(AllocError::AlreadyAttached {
                 gpu: gpu.address,
                 domain: name.to_owned(),
@@ -418,6 +419,26 @@ fn attach_unlocked(
             }
             .into());
         }
+    }
+    for sw in &plan.switches {
+        let need = Impact {
+            live: impact.live && !live.contains(sw),
+            config: impact.config && !config.contains(sw),
+        };
+        if !need.is_empty() {
+            steps.push(Step {
+                addr: *sw,
+                impact: need,
+            });
+        }
+    }
+    if let (true, Some(first)) = (steps.is_empty(), plan.gpus.first()) {
+        return Err(AllocError::AlreadyAttached {
+            gpu: *first,
+            domain: name.to_owned(),
+            impact: impact.describe(),
+        }
+        .into());
     }
 
     // A live hot-plug opens the function's IOMMU group in QEMU, and the kernel refuses while
@@ -427,11 +448,12 @@ fn attach_unlocked(
     // hostdevs before QEMU starts.
     let mut detached: Vec<PciAddress> = Vec::new();
     if opts.manage_drivers && opts.template.managed() && steps.iter().any(|s| s.impact.live) {
-        for gpu_addr in &plan.gpus {
-            let functions = inv
-                .gpu(*gpu_addr)
-                .map(|g| g.functions.clone())
-                .unwrap_or_default();
+        let units = plan
+            .gpus
+            .iter()
+            .map(|a| inv.gpu(*a).map(|g| g.functions.clone()).unwrap_or_default())
+            .chain(plan.switches.iter().map(|s| vec![*s]));
+        for functions in units {
             for f in functions {
                 if hv.node_driver(f)?.as_deref() == Some("vfio-pci") {
                     continue;

@@ -200,6 +200,9 @@ pub enum AttachRequest {
         /// Only this vendor:device.
         model: Option<PciId>,
     },
+    /// HGX full passthrough: every GPU of the host's NVSwitch fabric and every NVSwitch, as
+    /// one unit (Fabric Manager runs in the guest).
+    HgxFull,
 }
 
 /// What an attach will take.
@@ -207,6 +210,8 @@ pub enum AttachRequest {
 pub struct AttachPlan {
     /// The GPUs (display-function addresses), in the order they will be attached.
     pub gpus: Vec<PciAddress>,
+    /// NVSwitches (single functions) attached after the GPUs (`HgxFull` only).
+    pub switches: Vec<PciAddress>,
     /// Things the operator should know (boot VGA chosen explicitly…).
     pub warnings: Vec<String>,
 }
@@ -305,8 +310,13 @@ pub fn plan_attach(
                 }
                 gpus.push(gpu.address);
             }
-            Ok(AttachPlan { gpus, warnings })
+            Ok(AttachPlan {
+                gpus,
+                switches: Vec::new(),
+                warnings,
+            })
         }
+        AttachRequest::HgxFull => plan_hgx_full(inv, holdings, domain),
         AttachRequest::Count { count, model } => {
             // A GPU the domain holds only part of (a crash mid-attach or mid-detach) counts as
             // one of the N and is completed first: retrying the attach finishes the job.
@@ -396,9 +406,65 @@ pub fn plan_attach(
             free.sort();
             let mut gpus = completing;
             gpus.extend(free.into_iter().take(want).map(|(_, a)| a));
-            Ok(AttachPlan { gpus, warnings })
+            Ok(AttachPlan {
+                gpus,
+                switches: Vec::new(),
+                warnings,
+            })
         }
     }
+}
+
+/// HGX full passthrough: every GPU of the fabric and every NVSwitch, or nothing. Each must be
+/// passable (IOMMU group, drivers, quarantine) and held by no other domain.
+fn plan_hgx_full(
+    inv: &Inventory,
+    holdings: &Holdings,
+    domain: &str,
+) -> Result<AttachPlan, AllocError> {
+    let switches = inv.nvswitches();
+    if switches.is_empty() {
+        return Err(AllocError::NoFabric);
+    }
+    let mut warnings = Vec::new();
+    let mut gpus = Vec::new();
+    for addr in inv.fabric_gpus() {
+        let gpu = inv
+            .gpu(addr)
+            .ok_or(AllocError::UnknownGpu { address: addr })?;
+        if assignable(inv, holdings, gpu, domain)?.boot_vga {
+            warnings.push(format!(
+                "{addr} is the host's boot VGA (its console); the host loses that display"
+            ));
+        }
+        gpus.push(addr);
+    }
+    for s in &switches {
+        // A switch is one function: judged as a one-function unit (its IOMMU group, the
+        // drivers of the group's other members, quarantine).
+        let unit = Gpu {
+            address: *s,
+            functions: vec![*s],
+        };
+        match assignable(inv, holdings, &unit, domain) {
+            Ok(_) => {}
+            Err(AllocError::InUse { domain: d, .. }) => {
+                return Err(AllocError::SwitchInUse {
+                    switch: *s,
+                    domain: d,
+                })
+            }
+            Err(AllocError::NotPassable { reason, .. }) => {
+                return Err(AllocError::SwitchNotPassable { switch: *s, reason })
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(AttachPlan {
+        gpus,
+        switches,
+        warnings,
+    })
 }
 
 /// The GPUs held by `owner`'s domains (and by `domain`, when given, whoever owns it), and the
@@ -515,10 +581,20 @@ pub fn plan_detach(
             }
             Ok(units)
         }
+        // The host's NVSwitches go too: they came with the GPUs (HGX full passthrough).
         DetachRequest::All => Ok(inv
             .gpus
             .iter()
             .map(unit_of)
+            .chain(
+                inv.nvswitches()
+                    .into_iter()
+                    .filter(|s| present.contains(s))
+                    .map(|s| DetachUnit {
+                        gpu: s,
+                        functions: vec![s],
+                    }),
+            )
             .filter(|u| !u.functions.is_empty())
             .collect()),
     }

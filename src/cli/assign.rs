@@ -198,7 +198,7 @@ fn refuse_live_misfit(
     let xml = hv.domain_xml(domain, XmlView::Live)?;
     let gpus: Vec<gpupass::model::PciAddress> = match request {
         AttachRequest::Gpus(g) => g.clone(),
-        AttachRequest::Count { .. } => {
+        AttachRequest::Count { .. } | AttachRequest::HgxFull => {
             let holdings = assign::read_holdings(hv)?;
             let facts = gpupass::xml::domain::parse(&xml)?;
             match gpupass::alloc::plan::plan_attach(

@@ -4,8 +4,8 @@
 pub mod assign;
 pub mod bind;
 pub mod doctor;
-pub mod health;
 pub mod fit;
+pub mod health;
 pub mod host_config;
 pub mod list;
 pub mod serve;

@@ -56,6 +56,8 @@ pub fn resolve(
                 .collect::<Result<_, _>>()?,
         ),
         AttachRequest::Count { .. } => None,
+        // Only `attach --hgx-full` asks for it; no rule or metadata does (yet).
+        AttachRequest::HgxFull => return Err(AllocError::NoFabric),
     };
     let fits = |gpu: PciAddress| match (request, &wanted_gpus) {
         (_, Some(w)) => w.contains(&gpu),
@@ -97,7 +99,7 @@ pub fn resolve(
         .collect();
     let mut gpus_after: Vec<PciAddress> = kept.clone();
     let new: Vec<PciAddress> = match request {
-        AttachRequest::Gpus(_) => wanted_gpus
+        AttachRequest::Gpus(_) | AttachRequest::HgxFull => wanted_gpus
             .unwrap_or_default()
             .into_iter()
             .filter(|g| !kept.contains(g))

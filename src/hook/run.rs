@@ -426,6 +426,23 @@ pub fn prepare(env: &HookEnv, input: &str) -> Result<Vec<String>, HookError> {
                     }
                 }
             }
+            // Only `attach --hgx-full` asks for it: the whole fabric must be there.
+            AttachRequest::HgxFull => {
+                let lacking: Vec<String> = inv
+                    .fabric_gpus()
+                    .iter()
+                    .filter(|g| !have.contains(g))
+                    .chain(inv.nvswitches().iter().filter(|s| !present.contains(s)))
+                    .map(ToString::to_string)
+                    .collect();
+                if !lacking.is_empty() {
+                    return Err(blocked(format!(
+                        "domain '{}' asks for the whole HGX fabric, its XML lacks {}",
+                        doc.name,
+                        lacking.join(" ")
+                    )));
+                }
+            }
             AttachRequest::Count { count, model } => {
                 let n = have
                     .iter()

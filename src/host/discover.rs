@@ -314,6 +314,31 @@ impl Inventory {
             .or_else(|| self.gpus.iter().find(|g| g.functions.contains(&addr)))
     }
 
+    /// The host's NVIDIA NVSwitches (vendor 10de, class 0680): the HGX fabric's switches, each
+    /// a single function.
+    pub fn nvswitches(&self) -> Vec<PciAddress> {
+        self.devices
+            .values()
+            .filter(|d| d.id.vendor == 0x10de && d.class.base() == 0x06 && d.class.sub() == 0x80)
+            .map(|d| d.address)
+            .collect()
+    }
+
+    /// The NVIDIA GPUs of an HGX fabric (empty when the host has no NVSwitch).
+    pub fn fabric_gpus(&self) -> Vec<PciAddress> {
+        if self.nvswitches().is_empty() {
+            return Vec::new();
+        }
+        self.gpus
+            .iter()
+            .filter(|g| {
+                self.device(g.address)
+                    .is_some_and(|d| d.id.vendor == 0x10de)
+            })
+            .map(|g| g.address)
+            .collect()
+    }
+
     /// A device by address.
     pub fn device(&self, addr: PciAddress) -> Option<&PciDevice> {
         self.devices.get(&addr)
