@@ -117,6 +117,9 @@ pub struct GpuChange {
     pub gpu: PciAddress,
     /// Its functions that were attached or detached.
     pub functions: Vec<PciAddress>,
+    /// An NVSwitch of the HGX fabric, not a GPU (`attach --hgx-full`, `detach --all`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub nvswitch: bool,
 }
 
 /// How attach/detach run.
@@ -336,6 +339,7 @@ fn changes(inv: &Inventory, steps: &[Step]) -> Vec<GpuChange> {
             None => out.push(GpuChange {
                 gpu,
                 functions: vec![s.addr],
+                nvswitch: inv.gpu(s.addr).is_none() && inv.nvswitches().contains(&s.addr),
             }),
         }
     }

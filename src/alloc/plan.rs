@@ -948,4 +948,105 @@ mod tests {
         .unwrap();
         assert_eq!(stale[0].functions, [a("0000:ee:00.0")]);
     }
+
+    fn hgx_host() -> Inventory {
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/hosts/hgx-8gpu");
+        crate::host::discover::discover(&crate::host::sysfs::Sysfs::new(std::path::Path::new(root)))
+            .unwrap()
+    }
+
+    const HGX_SWITCHES: [&str; 4] = [
+        "0000:05:00.0",
+        "0000:06:00.0",
+        "0000:07:00.0",
+        "0000:08:00.0",
+    ];
+
+    #[test]
+    fn hgx_full_takes_every_gpu_and_every_nvswitch() {
+        let inv = hgx_host();
+        let p = plan_attach(
+            &inv,
+            &Holdings::default(),
+            "vm",
+            &AttachRequest::HgxFull,
+            &BTreeSet::new(),
+        )
+        .unwrap();
+        assert_eq!(p.gpus.len(), 8, "{:?}", p.gpus);
+        assert!(
+            !p.gpus.contains(&a("0000:03:00.0")),
+            "the BMC's VGA is no part of the fabric"
+        );
+        let switches: Vec<PciAddress> = HGX_SWITCHES.iter().map(|s| a(s)).collect();
+        assert_eq!(p.switches, switches);
+        // The domain's own holdings do not stop it (completing a partial fabric).
+        let mut own = Holdings::default();
+        own.add(a("0000:18:00.0"), "vm", false);
+        own.add(a("0000:05:00.0"), "vm", false);
+        let again =
+            plan_attach(&inv, &own, "vm", &AttachRequest::HgxFull, &BTreeSet::new()).unwrap();
+        assert_eq!(again, p);
+    }
+
+    #[test]
+    fn hgx_full_is_refused_whole_when_one_part_is_held_quarantined_or_missing() {
+        let inv = hgx_host();
+        let none = BTreeSet::new();
+        let hgx = AttachRequest::HgxFull;
+        let mut gpu_held = Holdings::default();
+        gpu_held.add(a("0000:9a:00.0"), "other", true);
+        let e = plan_attach(&inv, &gpu_held, "vm", &hgx, &none).unwrap_err();
+        assert_eq!(e.exit_code(), 5);
+        assert!(
+            e.to_string().contains("0000:9a:00.0") && e.to_string().contains("'other'"),
+            "{e}"
+        );
+
+        let mut switch_held = Holdings::default();
+        switch_held.add(a("0000:07:00.0"), "fm-service", false);
+        let e = plan_attach(&inv, &switch_held, "vm", &hgx, &none).unwrap_err();
+        assert_eq!(e.exit_code(), 5);
+        assert_eq!(
+            e.to_string(),
+            "HGX full passthrough: NVSwitch 0000:07:00.0 is in use by domain 'fm-service'"
+        );
+
+        let mut q = hgx_host();
+        q.quarantine.insert(
+            a("0000:06:00.0"),
+            crate::health::Quarantine {
+                reason: "link errors".into(),
+                since: 0,
+                by: "test".into(),
+            },
+        );
+        let e = plan_attach(&q, &Holdings::default(), "vm", &hgx, &none).unwrap_err();
+        assert_eq!(e.exit_code(), 7);
+        assert!(
+            e.to_string().contains("NVSwitch 0000:06:00.0")
+                && e.to_string().contains("link errors"),
+            "{e}"
+        );
+
+        // A host without NVSwitches has no fabric to give.
+        let e = plan_attach(&eight(), &Holdings::default(), "vm", &hgx, &none).unwrap_err();
+        assert_eq!(e.exit_code(), 6);
+        assert!(e.to_string().contains("no HGX fabric"), "{e}");
+    }
+
+    #[test]
+    fn detach_all_takes_the_switches_with_the_gpus() {
+        let inv = hgx_host();
+        let present: BTreeSet<PciAddress> =
+            [a("0000:18:00.0"), a("0000:05:00.0"), a("0000:08:00.0")]
+                .into_iter()
+                .collect();
+        let units = plan_detach(&inv, &present, "vm", "config", &DetachRequest::All).unwrap();
+        let gone: Vec<PciAddress> = units.iter().map(|u| u.gpu).collect();
+        assert_eq!(
+            gone,
+            [a("0000:18:00.0"), a("0000:05:00.0"), a("0000:08:00.0")]
+        );
+    }
 }
