@@ -1026,6 +1026,55 @@ mod tests {
         assert!(hv.calls.borrow().is_empty());
     }
 
+    fn hgx() -> Inventory {
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/hosts/hgx-8gpu");
+        crate::host::discover::discover(&crate::host::sysfs::Sysfs::new(std::path::Path::new(root)))
+            .unwrap()
+    }
+
+    #[test]
+    fn hgx_full_attaches_all_gpus_and_switches_or_rolls_all_back() {
+        let inv = hgx();
+        let config = Some(Impact {
+            live: false,
+            config: true,
+        });
+        let hv = FakeHypervisor::default().with("vm", defined());
+        let r = attach_unlocked(&hv, &inv, "vm", &AttachRequest::HgxFull, &opts(config)).unwrap();
+        assert_eq!(r.gpus.iter().filter(|g| !g.nvswitch).count(), 8);
+        assert_eq!(r.gpus.iter().filter(|g| g.nvswitch).count(), 4);
+        assert_eq!(hv.domains.borrow()["vm"].config.len(), 12);
+        // Again: nothing is missing.
+        let e =
+            attach_unlocked(&hv, &inv, "vm", &AttachRequest::HgxFull, &opts(config)).unwrap_err();
+        assert!(
+            matches!(e, AssignError::Alloc(AllocError::AlreadyAttached { .. })),
+            "{e}"
+        );
+        // detach --all takes the switches too.
+        let r = detach_unlocked(&hv, &inv, "vm", &DetachRequest::All, &opts(config)).unwrap();
+        assert_eq!(r.gpus.len(), 12);
+        assert!(hv.domains.borrow()["vm"].config.is_empty());
+
+        // The last switch fails: every GPU and switch before it is taken out again.
+        let hv = FakeHypervisor::default().with("vm", defined());
+        *hv.fail_attach.borrow_mut() = Some(a("0000:08:00.0"));
+        attach_unlocked(&hv, &inv, "vm", &AttachRequest::HgxFull, &opts(config)).unwrap_err();
+        assert!(hv.domains.borrow()["vm"].config.is_empty());
+
+        // One GPU held by another domain: refused before any change.
+        let mut other = defined();
+        other.config = BTreeSet::from([a("0000:db:00.0")]);
+        let hv = FakeHypervisor::default()
+            .with("vm", defined())
+            .with("other", other);
+        let e =
+            attach_unlocked(&hv, &inv, "vm", &AttachRequest::HgxFull, &opts(config)).unwrap_err();
+        assert_eq!(e.exit_code(), 5, "{e}");
+        assert!(hv.calls.borrow().is_empty());
+        assert!(hv.domains.borrow()["vm"].config.is_empty());
+    }
+
     #[test]
     fn a_half_attached_gpu_is_completed() {
         let mut half = defined();
