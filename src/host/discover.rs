@@ -104,8 +104,9 @@ pub struct Inventory {
 pub enum Scope {
     /// Every PCI function (`list`, `show`, `attach`).
     All,
-    /// The GPUs and what judging them needs: their functions, IOMMU groups, the bridges above
-    /// them (`transform`, `migrate`/`restore`). Reads only `class` of every other device.
+    /// The GPUs (and NVSwitches) and what judging them needs: their functions, IOMMU groups,
+    /// the bridges above them (`transform`, `migrate`/`restore`). Reads only `class` of every
+    /// other device.
     Gpus,
     /// These devices and what judging them needs (the hook's `prepare`).
     Around(Vec<PciAddress>),
@@ -180,10 +181,11 @@ pub fn discover_with(sysfs: &Sysfs, scope: &Scope, full: bool) -> Result<Invento
         Scope::Gpus => {
             let mut seeds = Vec::new();
             for a in &names {
-                if sysfs
-                    .hex_attr(*a, "class")?
-                    .is_some_and(|c| PciClass(c).is_gpu())
-                {
+                // NVSwitches (class 0680) too: HGX full passthrough gives them with the GPUs.
+                if sysfs.hex_attr(*a, "class")?.is_some_and(|c| {
+                    let c = PciClass(c);
+                    c.is_gpu() || (c.base() == 0x06 && c.sub() == 0x80)
+                }) {
                     seeds.push(*a);
                 }
             }
