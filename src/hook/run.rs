@@ -428,11 +428,19 @@ pub fn prepare(env: &HookEnv, input: &str) -> Result<Vec<String>, HookError> {
             }
             // Only `attach --hgx-full` asks for it: the whole fabric must be there.
             AttachRequest::HgxFull => {
-                let lacking: Vec<String> = inv
+                // The whole fabric, not only what the domain has (its own devices' scope).
+                let host = discover_with(&Sysfs::new(&env.host_root), &Scope::Gpus, false)?;
+                if host.nvswitches().is_empty() {
+                    return Err(blocked(format!(
+                        "domain '{}' asks for the whole HGX fabric, and this host has no NVSwitch",
+                        doc.name
+                    )));
+                }
+                let lacking: Vec<String> = host
                     .fabric_gpus()
                     .iter()
                     .filter(|g| !have.contains(g))
-                    .chain(inv.nvswitches().iter().filter(|s| !present.contains(s)))
+                    .chain(host.nvswitches().iter().filter(|s| !present.contains(s)))
                     .map(ToString::to_string)
                     .collect();
                 if !lacking.is_empty() {
