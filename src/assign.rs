@@ -121,6 +121,9 @@ pub struct GpuChange {
     pub gpu: PciAddress,
     /// Its functions that were attached or detached.
     pub functions: Vec<PciAddress>,
+    /// An NVSwitch of the HGX fabric, not a GPU (`attach --hgx-full`, `detach --all`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub nvswitch: bool,
 }
 
 /// How attach/detach run.
@@ -340,6 +343,7 @@ fn changes(inv: &Inventory, steps: &[Step]) -> Vec<GpuChange> {
             None => out.push(GpuChange {
                 gpu,
                 functions: vec![s.addr],
+                nvswitch: inv.gpu(s.addr).is_none() && inv.nvswitches().contains(&s.addr),
             }),
         }
     }
@@ -414,7 +418,8 @@ fn attach_unlocked(
                 });
             }
         }
-        if steps.len() == before {
+        // HGX full passthrough completes whatever of the fabric is missing.
+        if steps.len() == before && *request != AttachRequest::HgxFull {
             return Err(AllocError::AlreadyAttached {
                 gpu: gpu.address,
                 domain: name.to_owned(),
@@ -422,6 +427,26 @@ fn attach_unlocked(
             }
             .into());
         }
+    }
+    for sw in &plan.switches {
+        let need = Impact {
+            live: impact.live && !live.contains(sw),
+            config: impact.config && !config.contains(sw),
+        };
+        if !need.is_empty() {
+            steps.push(Step {
+                addr: *sw,
+                impact: need,
+            });
+        }
+    }
+    if let (true, Some(first)) = (steps.is_empty(), plan.gpus.first()) {
+        return Err(AllocError::AlreadyAttached {
+            gpu: *first,
+            domain: name.to_owned(),
+            impact: impact.describe(),
+        }
+        .into());
     }
 
     // A live hot-plug opens the function's IOMMU group in QEMU, and the kernel refuses while
@@ -431,11 +456,12 @@ fn attach_unlocked(
     // hostdevs before QEMU starts.
     let mut detached: Vec<PciAddress> = Vec::new();
     if opts.manage_drivers && opts.template.managed() && steps.iter().any(|s| s.impact.live) {
-        for gpu_addr in &plan.gpus {
-            let functions = inv
-                .gpu(*gpu_addr)
-                .map(|g| g.functions.clone())
-                .unwrap_or_default();
+        let units = plan
+            .gpus
+            .iter()
+            .map(|a| inv.gpu(*a).map(|g| g.functions.clone()).unwrap_or_default())
+            .chain(plan.switches.iter().map(|s| vec![*s]));
+        for functions in units {
             for f in functions {
                 if hv.node_driver(f)?.as_deref() == Some("vfio-pci") {
                     continue;
@@ -1005,6 +1031,55 @@ mod tests {
         let err = attach_unlocked(&hv, &inv(), "other", &req, &opts(None)).unwrap_err();
         assert_eq!(err.to_string(), "GPU 0000:18:00.0 is in use by domain 'vm'");
         assert!(hv.calls.borrow().is_empty());
+    }
+
+    fn hgx() -> Inventory {
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/hosts/hgx-8gpu");
+        crate::host::discover::discover(&crate::host::sysfs::Sysfs::new(std::path::Path::new(root)))
+            .unwrap()
+    }
+
+    #[test]
+    fn hgx_full_attaches_all_gpus_and_switches_or_rolls_all_back() {
+        let inv = hgx();
+        let config = Some(Impact {
+            live: false,
+            config: true,
+        });
+        let hv = FakeHypervisor::default().with("vm", defined());
+        let r = attach_unlocked(&hv, &inv, "vm", &AttachRequest::HgxFull, &opts(config)).unwrap();
+        assert_eq!(r.gpus.iter().filter(|g| !g.nvswitch).count(), 8);
+        assert_eq!(r.gpus.iter().filter(|g| g.nvswitch).count(), 4);
+        assert_eq!(hv.domains.borrow()["vm"].config.len(), 12);
+        // Again: nothing is missing.
+        let e =
+            attach_unlocked(&hv, &inv, "vm", &AttachRequest::HgxFull, &opts(config)).unwrap_err();
+        assert!(
+            matches!(e, AssignError::Alloc(AllocError::AlreadyAttached { .. })),
+            "{e}"
+        );
+        // detach --all takes the switches too.
+        let r = detach_unlocked(&hv, &inv, "vm", &DetachRequest::All, &opts(config)).unwrap();
+        assert_eq!(r.gpus.len(), 12);
+        assert!(hv.domains.borrow()["vm"].config.is_empty());
+
+        // The last switch fails: every GPU and switch before it is taken out again.
+        let hv = FakeHypervisor::default().with("vm", defined());
+        *hv.fail_attach.borrow_mut() = Some(a("0000:08:00.0"));
+        attach_unlocked(&hv, &inv, "vm", &AttachRequest::HgxFull, &opts(config)).unwrap_err();
+        assert!(hv.domains.borrow()["vm"].config.is_empty());
+
+        // One GPU held by another domain: refused before any change.
+        let mut other = defined();
+        other.config = BTreeSet::from([a("0000:db:00.0")]);
+        let hv = FakeHypervisor::default()
+            .with("vm", defined())
+            .with("other", other);
+        let e =
+            attach_unlocked(&hv, &inv, "vm", &AttachRequest::HgxFull, &opts(config)).unwrap_err();
+        assert_eq!(e.exit_code(), 5, "{e}");
+        assert!(hv.calls.borrow().is_empty());
+        assert!(hv.domains.borrow()["vm"].config.is_empty());
     }
 
     #[test]

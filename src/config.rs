@@ -79,6 +79,10 @@ pub struct RuleConfig {
     /// Who the matching domains belong to (a CloudStack account…), for limits and usage.
     #[serde(default)]
     pub owner: Option<String>,
+    /// HGX full passthrough: every GPU of the host's NVSwitch fabric and every NVSwitch, as one
+    /// unit (no `count`, `model`, `alias` or `gpus` with it).
+    #[serde(default)]
+    pub hgx_full: bool,
 }
 
 /// Opt-in guest options for domains holding certain GPUs (`[[guest]]`), applied by the fit:

@@ -33,9 +33,10 @@ Exit codes:
    2  bad usage or input: malformed PCI address or ID, bad flag, invalid config or template
    3  unknown GPU, or the GPU is not attached to that domain
    4  unknown domain
-   5  GPU in use by another domain, or already attached to this one
-   6  not enough free, passable GPUs (--count)
-   7  GPU cannot be passed through (IOMMU off, IOMMU group shared with a host device)
+   5  GPU (or NVSwitch, --hgx-full) in use by another domain, or already attached to this one
+   6  not enough free, passable GPUs (--count), or no NVSwitch on this host (--hgx-full)
+   7  GPU or NVSwitch cannot be passed through (IOMMU off, IOMMU group shared with a host
+      device, quarantined)
    8  libvirt unreachable, or it did not answer within --libvirt-timeout
    9  libvirt refused the change (its message is shown)
   10  libvirt accepted the change but the domain XML does not show it (rolled back)
@@ -256,8 +257,8 @@ enum LibvirtCommand {
     },
     /// Attach whole GPUs to a domain (running: live; defined: config; both when both).
     #[command(
-        group(ArgGroup::new("what").required(true).args(["gpus", "count"])),
-        after_help = "Examples:\n  gpupass attach vm1 --gpu 0000:18:00.0\n  gpupass attach vm1 --count 2 --model 10de:2330 --config"
+        group(ArgGroup::new("what").required(true).args(["gpus", "count", "hgx_full"])),
+        after_help = "Examples:\n  gpupass attach vm1 --gpu 0000:18:00.0\n  gpupass attach vm1 --count 2 --model 10de:2330 --config\n  gpupass attach vm1 --hgx-full --config"
     )]
     Attach {
         /// The libvirt domain name.
@@ -272,6 +273,10 @@ enum LibvirtCommand {
         /// Only GPUs of this vendor:device (with --count).
         #[arg(long, value_name = "VVVV:DDDD", requires = "count")]
         model: Option<PciId>,
+        /// HGX full passthrough: every GPU of the host's NVSwitch fabric and every NVSwitch
+        /// (NVIDIA class 0680), as one unit, or nothing (Fabric Manager runs in the guest).
+        #[arg(long)]
+        hgx_full: bool,
         /// Leave the persistent definition as it is: no 64-bit window, phys-bits, root ports or
         /// slot layout for the GPUs (see `gpupass fit`).
         #[arg(long)]
@@ -554,11 +559,13 @@ fn run(g: &Global, command: LibvirtCommand) -> anyhow::Result<()> {
             gpus,
             count,
             model,
+            hgx_full,
             no_fit,
             force,
             common,
         } => {
             let request = match count {
+                _ if hgx_full => AttachRequest::HgxFull,
                 Some(n) => AttachRequest::Count {
                     count: usize::from(n),
                     model,

@@ -173,7 +173,7 @@ pub fn live_misfit(
     let xml = hv.domain_xml(domain, XmlView::Live)?;
     let gpus: Vec<PciAddress> = match request {
         AttachRequest::Gpus(g) => g.clone(),
-        AttachRequest::Count { .. } => {
+        AttachRequest::Count { .. } | AttachRequest::HgxFull => {
             let Ok(holdings) = crate::assign::read_holdings(hv) else {
                 // The attach itself reads them again and says what failed.
                 return Ok(None);

@@ -99,6 +99,18 @@ pub fn from_spec(
 
 /// The request of a config rule.
 pub fn from_rule(rule: &RuleConfig, config: &GpupassConfig) -> Result<AttachRequest, RequestError> {
+    if rule.hgx_full {
+        if rule.count.is_some()
+            || rule.model.is_some()
+            || rule.alias.is_some()
+            || !rule.gpus.is_empty()
+        {
+            return Err(invalid(
+                "hgx_full takes the whole HGX fabric: give no count, model, alias or gpus with it",
+            ));
+        }
+        return Ok(AttachRequest::HgxFull);
+    }
     from_spec(
         &RequestSpec {
             count: rule.count.map(|c| c.to_string()),
@@ -165,6 +177,7 @@ mod tests {
             alias: Some("K4200".into()),
             gpus: vec![],
             owner: None,
+            hgx_full: false,
         });
         c
     }
@@ -182,6 +195,19 @@ mod tests {
             gpus: gpus.iter().map(|s| s.to_string()).collect(),
             owner: None,
         }
+    }
+
+    #[test]
+    fn an_hgx_full_rule_asks_for_the_whole_fabric_and_nothing_else() {
+        let c = config();
+        let mut rule = c.rules[0].clone();
+        rule.count = None;
+        rule.alias = None;
+        rule.hgx_full = true;
+        assert_eq!(from_rule(&rule, &c).unwrap(), AttachRequest::HgxFull);
+        rule.count = Some(2);
+        let e = from_rule(&rule, &c).unwrap_err().to_string();
+        assert!(e.contains("hgx_full takes the whole HGX fabric"), "{e}");
     }
 
     #[test]

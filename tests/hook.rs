@@ -621,3 +621,56 @@ fn prepare_blocks_gpus_that_cannot_fit_and_warns_where_the_firmware_decides() {
         r.stderr
     );
 }
+
+/// A domain whose config rule asks for HGX full passthrough gets every GPU and NVSwitch from
+/// the lean transformer and starts; without one of the switches `prepare` blocks it, naming it.
+#[test]
+fn an_hgx_full_rule_is_given_whole_and_prepare_blocks_a_partial_fabric() {
+    let h = Root::new("hgx-8gpu", &[]);
+    let config = h.path().join("gpupass.toml");
+    std::fs::write(&config, "[[rules]]\ndomain = \"hgx-*\"\nhgx_full = true\n").unwrap();
+    let cf = config.display().to_string();
+    let xml = "<domain type='kvm'>\n  <name>hgx-vm</name>\n  <memory unit='KiB'>1048576</memory>\n  <os>\n    <type arch='x86_64' machine='q35'>hvm</type>\n  </os>\n  <devices>\n  </devices>\n</domain>\n";
+    let r = h.gpupass(&["--config-file", &cf, "transform"], xml);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let facts = gpupass::xml::domain::parse(&r.stdout).unwrap();
+    assert_eq!(facts.pci_hostdevs.len(), 12, "{}", r.stdout);
+    let p = h.gpupass(
+        &[
+            "--config-file",
+            &cf,
+            "hook",
+            "qemu",
+            "hgx-vm",
+            "prepare",
+            "begin",
+            "-",
+        ],
+        &r.stdout,
+    );
+    assert_eq!(p.code, 0, "{}", p.stderr);
+
+    // One NVSwitch hostdev taken out by hand: the start is blocked, naming it.
+    let start = r
+        .stdout
+        .find("bus='0x07'")
+        .expect("switch 07:00.0 injected");
+    let open = r.stdout[..start].rfind("<hostdev").unwrap();
+    let close = start + r.stdout[start..].find("</hostdev>").unwrap() + "</hostdev>".len();
+    let partial = format!("{}{}", &r.stdout[..open], &r.stdout[close..]);
+    let p = h.gpupass(
+        &[
+            "--config-file",
+            &cf,
+            "hook",
+            "qemu",
+            "hgx-vm",
+            "prepare",
+            "begin",
+            "-",
+        ],
+        &partial,
+    );
+    assert_ne!(p.code, 0, "{}", p.stderr);
+    assert!(p.stderr.contains("0000:07:00.0"), "{}", p.stderr);
+}

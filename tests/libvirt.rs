@@ -779,3 +779,62 @@ fn fit_reports_then_applies_and_then_fits() {
     assert_eq!(r.code, 16, "{}{}", r.stdout, r.stderr);
     assert!(r.stdout.contains("phys-bits"), "{}", r.stdout);
 }
+
+/// `attach --hgx-full --config` gives a defined domain all 8 H100s and the 4 NVSwitches at once,
+/// fitted; `fit` then finds the HGX fabric complete; `detach --all` takes the switches too.
+#[test]
+fn hgx_full_passthrough_gives_the_whole_fabric_and_fits() {
+    let _g = need_daemon!();
+    let t = tempfile::tempdir().unwrap();
+    let d = TestDomain::define("hgx", "");
+    let other = TestDomain::define("hgx-other", "");
+
+    // A GPU held elsewhere: refused whole, nothing given.
+    let r = gp(
+        t.path(),
+        &["attach", &other.name, "--gpu", "0000:db:00.0", "--config"],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = gp(t.path(), &["attach", &d.name, "--hgx-full", "--config"]);
+    assert_eq!(r.code, 5, "{}", r.stderr);
+    assert!(r.stderr.contains("0000:db:00.0"), "{}", r.stderr);
+    assert!(d.hostdevs(true).is_empty());
+    let r = gp(t.path(), &["detach", &other.name, "--all", "--config"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+
+    let r = gp(t.path(), &["attach", &d.name, "--hgx-full", "--config"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(
+        r.stdout.matches("attached NVSwitch").count(),
+        4,
+        "{}",
+        r.stdout
+    );
+    let held = d.hostdevs(true);
+    assert_eq!(held.len(), 12, "{held:?}");
+    for s in [
+        "0000:05:00.0",
+        "0000:06:00.0",
+        "0000:07:00.0",
+        "0000:08:00.0",
+        "0000:18:00.0",
+        "0000:db:00.0",
+    ] {
+        assert!(held.iter().any(|h| h == s), "{s} missing from {held:?}");
+    }
+    let r = gp(t.path(), &["fit", &d.name, "--json"]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let hgx = v["plan"]["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["item"] == "HGX fabric")
+        .unwrap_or_else(|| panic!("no HGX fabric item: {v}"))
+        .clone();
+    assert_eq!(hgx["status"], "ok", "{hgx}");
+
+    let r = gp(t.path(), &["detach", &d.name, "--all", "--config"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(d.hostdevs(true).is_empty(), "{:?}", d.hostdevs(true));
+}

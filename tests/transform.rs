@@ -458,3 +458,36 @@ fn transform_args(args: &[&str], input: &str, run_dir: &Path) -> Run {
     drop(stdin);
     child.wait_with_output().unwrap().into()
 }
+
+/// A config rule `hgx_full = true` gives the domain every H100 and every NVSwitch of the HGX
+/// fixture; transforming the result again changes nothing. On a host without NVSwitches the
+/// rule is refused with one line.
+#[test]
+fn an_hgx_full_rule_gives_every_gpu_and_nvswitch() {
+    let t = tempfile::tempdir().unwrap();
+    let conf = t.path().join("gpupass.toml");
+    fs::write(&conf, "[[rules]]\ndomain = \"hgx-*\"\nhgx_full = true\n").unwrap();
+    let input = "<domain type='kvm'>\n  <name>hgx-vm</name>\n  <memory unit='KiB'>1048576</memory>\n  <os>\n    <type arch='x86_64' machine='q35'>hvm</type>\n  </os>\n  <devices>\n  </devices>\n</domain>\n";
+    let args = ["--config-file", conf.to_str().unwrap()];
+    let r = transform("hgx-8gpu", t.path(), &args, input);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let got = sources(&r.stdout);
+    assert_eq!(got.len(), 12, "{got:?}");
+    for s in [
+        "0000:05:00.0",
+        "0000:08:00.0",
+        "0000:18:00.0",
+        "0000:db:00.0",
+    ] {
+        assert!(got.iter().any(|g| g == s), "{s} missing from {got:?}");
+    }
+    let again = transform("hgx-8gpu", t.path(), &args, &r.stdout);
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    assert_eq!(again.stdout, r.stdout, "a second transform changes nothing");
+
+    let r = transform("seeds-k4200", t.path(), &args, input);
+    assert_ne!(r.code, 0);
+    assert!(r.stdout.is_empty(), "{}", r.stdout);
+    assert!(r.stderr.contains("no HGX fabric"), "{}", r.stderr);
+    assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
+}

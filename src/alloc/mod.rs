@@ -86,6 +86,25 @@ pub enum AllocError {
         /// The period's start (RFC 3339).
         since: String,
     },
+    /// `--hgx-full` on a host without an NVSwitch.
+    #[error("no HGX fabric on this host: no NVSwitch (NVIDIA class 0680) to give with its GPUs (see `gpupass list`)")]
+    NoFabric,
+    /// An NVSwitch of the fabric held by another domain.
+    #[error("HGX full passthrough: NVSwitch {switch} is in use by domain '{domain}'")]
+    SwitchInUse {
+        /// The switch.
+        switch: PciAddress,
+        /// Who holds it.
+        domain: String,
+    },
+    /// An NVSwitch of the fabric that cannot be passed through.
+    #[error("HGX full passthrough: NVSwitch {switch} cannot be passed through: {reason}")]
+    SwitchNotPassable {
+        /// The switch.
+        switch: PciAddress,
+        /// Why.
+        reason: String,
+    },
     /// Not enough free, passable GPUs.
     #[error("no free GPU: {wanted} wanted{model}, {free} free and passable ({detail})")]
     NoFreeGpu {
@@ -105,9 +124,13 @@ impl AllocError {
     pub fn exit_code(&self) -> u8 {
         match self {
             AllocError::UnknownGpu { .. } | AllocError::NotAttached { .. } => 3,
-            AllocError::InUse { .. } | AllocError::AlreadyAttached { .. } => 5,
-            AllocError::NoFreeGpu { .. } => 6,
-            AllocError::IommuOff | AllocError::NotPassable { .. } => 7,
+            AllocError::InUse { .. }
+            | AllocError::AlreadyAttached { .. }
+            | AllocError::SwitchInUse { .. } => 5,
+            AllocError::NoFreeGpu { .. } | AllocError::NoFabric => 6,
+            AllocError::IommuOff
+            | AllocError::NotPassable { .. }
+            | AllocError::SwitchNotPassable { .. } => 7,
             AllocError::LimitExceeded { .. } | AllocError::HoursExceeded { .. } => 15,
         }
     }

@@ -200,6 +200,9 @@ pub enum AttachRequest {
         /// Only this vendor:device.
         model: Option<PciId>,
     },
+    /// HGX full passthrough: every GPU of the host's NVSwitch fabric and every NVSwitch, as
+    /// one unit (Fabric Manager runs in the guest).
+    HgxFull,
 }
 
 /// What an attach will take.
@@ -207,6 +210,8 @@ pub enum AttachRequest {
 pub struct AttachPlan {
     /// The GPUs (display-function addresses), in the order they will be attached.
     pub gpus: Vec<PciAddress>,
+    /// NVSwitches (single functions) attached after the GPUs (`HgxFull` only).
+    pub switches: Vec<PciAddress>,
     /// Things the operator should know (boot VGA chosen explicitly…).
     pub warnings: Vec<String>,
 }
@@ -305,8 +310,13 @@ pub fn plan_attach(
                 }
                 gpus.push(gpu.address);
             }
-            Ok(AttachPlan { gpus, warnings })
+            Ok(AttachPlan {
+                gpus,
+                switches: Vec::new(),
+                warnings,
+            })
         }
+        AttachRequest::HgxFull => plan_hgx_full(inv, holdings, domain),
         AttachRequest::Count { count, model } => {
             // A GPU the domain holds only part of (a crash mid-attach or mid-detach) counts as
             // one of the N and is completed first: retrying the attach finishes the job.
@@ -396,9 +406,65 @@ pub fn plan_attach(
             free.sort();
             let mut gpus = completing;
             gpus.extend(free.into_iter().take(want).map(|(_, a)| a));
-            Ok(AttachPlan { gpus, warnings })
+            Ok(AttachPlan {
+                gpus,
+                switches: Vec::new(),
+                warnings,
+            })
         }
     }
+}
+
+/// HGX full passthrough: every GPU of the fabric and every NVSwitch, or nothing. Each must be
+/// passable (IOMMU group, drivers, quarantine) and held by no other domain.
+fn plan_hgx_full(
+    inv: &Inventory,
+    holdings: &Holdings,
+    domain: &str,
+) -> Result<AttachPlan, AllocError> {
+    let switches = inv.nvswitches();
+    if switches.is_empty() {
+        return Err(AllocError::NoFabric);
+    }
+    let mut warnings = Vec::new();
+    let mut gpus = Vec::new();
+    for addr in inv.fabric_gpus() {
+        let gpu = inv
+            .gpu(addr)
+            .ok_or(AllocError::UnknownGpu { address: addr })?;
+        if assignable(inv, holdings, gpu, domain)?.boot_vga {
+            warnings.push(format!(
+                "{addr} is the host's boot VGA (its console); the host loses that display"
+            ));
+        }
+        gpus.push(addr);
+    }
+    for s in &switches {
+        // A switch is one function: judged as a one-function unit (its IOMMU group, the
+        // drivers of the group's other members, quarantine).
+        let unit = Gpu {
+            address: *s,
+            functions: vec![*s],
+        };
+        match assignable(inv, holdings, &unit, domain) {
+            Ok(_) => {}
+            Err(AllocError::InUse { domain: d, .. }) => {
+                return Err(AllocError::SwitchInUse {
+                    switch: *s,
+                    domain: d,
+                })
+            }
+            Err(AllocError::NotPassable { reason, .. }) => {
+                return Err(AllocError::SwitchNotPassable { switch: *s, reason })
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(AttachPlan {
+        gpus,
+        switches,
+        warnings,
+    })
 }
 
 /// The GPUs held by `owner`'s domains (and by `domain`, when given, whoever owns it), and the
@@ -515,10 +581,20 @@ pub fn plan_detach(
             }
             Ok(units)
         }
+        // The host's NVSwitches go too: they came with the GPUs (HGX full passthrough).
         DetachRequest::All => Ok(inv
             .gpus
             .iter()
             .map(unit_of)
+            .chain(
+                inv.nvswitches()
+                    .into_iter()
+                    .filter(|s| present.contains(s))
+                    .map(|s| DetachUnit {
+                        gpu: s,
+                        functions: vec![s],
+                    }),
+            )
             .filter(|u| !u.functions.is_empty())
             .collect()),
     }
@@ -873,5 +949,106 @@ mod tests {
         )
         .unwrap();
         assert_eq!(stale[0].functions, [a("0000:ee:00.0")]);
+    }
+
+    fn hgx_host() -> Inventory {
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/hosts/hgx-8gpu");
+        crate::host::discover::discover(&crate::host::sysfs::Sysfs::new(std::path::Path::new(root)))
+            .unwrap()
+    }
+
+    const HGX_SWITCHES: [&str; 4] = [
+        "0000:05:00.0",
+        "0000:06:00.0",
+        "0000:07:00.0",
+        "0000:08:00.0",
+    ];
+
+    #[test]
+    fn hgx_full_takes_every_gpu_and_every_nvswitch() {
+        let inv = hgx_host();
+        let p = plan_attach(
+            &inv,
+            &Holdings::default(),
+            "vm",
+            &AttachRequest::HgxFull,
+            &BTreeSet::new(),
+        )
+        .unwrap();
+        assert_eq!(p.gpus.len(), 8, "{:?}", p.gpus);
+        assert!(
+            !p.gpus.contains(&a("0000:03:00.0")),
+            "the BMC's VGA is no part of the fabric"
+        );
+        let switches: Vec<PciAddress> = HGX_SWITCHES.iter().map(|s| a(s)).collect();
+        assert_eq!(p.switches, switches);
+        // The domain's own holdings do not stop it (completing a partial fabric).
+        let mut own = Holdings::default();
+        own.add(a("0000:18:00.0"), "vm", false);
+        own.add(a("0000:05:00.0"), "vm", false);
+        let again =
+            plan_attach(&inv, &own, "vm", &AttachRequest::HgxFull, &BTreeSet::new()).unwrap();
+        assert_eq!(again, p);
+    }
+
+    #[test]
+    fn hgx_full_is_refused_whole_when_one_part_is_held_quarantined_or_missing() {
+        let inv = hgx_host();
+        let none = BTreeSet::new();
+        let hgx = AttachRequest::HgxFull;
+        let mut gpu_held = Holdings::default();
+        gpu_held.add(a("0000:9a:00.0"), "other", true);
+        let e = plan_attach(&inv, &gpu_held, "vm", &hgx, &none).unwrap_err();
+        assert_eq!(e.exit_code(), 5);
+        assert!(
+            e.to_string().contains("0000:9a:00.0") && e.to_string().contains("'other'"),
+            "{e}"
+        );
+
+        let mut switch_held = Holdings::default();
+        switch_held.add(a("0000:07:00.0"), "fm-service", false);
+        let e = plan_attach(&inv, &switch_held, "vm", &hgx, &none).unwrap_err();
+        assert_eq!(e.exit_code(), 5);
+        assert_eq!(
+            e.to_string(),
+            "HGX full passthrough: NVSwitch 0000:07:00.0 is in use by domain 'fm-service'"
+        );
+
+        let mut q = hgx_host();
+        q.quarantine.insert(
+            a("0000:06:00.0"),
+            crate::health::Quarantine {
+                reason: "link errors".into(),
+                since: 0,
+                by: "test".into(),
+            },
+        );
+        let e = plan_attach(&q, &Holdings::default(), "vm", &hgx, &none).unwrap_err();
+        assert_eq!(e.exit_code(), 7);
+        assert!(
+            e.to_string().contains("NVSwitch 0000:06:00.0")
+                && e.to_string().contains("link errors"),
+            "{e}"
+        );
+
+        // A host without NVSwitches has no fabric to give.
+        let e = plan_attach(&eight(), &Holdings::default(), "vm", &hgx, &none).unwrap_err();
+        assert_eq!(e.exit_code(), 6);
+        assert!(e.to_string().contains("no HGX fabric"), "{e}");
+    }
+
+    #[test]
+    fn detach_all_takes_the_switches_with_the_gpus() {
+        let inv = hgx_host();
+        let present: BTreeSet<PciAddress> =
+            [a("0000:18:00.0"), a("0000:05:00.0"), a("0000:08:00.0")]
+                .into_iter()
+                .collect();
+        let units = plan_detach(&inv, &present, "vm", "config", &DetachRequest::All).unwrap();
+        let gone: Vec<PciAddress> = units.iter().map(|u| u.gpu).collect();
+        assert_eq!(
+            gone,
+            [a("0000:18:00.0"), a("0000:05:00.0"), a("0000:08:00.0")]
+        );
     }
 }

@@ -79,7 +79,8 @@ fn print_report(
     for g in &r.gpus {
         let fns: Vec<String> = g.functions.iter().map(|f| f.to_string()).collect();
         out.push_str(&format!(
-            "{verb} GPU {} {prep} {} ({what}): {}\n",
+            "{verb} {} {} {prep} {} ({what}): {}\n",
+            if g.nvswitch { "NVSwitch" } else { "GPU" },
             g.gpu,
             r.domain,
             fns.join(" ")

@@ -102,7 +102,7 @@ pub fn fit(
     let extra: Vec<PciAddress> = match request {
         None => Vec::new(),
         Some(AttachRequest::Gpus(g)) => g.clone(),
-        Some(r @ AttachRequest::Count { .. }) => {
+        Some(r @ (AttachRequest::Count { .. } | AttachRequest::HgxFull)) => {
             let holdings = read_holdings(&hv)?;
             let facts = gpupass::xml::domain::parse(&xml)?;
             plan_attach(&inv, &holdings, name, r, &preferred_nodes(&inv, &facts))?.gpus

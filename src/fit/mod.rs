@@ -156,22 +156,14 @@ pub fn fit_xml_fabric(
 /// The host's HGX fabric (pure): its NVIDIA NVSwitches (class 0680) and NVIDIA GPUs; `None`
 /// without switches.
 pub fn fabric(inv: &Inventory) -> Option<Fabric> {
-    let switches: Vec<PciAddress> = inv
-        .devices
-        .values()
-        .filter(|d| d.id.vendor == 0x10de && d.class.base() == 0x06 && d.class.sub() == 0x80)
-        .map(|d| d.address)
-        .collect();
+    let switches = inv.nvswitches();
     if switches.is_empty() {
         return None;
     }
-    let gpus = inv
-        .gpus
-        .iter()
-        .filter(|g| inv.device(g.address).is_some_and(|d| d.id.vendor == 0x10de))
-        .map(|g| g.address)
-        .collect();
-    Some(Fabric { switches, gpus })
+    Some(Fabric {
+        switches,
+        gpus: inv.fabric_gpus(),
+    })
 }
 
 /// [`fit_xml_with`] on a domain already scanned.

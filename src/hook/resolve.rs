@@ -56,6 +56,12 @@ pub fn resolve(
                 .collect::<Result<_, _>>()?,
         ),
         AttachRequest::Count { .. } => None,
+        AttachRequest::HgxFull => Some(inv.fabric_gpus()),
+    };
+    // HGX full passthrough: the fabric's NVSwitches go with its GPUs.
+    let switches: Vec<PciAddress> = match request {
+        AttachRequest::HgxFull => inv.nvswitches(),
+        _ => Vec::new(),
     };
     let fits = |gpu: PciAddress| match (request, &wanted_gpus) {
         (_, Some(w)) => w.contains(&gpu),
@@ -80,7 +86,11 @@ pub fn resolve(
                     .holders(&g.functions)
                     .iter()
                     .all(|holder| holder.domain == name)
-        });
+        }) || (switches.contains(&src)
+            && holdings
+                .holders(&[src])
+                .iter()
+                .all(|holder| holder.domain == name));
         if keep {
             present.insert(src);
         } else {
@@ -97,7 +107,7 @@ pub fn resolve(
         .collect();
     let mut gpus_after: Vec<PciAddress> = kept.clone();
     let new: Vec<PciAddress> = match request {
-        AttachRequest::Gpus(_) => wanted_gpus
+        AttachRequest::Gpus(_) | AttachRequest::HgxFull => wanted_gpus
             .unwrap_or_default()
             .into_iter()
             .filter(|g| !kept.contains(g))
@@ -130,6 +140,10 @@ pub fn resolve(
             }
         }
     };
+    if *request == AttachRequest::HgxFull {
+        // The whole fabric, GPUs and switches, through `attach --hgx-full`'s checks.
+        plan_attach(inv, holdings, name, request, prefer)?;
+    }
     if !new.is_empty() {
         // Explicit GPUs go through the same checks as `attach --gpu` (passable, not held).
         plan_attach(
@@ -151,6 +165,12 @@ pub fn resolve(
                     add.insert(*f);
                 }
             }
+        }
+    }
+    for s in &switches {
+        after.insert(*s);
+        if !present.contains(s) {
+            add.insert(*s);
         }
     }
     res.add = add.into_iter().collect();

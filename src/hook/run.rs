@@ -436,6 +436,31 @@ pub fn prepare(env: &HookEnv, input: &str) -> Result<Vec<String>, HookError> {
                     }
                 }
             }
+            // Only `attach --hgx-full` asks for it: the whole fabric must be there.
+            AttachRequest::HgxFull => {
+                // The whole fabric, not only what the domain has (its own devices' scope).
+                let host = discover_with(&Sysfs::new(&env.host_root), &Scope::Gpus, false)?;
+                if host.nvswitches().is_empty() {
+                    return Err(blocked(format!(
+                        "domain '{}' asks for the whole HGX fabric, and this host has no NVSwitch",
+                        doc.name
+                    )));
+                }
+                let lacking: Vec<String> = host
+                    .fabric_gpus()
+                    .iter()
+                    .filter(|g| !have.contains(g))
+                    .chain(host.nvswitches().iter().filter(|s| !present.contains(s)))
+                    .map(ToString::to_string)
+                    .collect();
+                if !lacking.is_empty() {
+                    return Err(blocked(format!(
+                        "domain '{}' asks for the whole HGX fabric, its XML lacks {}",
+                        doc.name,
+                        lacking.join(" ")
+                    )));
+                }
+            }
             AttachRequest::Count { count, model } => {
                 let n = have
                     .iter()

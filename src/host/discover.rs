@@ -108,8 +108,9 @@ pub struct Inventory {
 pub enum Scope {
     /// Every PCI function (`list`, `show`, `attach`).
     All,
-    /// The GPUs and what judging them needs: their functions, IOMMU groups, the bridges above
-    /// them (`transform`, `migrate`/`restore`). Reads only `class` of every other device.
+    /// The GPUs (and NVSwitches) and what judging them needs: their functions, IOMMU groups,
+    /// the bridges above them (`transform`, `migrate`/`restore`). Reads only `class` of every
+    /// other device.
     Gpus,
     /// These devices and what judging them needs (the hook's `prepare`).
     Around(Vec<PciAddress>),
@@ -200,7 +201,13 @@ pub fn discover_with(sysfs: &Sysfs, scope: &Scope, full: bool) -> Result<Invento
         Scope::All => names.clone(),
         Scope::Gpus => names
             .iter()
-            .filter(|a| class_of(a).is_some_and(|c| PciClass(c).is_gpu()))
+            .filter(|a| {
+                // NVSwitches (class 0680) too: HGX full passthrough gives them with the GPUs.
+                class_of(a).is_some_and(|c| {
+                    let c = PciClass(c);
+                    c.is_gpu() || (c.base() == 0x06 && c.sub() == 0x80)
+                })
+            })
             .copied()
             .collect(),
         Scope::Around(seeds) => seeds
@@ -332,6 +339,31 @@ impl Inventory {
             .iter()
             .find(|g| g.address == addr)
             .or_else(|| self.gpus.iter().find(|g| g.functions.contains(&addr)))
+    }
+
+    /// The host's NVIDIA NVSwitches (vendor 10de, class 0680): the HGX fabric's switches, each
+    /// a single function.
+    pub fn nvswitches(&self) -> Vec<PciAddress> {
+        self.devices
+            .values()
+            .filter(|d| d.id.vendor == 0x10de && d.class.base() == 0x06 && d.class.sub() == 0x80)
+            .map(|d| d.address)
+            .collect()
+    }
+
+    /// The NVIDIA GPUs of an HGX fabric (empty when the host has no NVSwitch).
+    pub fn fabric_gpus(&self) -> Vec<PciAddress> {
+        if self.nvswitches().is_empty() {
+            return Vec::new();
+        }
+        self.gpus
+            .iter()
+            .filter(|g| {
+                self.device(g.address)
+                    .is_some_and(|d| d.id.vendor == 0x10de)
+            })
+            .map(|g| g.address)
+            .collect()
     }
 
     /// A device by address.
