@@ -236,7 +236,13 @@ pub fn discover_with(sysfs: &Sysfs, scope: &Scope, full: bool) -> Result<Invento
                     .filter(|n| n.same_slot(&a) && !devices.contains_key(n)),
             );
             todo.extend(d.parent);
-            if let Some(g) = d.iommu_group {
+            // A bridge's own group matters only to a full report: the GPUs' groups (which a
+            // bridge sharing them is listed in) are what judging a GPU or a hostdev reads, so
+            // a scoped discovery does not list every bridge's group above the cards.
+            let group = d
+                .iommu_group
+                .filter(|_| *scope == Scope::All || !d.class.is_pci_bridge());
+            if let Some(g) = group {
                 if let std::collections::btree_map::Entry::Vacant(slot) = groups.entry(g) {
                     let members = sysfs.group_members(g)?;
                     todo.extend(members.iter().copied());

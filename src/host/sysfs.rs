@@ -408,26 +408,21 @@ impl Sysfs {
 
     /// The CPU vendor (`GenuineIntel`, `AuthenticAMD`) from `proc/cpuinfo`.
     pub fn cpu_vendor(&self) -> Result<Option<String>, SysfsError> {
-        Ok(read_optional(&self.path("proc/cpuinfo"))?.and_then(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("vendor_id"))
-                .map(|v| v.trim_start_matches([' ', '\t', ':']).trim().to_owned())
-        }))
+        Ok(first_line_after(&self.path("proc/cpuinfo"), "vendor_id")?
+            .map(|v| v.trim_start_matches([' ', '\t', ':']).trim().to_owned()))
     }
 
     /// The host CPU's physical address bits (`address sizes : 46 bits physical, …` in
     /// `proc/cpuinfo`): no guest may be given more. `None` when the file or line is absent.
     pub fn host_phys_bits(&self) -> Result<Option<u8>, SysfsError> {
-        Ok(read_optional(&self.path("proc/cpuinfo"))?.and_then(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("address sizes"))
-                .and_then(|v| {
-                    v.trim_start_matches([' ', '\t', ':'])
-                        .split_whitespace()
-                        .next()
-                })
-                .and_then(|n| n.parse().ok())
-        }))
+        Ok(
+            first_line_after(&self.path("proc/cpuinfo"), "address sizes")?.and_then(|v| {
+                v.trim_start_matches([' ', '\t', ':'])
+                    .split_whitespace()
+                    .next()
+                    .and_then(|n| n.parse().ok())
+            }),
+        )
     }
 
     fn link_target(&self, path: &Path) -> Result<Option<PathBuf>, SysfsError> {
@@ -654,6 +649,32 @@ fn read_optional(path: &Path) -> Result<Option<String>, SysfsError> {
     }
 }
 
+/// The rest of the first line of `path` that starts with `prefix`, reading only up to that
+/// line: `proc/cpuinfo` repeats its lines for every CPU (hundreds of KB on a large host), and
+/// the first CPU's block answers. `None` when the file or the line is absent.
+fn first_line_after(path: &Path, prefix: &str) -> Result<Option<String>, SysfsError> {
+    let err = |source| SysfsError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let f = match fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(err(e)),
+    };
+    let mut reader = io::BufReader::new(f);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if io::BufRead::read_until(&mut reader, b'\n', &mut line).map_err(err)? == 0 {
+            return Ok(None);
+        }
+        if let Some(rest) = line.strip_prefix(prefix.as_bytes()) {
+            return Ok(Some(String::from_utf8_lossy(rest).trim_end().to_owned()));
+        }
+    }
+}
+
 /// Reads an open small file to its end, trimmed. A read shorter than the buffer is the end (a
 /// sysfs `show()` fills one read); a longer file takes more reads. The buffer is small because
 /// attributes are (`0x10de`), and zeroing a page per read showed in the hook's profile.
@@ -703,6 +724,26 @@ fn list_dir(dir: &Path) -> Result<Vec<String>, SysfsError> {
 mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
+
+    #[test]
+    fn cpuinfo_answers_from_the_first_cpu_and_stops_there() {
+        let t = tempfile::tempdir().unwrap();
+        let info = t.path().join("cpuinfo");
+        let block = |n: u32, bits: u32| {
+            format!("processor\t: {n}\nvendor_id\t: GenuineIntel\naddress sizes\t: {bits} bits physical, 57 bits virtual\n\n")
+        };
+        // A big host's file: many blocks; a later (impossible) value is never read.
+        let mut text = block(0, 46);
+        text.push_str(&block(1, 52).repeat(2000));
+        fs::write(&info, text).unwrap();
+        let rest = first_line_after(&info, "address sizes").unwrap().unwrap();
+        assert_eq!(rest, "\t: 46 bits physical, 57 bits virtual");
+        assert_eq!(first_line_after(&info, "model name").unwrap(), None);
+        assert_eq!(
+            first_line_after(&t.path().join("absent"), "vendor_id").unwrap(),
+            None
+        );
+    }
 
     #[test]
     fn confine_keeps_writes_under_the_root() {
