@@ -121,19 +121,21 @@ impl FromStr for PciAddress {
         let (head, function) = input
             .rsplit_once('.')
             .ok_or_else(|| bad("missing '.function'"))?;
-        let parts: Vec<&str> = head.split(':').collect();
-        let (domain, bus, slot) = match parts.as_slice() {
-            [d, b, s] => {
+        // Three or two fields, without collecting them (every sysfs name is parsed).
+        let mut parts = head.split(':');
+        let fields = (parts.next(), parts.next(), parts.next(), parts.next());
+        let (domain, bus, slot) = match fields {
+            (Some(d), Some(b), Some(s), None) => {
                 if d.len() < 4 {
                     return Err(bad("domain must have 4 to 8 hex digits"));
                 }
                 (
                     hex_field(d, 8).ok_or_else(|| bad("domain must have 4 to 8 hex digits"))?,
-                    *b,
-                    *s,
+                    b,
+                    s,
                 )
             }
-            [b, s] => (0, *b, *s),
+            (Some(b), Some(s), None, None) => (0, b, s),
             _ => return Err(bad("expected domain:bus:slot.function")),
         };
         let bus = hex_field(bus, 2).ok_or_else(|| bad("bus must be 1 or 2 hex digits"))?;

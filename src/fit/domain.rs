@@ -204,6 +204,16 @@ fn attr(e: &BytesStart<'_>, name: &[u8]) -> Result<Option<String>, FitError> {
     crate::xml::attr(e, name).map_err(FitError::Xml)
 }
 
+/// The open elements' names, outermost first, in a fixed array rather than a `Vec` per event:
+/// no pattern is deeper than four, so a deeper element gets five names (which none matches).
+fn path_of(stack: &[(String, usize, usize)]) -> ([&str; 5], usize) {
+    let mut names = [""; 5];
+    for (slot, (n, _, _)) in names.iter_mut().zip(stack) {
+        *slot = n.as_str();
+    }
+    (names, stack.len().min(5))
+}
+
 /// Parses a libvirt number like `strtoul` base 0 (`0x` hex, leading `0` octal, else decimal).
 fn c_num(s: &str) -> Option<u64> {
     let s = s.trim();
@@ -355,15 +365,16 @@ pub fn scan(text: &str) -> Result<DomainLayout<'_>, FitError> {
                     )));
                 }
                 let qname = String::from_utf8_lossy(e.name().as_ref()).into_owned();
-                let local = String::from_utf8_lossy(e.local_name().as_ref()).into_owned();
-                let path: Vec<&str> = stack.iter().map(|(n, _, _)| n.as_str()).collect();
+                let local = e.local_name();
+                let (names, depth) = path_of(&stack);
+                let path = &names[..depth];
                 let element = Element {
                     span: before..after,
                     start_end: after,
                     close: None,
                     qname: qname.clone(),
                 };
-                match path.as_slice() {
+                match path {
                     [] => {
                         if qname != "domain" {
                             return Err(malformed(format!(
@@ -411,7 +422,7 @@ pub fn scan(text: &str) -> Result<DomainLayout<'_>, FitError> {
                         }
                         "devices" => out.devices = Some(element),
                         "features" => out.features = Some(element),
-                        _ if is_qemu && local == "commandline" => {
+                        _ if is_qemu && local.as_ref() == b"commandline" => {
                             let prefix = qname
                                 .split_once(':')
                                 .map_or(String::new(), |(p, _)| p.to_owned());
@@ -555,7 +566,9 @@ pub fn scan(text: &str) -> Result<DomainLayout<'_>, FitError> {
                             h.source = pci_address_of(e).map_err(FitError::Xml)?;
                         }
                     }
-                    ["domain", c] if is_qemu && local == "arg" && c.ends_with("commandline") => {
+                    ["domain", c]
+                        if is_qemu && local.as_ref() == b"arg" && c.ends_with("commandline") =>
+                    {
                         let value = attr(e, b"value")?.unwrap_or_default();
                         if prev_arg.as_deref() == Some("-fw_cfg") {
                             let spec = value.strip_prefix("name=").unwrap_or(&value);
@@ -583,7 +596,8 @@ pub fn scan(text: &str) -> Result<DomainLayout<'_>, FitError> {
                 let Some((qname, start, start_end)) = stack.pop() else {
                     return Err(malformed("an end tag without a start"));
                 };
-                let path: Vec<&str> = stack.iter().map(|(n, _, _)| n.as_str()).collect();
+                let (names, depth) = path_of(&stack);
+                let path = &names[..depth];
                 let element = Element {
                     span: start..after,
                     start_end,
@@ -608,7 +622,7 @@ pub fn scan(text: &str) -> Result<DomainLayout<'_>, FitError> {
                         collecting = Some((which, depth, value, unit));
                     }
                 }
-                match (path.as_slice(), qname.as_str()) {
+                match (path, qname.as_str()) {
                     ([], _) => out.root = element,
                     (["domain"], "cpu") => out.cpu = Some(element),
                     (["domain"], "devices") => out.devices = Some(element),

@@ -19,11 +19,12 @@ pub struct PciDevice {
     pub subsystem: Option<PciId>,
     /// Class code.
     pub class: PciClass,
-    /// Bound driver, `None` when unbound.
+    /// Bound driver, `None` when unbound (or not read: a bridge above the judged devices in a
+    /// scoped discovery, see [`Scope`]).
     pub driver: Option<String>,
-    /// IOMMU group, `None` when the IOMMU is off.
+    /// IOMMU group, `None` when the IOMMU is off (or not read, as `driver`).
     pub iommu_group: Option<IommuGroupId>,
-    /// NUMA node, `None` when unknown (`-1`).
+    /// NUMA node, `None` when unknown (`-1`) (or not read, as `driver`).
     pub numa_node: Option<NumaNode>,
     /// `boot_vga` = 1: the firmware's console display.
     pub boot_vga: bool,
@@ -110,9 +111,10 @@ pub enum Scope {
     All,
     /// The GPUs (and NVSwitches) and what judging them needs: their functions, IOMMU groups,
     /// the bridges above them (`transform`, `migrate`/`restore`). Reads only `class` of every
-    /// other device.
+    /// other device, and of a bridge not its driver, IOMMU group or NUMA node.
     Gpus,
-    /// These devices and what judging them needs (the hook's `prepare`).
+    /// These devices and what judging them needs (the hook's `prepare`); bridges that are not
+    /// among them are read as in `Gpus`.
     Around(Vec<PciAddress>),
 }
 
@@ -121,12 +123,26 @@ pub fn discover(sysfs: &Sysfs) -> Result<Inventory, SysfsError> {
     discover_with(sysfs, &Scope::All, true)
 }
 
+/// How much of a device to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Detail {
+    /// Board details too (subsystem IDs, reset method): reports.
+    Full,
+    /// What judging a device needs.
+    Judged,
+    /// A bridge above a card in a scoped discovery: what finding the card's root and the PCI
+    /// root needs (IDs, class, parent), not its driver, IOMMU group or NUMA node (a GPU's own
+    /// are read; a bridge sharing a GPU's group is skipped when the group is judged).
+    Bridge,
+}
+
 fn read_device(
     sysfs: &Sysfs,
     address: PciAddress,
-    full: bool,
+    detail: Detail,
     class: Option<u32>,
 ) -> Result<Option<PciDevice>, SysfsError> {
+    let full = detail == Detail::Full;
     let dev = sysfs.device(address)?;
     let attrs = match &dev {
         Some(d) => (
@@ -158,6 +174,7 @@ fn read_device(
         None
     };
     let class = PciClass(class);
+    let lean = detail == Detail::Bridge && class.is_pci_bridge();
     Ok(Some(PciDevice {
         address,
         id: PciId {
@@ -166,9 +183,9 @@ fn read_device(
         },
         subsystem,
         class,
-        driver: dev.driver()?,
-        iommu_group: dev.iommu_group()?,
-        numa_node: dev.numa_node()?,
+        driver: if lean { None } else { dev.driver()? },
+        iommu_group: if lean { None } else { dev.iommu_group()? },
+        numa_node: if lean { None } else { dev.numa_node()? },
         // Only display functions have boot_vga.
         boot_vga: class.is_display() && dev.attr("boot_vga")?.as_deref() == Some("1"),
         reset_method: if full {
@@ -225,7 +242,13 @@ pub fn discover_with(sysfs: &Sysfs, scope: &Scope, full: bool) -> Result<Invento
             if devices.contains_key(&a) || skipped.contains(&a) {
                 continue;
             }
-            let Some(d) = read_device(sysfs, a, full, class_of(&a))? else {
+            let detail = match scope {
+                _ if full => Detail::Full,
+                Scope::All => Detail::Judged,
+                Scope::Around(seeds) if seeds.contains(&a) => Detail::Judged,
+                Scope::Gpus | Scope::Around(_) => Detail::Bridge,
+            };
+            let Some(d) = read_device(sysfs, a, detail, class_of(&a))? else {
                 skipped.insert(a);
                 continue;
             };
