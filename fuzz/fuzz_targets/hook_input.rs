@@ -33,6 +33,7 @@ fn host() -> Inventory {
                     boot_vga: false,
                     reset_method: None,
                     parent: None,
+                    virtfn: false,
                 },
             );
             groups.entry(IommuGroupId(i as u32)).or_default().push(a);
