@@ -503,28 +503,14 @@ fn check_released(
         })
         .collect();
     let by = format!("agent, after {domain} released it");
-    match health_check::check(
+    health_check::check_released(
         &Sysfs::new(&opts.host_root),
         &opts.health,
         &targets,
+        domain,
         &by,
         unix_now(),
-    ) {
-        Ok(checks) => {
-            for c in checks.iter().filter(|c| c.newly_quarantined) {
-                tracing::warn!(domain, gpu = %c.gpu, reason = %c.judgement.reason(), "GPU quarantined after release");
-            }
-            checks
-                .into_iter()
-                .filter(|c| c.quarantine.is_some())
-                .map(|c| c.gpu)
-                .collect()
-        }
-        Err(e) => {
-            tracing::warn!(domain, error = %e, "health check of released GPUs failed");
-            Vec::new()
-        }
-    }
+    )
 }
 
 /// Writes the usage records the ledger lacks; failures are logged (the hook's records stand,

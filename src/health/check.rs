@@ -141,6 +141,35 @@ pub fn check(
     })
 }
 
+/// [`check`] of what `domain` gave back (the hook's `release end`, the agent's stop or
+/// detach): logs each GPU quarantined now and returns every target that is quarantined. A
+/// failure to check is logged and yields none: bookkeeping never stops a domain.
+pub fn check_released(
+    sysfs: &Sysfs,
+    store: &HealthStore,
+    targets: &[Target],
+    domain: &str,
+    by: &str,
+    now: u64,
+) -> Vec<PciAddress> {
+    match check(sysfs, store, targets, by, now) {
+        Ok(checks) => {
+            for c in checks.iter().filter(|c| c.newly_quarantined) {
+                tracing::warn!(domain, gpu = %c.gpu, reason = %c.judgement.reason(), "GPU quarantined after release");
+            }
+            checks
+                .into_iter()
+                .filter(|c| c.quarantine.is_some())
+                .map(|c| c.gpu)
+                .collect()
+        }
+        Err(e) => {
+            tracing::warn!(domain, error = %e, "health check of released GPUs failed");
+            Vec::new()
+        }
+    }
+}
+
 /// Lifts `target`'s quarantine after checking it again: refused while it still fails, unless
 /// `force` (logged). A forced clear takes the AER counters of now as the new baseline, so the
 /// next check does not quarantine it again for the same errors. Returns the old quarantine.

@@ -548,20 +548,12 @@ fn check_released(
     let targets = health::check::targets_of(sources, display, session);
     let store = HealthStore::new(&env.state_dir);
     let by = format!("hook release of {domain}");
-    match health::check::check(&Sysfs::new(&env.host_root), &store, &targets, &by, now) {
-        Ok(checks) => {
-            for c in checks.iter().filter(|c| c.newly_quarantined) {
-                tracing::warn!(domain, gpu = %c.gpu, reason = %c.judgement.reason(), "GPU quarantined after release");
-            }
-            checks
-                .into_iter()
-                .filter(|c| c.quarantine.is_some())
-                .map(|c| c.gpu)
-                .collect()
-        }
-        Err(e) => {
-            tracing::warn!(domain, error = %e, "health check after release failed");
-            Vec::new()
-        }
-    }
+    health::check::check_released(
+        &Sysfs::new(&env.host_root),
+        &store,
+        &targets,
+        domain,
+        &by,
+        now,
+    )
 }
