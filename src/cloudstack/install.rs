@@ -4,8 +4,6 @@
 //! path missing or half written) and idempotently. The qemu hook is `hook::install`'s.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::cloudstack::agent::{AgentHooks, DISCOVERY_SCRIPT};
@@ -63,28 +61,9 @@ fn is_ours(path: &Path) -> bool {
     fs::read_to_string(path).is_ok_and(|t| t.lines().nth(1).is_some_and(|l| l.starts_with(MARKER)))
 }
 
-/// Writes `text` (mode 0755) to `target` through a new temp file in its directory, renamed over
-/// it; never through a link.
+/// Writes `text` (mode 0755) to `target` atomically, never through a link.
 fn write_executable(target: &Path, text: &str) -> Result<(), CloudstackError> {
-    let dir = target.parent().expect("an installed file has a directory");
-    let tmp = dir.join(format!(".gpupass.{}.tmp", std::process::id()));
-    let _ = fs::remove_file(&tmp); // a crashed install's leftover of this pid
-    let write = || -> std::io::Result<()> {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o755)
-            .custom_flags(nix::libc::O_NOFOLLOW)
-            .open(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_data()?;
-        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755))?;
-        fs::rename(&tmp, target)
-    };
-    write().map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        io("write", target)(e)
-    })
+    crate::hook::install::replace_executable(target, text.as_bytes()).map_err(io("write", target))
 }
 
 /// What install or uninstall did, one line each.
@@ -185,6 +164,7 @@ pub fn properties_lines(hooks: &AgentHooks) -> String {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
+    use std::os::unix::fs::PermissionsExt;
 
     use super::*;
 

@@ -65,7 +65,17 @@ pub fn install(root: &Path, binary: &Path, args: &[String]) -> Result<Installed,
     // The hook directory is resolved under the root (a link leading out of it is refused), and
     // the shim is written to a new temp file there, never through a link, then renamed.
     let target = crate::host::sysfs::confine(root, HOOK_PATH, true)?;
-    let dir = target.parent().expect("HOOK_PATH has a parent");
+    replace_executable(&target, render(binary, args).as_bytes()).map_err(err)?;
+    Ok(Installed {
+        path,
+        reload_pid: running_libvirtd(root),
+    })
+}
+
+/// Writes `body` (mode 0755) to `target` through a new temp file in its directory, renamed
+/// over it: never through a link, never half-written (the hook shim, CloudStack's scripts).
+pub fn replace_executable(target: &Path, body: &[u8]) -> std::io::Result<()> {
+    let dir = target.parent().unwrap_or(Path::new("/"));
     let tmp = dir.join(format!(".gpupass.{}.tmp", std::process::id()));
     let _ = fs::remove_file(&tmp); // a crashed install's leftover of this pid
     let write = || -> std::io::Result<()> {
@@ -75,18 +85,13 @@ pub fn install(root: &Path, binary: &Path, args: &[String]) -> Result<Installed,
             .mode(0o755)
             .custom_flags(nix::libc::O_NOFOLLOW)
             .open(&tmp)?;
-        f.write_all(render(binary, args).as_bytes())?;
+        f.write_all(body)?;
         f.sync_data()?;
         fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755))?;
-        fs::rename(&tmp, &target)
+        fs::rename(&tmp, target)
     };
-    if let Err(e) = write() {
+    write().inspect_err(|_| {
         let _ = fs::remove_file(&tmp);
-        return Err(err(e));
-    }
-    Ok(Installed {
-        path,
-        reload_pid: running_libvirtd(root),
     })
 }
 
