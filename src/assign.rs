@@ -18,7 +18,7 @@ use crate::cpuset;
 use crate::host::discover::Inventory;
 use crate::libvirt::{DomainInfo, Hypervisor, Impact, LibvirtError, XmlView};
 use crate::limits;
-use crate::model::{NumaNode, PciAddress};
+use crate::model::{MdevUuid, NumaNode, PciAddress};
 use crate::request;
 use crate::usage::{unix_now, Ledger, UsageError};
 use crate::xml::compose::HostdevTemplate;
@@ -193,6 +193,10 @@ pub struct DomainDevices {
     pub live: Vec<PciAddress>,
     /// Hostdev sources of the persistent definition (empty when transient).
     pub config: Vec<PciAddress>,
+    /// Mediated devices of the running definition (empty when not running).
+    pub live_mdevs: Vec<MdevUuid>,
+    /// Mediated devices of the persistent definition.
+    pub config_mdevs: Vec<MdevUuid>,
 }
 
 /// Reads a domain's running XML (when active) and persistent XML (when defined); `None` when
@@ -218,8 +222,10 @@ pub fn read_domain(
         out.uuid = out.uuid.or(facts.uuid);
         out.owner = out.owner.or(facts.owner);
         match view {
-            XmlView::Live => out.live = facts.pci_hostdevs,
-            XmlView::Config => out.config = facts.pci_hostdevs,
+            XmlView::Live => (out.live, out.live_mdevs) = (facts.pci_hostdevs, facts.mdev_hostdevs),
+            XmlView::Config => {
+                (out.config, out.config_mdevs) = (facts.pci_hostdevs, facts.mdev_hostdevs)
+            }
         }
     }
     Ok(Some(out))
@@ -235,6 +241,11 @@ pub fn read_holdings(hv: &dyn Hypervisor) -> Result<Holdings, AssignError> {
             continue;
         };
         holdings.add_domain(&d.name, dev.owner.as_deref(), &dev.live, &dev.config);
+        for (uuids, running) in [(dev.live_mdevs, true), (dev.config_mdevs, false)] {
+            for u in uuids {
+                holdings.add_mdev(u, &d.name, running);
+            }
+        }
     }
     Ok(holdings)
 }

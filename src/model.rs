@@ -29,6 +29,12 @@ pub enum ModelError {
         /// What was given (shortened when long).
         input: String,
     },
+    /// A mediated device's UUID did not have the 8-4-4-4-12 hex shape.
+    #[error("invalid mdev UUID '{input}': expected 8-4-4-4-12 hex digits, e.g. 4b20d080-1b54-4048-85b3-a6a62d165c01")]
+    InvalidMdevUuid {
+        /// What was given (shortened when long).
+        input: String,
+    },
 }
 
 /// Keeps error messages one readable line even for hostile input.
@@ -244,6 +250,61 @@ impl Serialize for DriverName {
 }
 
 impl<'de> Deserialize<'de> for DriverName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A mediated device's UUID (`/sys/bus/mdev/devices/<uuid>`, libvirt's
+/// `<source><address uuid=…/>`), kept in lowercase as the kernel and libvirt print it.
+///
+/// A value that parsed is hex digits and four `-`: one plain path component.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MdevUuid(String);
+
+impl MdevUuid {
+    /// The UUID, lowercase.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for MdevUuid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for MdevUuid {
+    type Err = ModelError;
+
+    /// Parses `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx` in either case (surrounding whitespace
+    /// skipped, as libvirt does).
+    fn from_str(input: &str) -> Result<Self, Self::Err> {
+        let t = input.trim();
+        let ok = t.len() == 36
+            && t.bytes().enumerate().all(|(i, b)| match i {
+                8 | 13 | 18 | 23 => b == b'-',
+                _ => b.is_ascii_hexdigit(),
+            });
+        if ok {
+            Ok(Self(t.to_ascii_lowercase()))
+        } else {
+            Err(ModelError::InvalidMdevUuid {
+                input: shown(input),
+            })
+        }
+    }
+}
+
+impl Serialize for MdevUuid {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for MdevUuid {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         s.parse().map_err(serde::de::Error::custom)
@@ -514,6 +575,23 @@ mod tests {
             device: 0xfff0,
         };
         assert_eq!(device_name(unknown), None);
+    }
+
+    #[test]
+    fn mdev_uuids_are_lowercased_and_checked() {
+        let u: MdevUuid = " 4B20D080-1b54-4048-85b3-a6a62d165c01\n".parse().unwrap();
+        assert_eq!(u.as_str(), "4b20d080-1b54-4048-85b3-a6a62d165c01");
+        for bad in [
+            "",
+            "4b20d080-1b54-4048-85b3-a6a62d165c0",
+            "4b20d080-1b54-4048-85b3-a6a62d165c011",
+            "4b20d080x1b54-4048-85b3-a6a62d165c01",
+            "../../../../../../../../../../../etc",
+            "4b20d080-1b54-4048-85b3-a6a62d165cg1",
+        ] {
+            let e = bad.parse::<MdevUuid>().unwrap_err();
+            assert!(e.to_string().contains("invalid mdev UUID"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::alloc::AllocError;
 use crate::host::discover::{Gpu, Inventory};
 use crate::host::readiness::{verdict, Verdict};
-use crate::model::{NumaNode, PciAddress, PciId};
+use crate::model::{MdevUuid, NumaNode, PciAddress, PciId};
 
 /// A domain that references a PCI function.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -20,11 +20,12 @@ pub struct Holder {
     pub running: bool,
 }
 
-/// Who references which PCI function, from every running domain's live XML and every defined
-/// domain's persistent XML.
+/// Who references which PCI function (and which mediated device), from every running domain's
+/// live XML and every defined domain's persistent XML.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Holdings {
     by_address: BTreeMap<PciAddress, BTreeSet<Holder>>,
+    by_mdev: BTreeMap<MdevUuid, BTreeSet<Holder>>,
     owners: BTreeMap<String, String>,
 }
 
@@ -35,6 +36,29 @@ impl Holdings {
             domain: domain.to_owned(),
             running,
         });
+    }
+
+    /// Records that `domain` references the mediated device `uuid`.
+    pub fn add_mdev(&mut self, uuid: MdevUuid, domain: &str, running: bool) {
+        self.by_mdev.entry(uuid).or_default().insert(Holder {
+            domain: domain.to_owned(),
+            running,
+        });
+    }
+
+    /// Domains referencing the mediated device `uuid`, running ones first (as [`Self::holders`]).
+    pub fn mdev_holders(&self, uuid: &MdevUuid) -> Vec<Holder> {
+        let mut out: Vec<Holder> = self
+            .by_mdev
+            .get(uuid)
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect();
+        // A domain both running and defined with it counts once, as running.
+        out.sort_by(|a, b| b.running.cmp(&a.running).then(a.domain.cmp(&b.domain)));
+        out.dedup_by(|later, first| later.domain == first.domain);
+        out
     }
 
     /// Records a domain: its owner, the functions its running definition references, and those

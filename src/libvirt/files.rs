@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::alloc::plan::Holdings;
 use crate::fsutil;
-use crate::model::PciAddress;
+use crate::model::{MdevUuid, PciAddress};
 use crate::xml::domain;
 
 /// Running domains' status XML, relative to the host root.
@@ -43,7 +43,7 @@ const DEFINED: (&str, bool, &str) = (CONFIG_DIR, false, DEFINED_CACHE);
 /// clock tick (or second, on a filesystem with coarse times) could leave its times as they were.
 pub const RACY_MARGIN: Duration = Duration::from_secs(2);
 /// The cache file's format; another version is ignored (and replaced).
-const CACHE_VERSION: u32 = 1;
+const CACHE_VERSION: u32 = 2;
 
 /// Errors from reading libvirt's files.
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +99,8 @@ struct DomainHold {
     name: String,
     owner: Option<String>,
     pci: Vec<PciAddress>,
+    /// Mediated devices of its mdev hostdevs.
+    mdev: Vec<MdevUuid>,
 }
 
 /// One cached file: its stamp when read, and what it held (`None`: no `<hostdev>` at all).
@@ -191,6 +193,7 @@ fn read_hold(path: &Path) -> Option<Option<DomainHold>> {
             name: facts.name,
             owner: facts.owner,
             pci: facts.pci_hostdevs,
+            mdev: facts.mdev_hostdevs,
         })),
         Err(e) => {
             tracing::warn!(path = %path.display(), error = %e, "malformed libvirt domain file; skipped");
@@ -249,6 +252,9 @@ fn add_from(
             h.set_owner(&d.name, d.owner.as_deref());
             for a in d.pci {
                 h.add(a, &d.name, running);
+            }
+            for u in d.mdev {
+                h.add_mdev(u, &d.name, running);
             }
         }
     }

@@ -4,7 +4,7 @@
 
 use quick_xml::events::BytesStart;
 
-use crate::model::PciAddress;
+use crate::model::{MdevUuid, PciAddress};
 use crate::xml::rewrite::scan_status;
 use crate::xml::{attr, XmlError};
 
@@ -17,6 +17,8 @@ pub struct DomainFacts {
     pub uuid: Option<String>,
     /// Source addresses of `<hostdev mode='subsystem' type='pci'>` in `<devices>`, in order.
     pub pci_hostdevs: Vec<PciAddress>,
+    /// Source UUIDs of `<hostdev mode='subsystem' type='mdev'>` in `<devices>`, in order.
+    pub mdev_hostdevs: Vec<MdevUuid>,
     /// `<numatune><memory nodeset=…>`.
     pub numa_nodeset: Option<String>,
     /// `<vcpu cpuset=…>`.
@@ -32,6 +34,7 @@ pub fn parse(xml: &str) -> Result<DomainFacts, XmlError> {
     let doc = scan_status(xml)?;
     Ok(DomainFacts {
         pci_hostdevs: doc.pci_sources(),
+        mdev_hostdevs: doc.mdev_sources(),
         owner: doc.request.as_ref().and_then(|r| r.owner.clone()),
         numa_nodeset: doc.pinning.numa_nodeset,
         vcpu_cpuset: doc.pinning.vcpu_cpuset,
@@ -99,6 +102,12 @@ mod tests {
     <hostdev mode='subsystem' type='usb'>
       <source><address bus='1' device='2'/></source>
     </hostdev>
+    <hostdev mode='subsystem' type='mdev' model='vfio-pci' display='off'>
+      <source><address uuid='4B20D080-1b54-4048-85b3-a6a62d165c01'/></source>
+    </hostdev>
+    <hostdev mode='subsystem' type='mdev' model='vfio-pci'>
+      <source><address uuid='not-a-uuid'/></source>
+    </hostdev>
     <interface type='hostdev'>
       <source><address type='pci' domain='0x0000' bus='0x3b' slot='0x00' function='0x2'/></source>
     </interface>
@@ -115,6 +124,9 @@ mod tests {
         );
         let addrs: Vec<String> = f.pci_hostdevs.iter().map(|a| a.to_string()).collect();
         assert_eq!(addrs, ["0000:9a:00.0", "0001:0a:1f.7"]);
+        // The mdev's UUID, lowercased; one libvirt would refuse is no source.
+        let mdevs: Vec<&str> = f.mdev_hostdevs.iter().map(|u| u.as_str()).collect();
+        assert_eq!(mdevs, ["4b20d080-1b54-4048-85b3-a6a62d165c01"]);
         assert_eq!(f.numa_nodeset.as_deref(), Some("1"));
         assert_eq!(f.vcpu_cpuset.as_deref(), Some("56-59"));
         assert_eq!(f.vcpupin_cpusets, ["56"]);

@@ -9,7 +9,7 @@ use quick_xml::events::Event;
 use quick_xml::name::{PrefixDeclaration, QName};
 use quick_xml::Reader;
 
-use crate::model::PciAddress;
+use crate::model::{MdevUuid, PciAddress};
 use crate::request::{RequestSpec, XMLNS};
 use crate::xml::compose::HostdevTemplate;
 use crate::xml::{attr, XmlError, MAX_ATTRIBUTES, MAX_DEPTH, MAX_NAMESPACES};
@@ -27,6 +27,8 @@ pub struct HostdevSpan {
     pub span: Range<usize>,
     /// Its PCI source address, when it is a PCI subsystem hostdev.
     pub source: Option<PciAddress>,
+    /// Its mediated device, when it is an mdev subsystem hostdev (`<address uuid=…>`).
+    pub mdev: Option<MdevUuid>,
     /// Its `<alias name>`.
     pub alias: Option<String>,
 }
@@ -265,6 +267,7 @@ fn scan_root(text: &str, status: bool) -> Result<DomainDoc<'_>, XmlError> {
     let mut in_request = false;
     let mut current: Option<HostdevSpan> = None;
     let mut current_pci = false;
+    let mut current_mdev = false;
     let pos = |r: &Reader<&[u8]>| {
         usize::try_from(r.buffer_position()).map_or(usize::MAX, |p| p.saturating_add(base))
     };
@@ -407,10 +410,12 @@ fn scan_root(text: &str, status: bool) -> Result<DomainDoc<'_>, XmlError> {
                             let span = HostdevSpan {
                                 span: before..after,
                                 source: None,
+                                mdev: None,
                                 alias: None,
                             };
-                            current_pci = mode.as_deref().unwrap_or("subsystem") == "subsystem"
-                                && ty.as_deref() == Some("pci");
+                            let subsystem = mode.as_deref().unwrap_or("subsystem") == "subsystem";
+                            current_pci = subsystem && ty.as_deref() == Some("pci");
+                            current_mdev = subsystem && ty.as_deref() == Some("mdev");
                             if empty {
                                 doc.hostdevs.push(span);
                             } else {
@@ -428,6 +433,14 @@ fn scan_root(text: &str, status: bool) -> Result<DomainDoc<'_>, XmlError> {
                     {
                         if let Some(c) = current.as_mut() {
                             c.source = crate::xml::domain::pci_address_of(e)?;
+                        }
+                    }
+                    [b"domain", b"devices", b"hostdev", b"source"]
+                        if qname.as_ref() == b"address" && current_mdev =>
+                    {
+                        if let Some(c) = current.as_mut() {
+                            // A UUID libvirt would refuse leaves the hostdev without a source.
+                            c.mdev = attr(e, b"uuid")?.and_then(|u| u.parse().ok());
                         }
                     }
                     [b"domain", b"metadata"]
@@ -573,6 +586,14 @@ impl DomainDoc<'_> {
     /// PCI sources of every hostdev.
     pub fn pci_sources(&self) -> Vec<PciAddress> {
         self.hostdevs.iter().filter_map(|h| h.source).collect()
+    }
+
+    /// Mediated devices of every mdev hostdev.
+    pub fn mdev_sources(&self) -> Vec<MdevUuid> {
+        self.hostdevs
+            .iter()
+            .filter_map(|h| h.mdev.clone())
+            .collect()
     }
 
     /// The edit that inserts `blocks` into `<devices>` (creating it when missing), indented like
