@@ -8,8 +8,10 @@ use crate::fit::bars::{human, FunctionBars, GpuBars};
 use crate::fit::plan::next_pow2;
 use crate::host::discover::{Gpu, Inventory, IommuState, PciDevice};
 use crate::host::readiness::{verdict, Blocker};
+use crate::host::vgpu::{is_vfio_driver, GpuVgpus, VgpuType};
 use crate::model::{
-    device_name, subsystem_name, vendor_name, IommuGroupId, NumaNode, PciAddress, PciClass,
+    device_name, subsystem_name, vendor_name, IommuGroupId, MdevUuid, NumaNode, PciAddress,
+    PciClass,
 };
 
 /// One function of a GPU.
@@ -114,6 +116,123 @@ pub struct GpuReport {
     /// Each function's BARs and the 64-bit window the GPU needs in a guest (`show` reads them
     /// from sysfs; `null` where they were not read).
     pub bars: Option<BarsReport>,
+    /// Its fractions: SR-IOV VFs, vGPU types, mdev instances. `list` and `show` read them:
+    /// `null` when the GPU has none of the three; the key is absent where they were not read
+    /// (the agent's API).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vgpu: Option<Option<VgpuReport>>,
+}
+
+/// A GPU's fractions as `list --json` and `show --json` print them.
+#[derive(Debug, Clone, Serialize)]
+pub struct VgpuReport {
+    /// Its SR-IOV state; `null` when it has no SR-IOV capability.
+    pub sriov: Option<SriovReport>,
+    /// The vGPU types of the GPU and of its VFs.
+    pub types: Vec<VgpuType>,
+    /// The mdev instances on the GPU and on its VFs, each with its user.
+    pub instances: Vec<InstanceReport>,
+}
+
+/// A PF's SR-IOV state.
+#[derive(Debug, Clone, Serialize)]
+pub struct SriovReport {
+    /// How many VFs it can have.
+    pub total_vfs: u32,
+    /// How many are enabled (`null`: unreadable).
+    pub num_vfs: Option<u32>,
+    /// The enabled VFs.
+    pub vfs: Vec<VfReport>,
+}
+
+/// One virtual function.
+#[derive(Debug, Clone, Serialize)]
+pub struct VfReport {
+    /// Address.
+    pub address: PciAddress,
+    /// Driver, `null` when unbound.
+    pub driver: Option<String>,
+    /// On `vfio-pci` or a vfio-pci variant driver (`amd-vfio-pci`).
+    pub on_vfio: bool,
+    /// IOMMU group.
+    pub iommu_group: Option<IommuGroupId>,
+    /// NVIDIA vendor-specific VFIO: the vGPU type id set on it; `null` when none.
+    pub current_type: Option<u32>,
+    /// The domain that holds it (running first), as for a GPU; `null` when free or when
+    /// libvirt could not be asked.
+    pub used_by: Option<String>,
+}
+
+/// One mdev instance.
+#[derive(Debug, Clone, Serialize)]
+pub struct InstanceReport {
+    /// Its UUID.
+    pub uuid: MdevUuid,
+    /// Its type's id.
+    #[serde(rename = "type")]
+    pub type_id: String,
+    /// Its parent (the GPU or one of its VFs).
+    pub parent: PciAddress,
+    /// The domain that holds it (running first); `null` when free or when libvirt could not
+    /// be asked.
+    pub used_by: Option<String>,
+}
+
+impl VgpuReport {
+    /// A GPU's fractions with their users from `holdings` (`None`: unknown).
+    pub fn new(v: &GpuVgpus, holdings: Option<&Holdings>) -> Self {
+        let first = |hs: Vec<Holder>| hs.into_iter().next().map(|h| h.domain);
+        Self {
+            sriov: v.sriov.as_ref().map(|s| SriovReport {
+                total_vfs: s.total_vfs,
+                num_vfs: s.num_vfs,
+                vfs: s
+                    .vfs
+                    .iter()
+                    .map(|f| VfReport {
+                        address: f.address,
+                        driver: f.driver.clone(),
+                        on_vfio: f.driver.as_deref().is_some_and(is_vfio_driver),
+                        iommu_group: f.iommu_group,
+                        current_type: f.current_type,
+                        used_by: holdings.and_then(|h| first(h.holders(&[f.address]))),
+                    })
+                    .collect(),
+            }),
+            types: v.types.clone(),
+            instances: v
+                .instances
+                .iter()
+                .map(|i| InstanceReport {
+                    uuid: i.uuid.clone(),
+                    type_id: i.type_id.clone(),
+                    parent: i.parent,
+                    used_by: holdings.and_then(|h| first(h.mdev_holders(&i.uuid))),
+                })
+                .collect(),
+        }
+    }
+
+    /// The short marker of `list`'s VGPU column: `2/16 VFs, 12 types, 1 mdev`.
+    pub fn marker(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(s) = &self.sriov {
+            parts.push(format!(
+                "{}/{} VFs",
+                s.num_vfs.map_or("?".into(), |n| n.to_string()),
+                s.total_vfs
+            ));
+        }
+        if !self.types.is_empty() {
+            let n = self.types.len();
+            parts.push(format!("{n} type{}", if n == 1 { "" } else { "s" }));
+        }
+        if !self.instances.is_empty() {
+            let n = self.instances.len();
+            parts.push(format!("{n} mdev{}", if n == 1 { "" } else { "s" }));
+        }
+        parts.join(", ")
+    }
 }
 
 /// A GPU's health as `list`/`show --json` and the API print it.
@@ -253,6 +372,7 @@ pub fn gpu_report(inv: &Inventory, gpu: &Gpu, holdings: Option<&Holdings>) -> Gp
         partial,
         health: HealthReport::of(inv.quarantine_of(gpu)),
         bars: None,
+        vgpu: None,
     }
 }
 
@@ -352,7 +472,7 @@ pub fn table(list: &ListReport) -> String {
     if !list.iommu.enabled {
         out.push_str("IOMMU: off (no IOMMU groups) - no GPU can be passed through; enable VT-d/AMD-Vi and intel_iommu=on or amd_iommu=on\n");
     }
-    let rows: Vec<[String; 8]> = list
+    let rows: Vec<[String; 9]> = list
         .gpus
         .iter()
         .map(|g| {
@@ -375,12 +495,16 @@ pub fn table(list: &ListReport) -> String {
                 g.numa_node.map_or("-".into(), |x| x.to_string()),
                 g.driver.clone().unwrap_or_else(|| "-".into()),
                 state_word(g).into(),
+                match &g.vgpu {
+                    Some(Some(v)) => v.marker(),
+                    _ => "-".into(),
+                },
                 used,
             ]
         })
         .collect();
     let header = [
-        "ADDRESS", "MODEL", "FUNCS", "GROUP", "NUMA", "DRIVER", "STATE", "USED BY",
+        "ADDRESS", "MODEL", "FUNCS", "GROUP", "NUMA", "DRIVER", "STATE", "VGPU", "USED BY",
     ];
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in &rows {
@@ -532,6 +656,9 @@ pub fn details(g: &GpuReport, connected: bool) -> String {
             }
         }
     }
+    if let Some(Some(v)) = &g.vgpu {
+        vgpu_details(&mut o, v);
+    }
     if !g.iommu_group_members.is_empty() {
         o.push_str("  iommu group members:\n");
         for m in &g.iommu_group_members {
@@ -552,4 +679,86 @@ pub fn details(g: &GpuReport, connected: bool) -> String {
         ));
     }
     o
+}
+
+/// The `show` lines of a GPU's fractions: SR-IOV, then the types that can be created now (by
+/// parent), then the mdev instances.
+fn vgpu_details(o: &mut String, v: &VgpuReport) {
+    o.push_str(&format!("  vgpu:         {}\n", v.marker()));
+    if let Some(s) = &v.sriov {
+        let on_vfio = s.vfs.iter().filter(|f| f.on_vfio).count();
+        let used = s.vfs.iter().filter(|f| f.used_by.is_some()).count();
+        o.push_str(&format!(
+            "    sr-iov: {} of {} VFs enabled, {on_vfio} on vfio, {used} in use\n",
+            s.num_vfs.map_or("?".into(), |n| n.to_string()),
+            s.total_vfs
+        ));
+        for f in &s.vfs {
+            o.push_str(&format!(
+                "      {}  driver={} group={}{}{}\n",
+                f.address,
+                f.driver.as_deref().unwrap_or("-"),
+                f.iommu_group.map_or("-".into(), |x| x.to_string()),
+                f.current_type
+                    .map_or(String::new(), |t| format!(" vgpu-type={t}")),
+                f.used_by
+                    .as_ref()
+                    .map_or(String::new(), |d| format!(" used by {d}"))
+            ));
+        }
+    }
+    let available: Vec<&VgpuType> = v
+        .types
+        .iter()
+        .filter(|t| t.available_instances.is_some_and(|n| n > 0))
+        .collect();
+    o.push_str(&format!(
+        "    types: {} ({} with instances available)\n",
+        v.types.len(),
+        available.len()
+    ));
+    // One line per type and name, counting the parents that offer it (a type on every VF).
+    let mut lines: Vec<(String, u32, usize)> = Vec::new();
+    for t in available {
+        let label = format!(
+            "{} {}{}",
+            t.id,
+            t.name.as_deref().unwrap_or("-"),
+            t.details
+                .framebuffer_mib
+                .map_or(String::new(), |m| format!(" ({m} MiB)"))
+        );
+        let n = t.available_instances.unwrap_or(0);
+        match lines.iter_mut().find(|(l, _, _)| *l == label) {
+            Some(line) => {
+                line.1 += n;
+                line.2 += 1;
+            }
+            None => lines.push((label, n, 1)),
+        }
+    }
+    for (label, n, parents) in lines {
+        o.push_str(&format!(
+            "      {label}: {n} available{}\n",
+            if parents > 1 {
+                format!(" on {parents} parents")
+            } else {
+                String::new()
+            }
+        ));
+    }
+    if !v.instances.is_empty() {
+        o.push_str("    mdevs:\n");
+        for i in &v.instances {
+            o.push_str(&format!(
+                "      {}  type={} parent={}{}\n",
+                i.uuid,
+                i.type_id,
+                i.parent,
+                i.used_by
+                    .as_ref()
+                    .map_or(String::new(), |d| format!(" used by {d}"))
+            ));
+        }
+    }
 }

@@ -1,11 +1,12 @@
 //! `gpupass list` and `gpupass show`: the GPUs of the host, judged, with the domain that holds
-//! each. Works without libvirt (a host being set up): `used_by` is then unknown.
+//! each and the fractions each offers (SR-IOV VFs, vGPU types, mdevs). Works without libvirt (a
+//! host being set up): `used_by` is then unknown.
 
 use gpupass::alloc::plan::Holdings;
 use gpupass::assign::read_holdings;
 use gpupass::libvirt::virt::VirtHypervisor;
 use gpupass::model::PciAddress;
-use gpupass::report::{details, gpu_report, table, LibvirtReport, ListReport};
+use gpupass::report::{details, gpu_report, table, LibvirtReport, ListReport, VgpuReport};
 
 use crate::cli::{print_all, print_json, Global};
 
@@ -54,7 +55,13 @@ fn holdings(g: &Global, offline: bool) -> (Option<Holdings>, LibvirtReport) {
 pub fn list(g: &Global, json: bool, offline: bool) -> anyhow::Result<()> {
     let inv = g.inventory()?;
     let (holdings, libvirt) = holdings(g, offline);
-    let report = ListReport::new(&inv, holdings.as_ref(), libvirt);
+    let mut report = ListReport::new(&inv, holdings.as_ref(), libvirt);
+    let sysfs = gpupass::host::sysfs::Sysfs::new(&g.host_root);
+    let mut vgpus = gpupass::host::vgpu::read_all(&sysfs, &inv)?;
+    for r in &mut report.gpus {
+        let v = vgpus.remove(&r.address).flatten();
+        r.vgpu = Some(v.map(|v| VgpuReport::new(&v, holdings.as_ref())));
+    }
     if json {
         print_json(&report)
     } else {
@@ -74,6 +81,9 @@ pub fn show(g: &Global, addr: PciAddress, json: bool, offline: bool) -> anyhow::
     report.bars = Some(gpupass::report::BarsReport::new(
         gpupass::fit::bars::read_gpu_bars(&sysfs, gpu)?,
     ));
+    let instances = gpupass::host::vgpu::read_instances(&sysfs)?;
+    let v = gpupass::host::vgpu::read_gpu(&sysfs, &inv, gpu, &instances)?;
+    report.vgpu = Some(v.map(|v| VgpuReport::new(&v, holdings.as_ref())));
     if json {
         print_json(&report)
     } else {

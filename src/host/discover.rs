@@ -34,7 +34,7 @@ pub struct PciDevice {
     /// The bridge above it; `None` on a root bus.
     pub parent: Option<PciAddress>,
     /// An SR-IOV virtual function (it has a `physfn` link): never a companion function of the
-    /// GPU whose slot it shares.
+    /// GPU whose slot it shares, nor a GPU of its own (its PF's `vgpu` reports it).
     pub virtfn: bool,
 }
 
@@ -439,33 +439,29 @@ fn card_root(devices: &BTreeMap<PciAddress, PciDevice>, gpu: &PciDevice) -> Opti
 }
 
 fn find_gpus(devices: &BTreeMap<PciAddress, PciDevice>) -> Vec<Gpu> {
-    // Display controllers and processing accelerators (class 1200) both name a GPU.
-    let displays: Vec<&PciDevice> = devices.values().filter(|d| d.class.is_gpu()).collect();
+    // Display controllers and processing accelerators (class 1200) both name a GPU. An SR-IOV
+    // virtual function is not a whole GPU: it is one of its PF's fractions (`host::vgpu`).
+    let displays: Vec<&PciDevice> = devices
+        .values()
+        .filter(|d| d.class.is_gpu() && !d.virtfn)
+        .collect();
     let mut gpus = Vec::new();
     for d in &displays {
-        // A second display function in the same slot (old dual-head cards) is part of the first;
-        // an SR-IOV virtual function in the PF's slot is not (it is a device of its own).
-        if !d.virtfn
-            && displays
-                .iter()
-                .any(|o| !o.virtfn && o.address.same_slot(&d.address) && o.address < d.address)
+        // A second display function in the same slot (old dual-head cards) is part of the first.
+        if displays
+            .iter()
+            .any(|o| o.address.same_slot(&d.address) && o.address < d.address)
         {
             continue;
         }
-        // A GPU's functions: its slot's, but never another function's virtual functions (a
-        // whole-GPU attach must not take an SR-IOV GPU's VFs with it); a VF is alone.
-        let mut functions: BTreeSet<PciAddress> = if d.virtfn {
-            BTreeSet::from([d.address])
-        } else {
-            devices
-                .values()
-                .filter(|o| {
-                    o.address.same_slot(&d.address) && !o.class.is_pci_bridge() && !o.virtfn
-                })
-                .map(|o| o.address)
-                .collect()
-        };
-        if let Some(root) = card_root(devices, d).filter(|_| !d.virtfn) {
+        // A GPU's functions: its slot's, but never a virtual function (a whole-GPU attach must
+        // not take an SR-IOV GPU's VFs with it, even those in its own slot).
+        let mut functions: BTreeSet<PciAddress> = devices
+            .values()
+            .filter(|o| o.address.same_slot(&d.address) && !o.class.is_pci_bridge() && !o.virtfn)
+            .map(|o| o.address)
+            .collect();
+        if let Some(root) = card_root(devices, d) {
             let below: Vec<&PciDevice> = devices
                 .values()
                 .filter(|o| ancestors(devices, o.address).contains(&root))
@@ -553,7 +549,7 @@ mod tests {
     }
 
     #[test]
-    fn an_sr_iov_gpus_virtual_functions_are_not_its_functions() {
+    fn an_sr_iov_gpus_virtual_functions_are_neither_its_functions_nor_gpus() {
         // An A10-style PF with its audio, and VFs in its own slot and the next one.
         let vf = |a: &str| PciDevice {
             virtfn: true,
@@ -569,10 +565,13 @@ mod tests {
         ]);
         let pf = i.gpu("0000:41:00.0".parse().unwrap()).unwrap();
         assert_eq!(fns(pf), ["0000:41:00.0", "0000:41:00.1"]);
-        // Each VF is a device of its own, never folded into the PF.
+        // A VF is neither folded into the PF nor a whole GPU of its own (it is one of the
+        // PF's fractions, reported under its `vgpu`); the inventory still has the device.
+        assert_eq!(i.gpus.len(), 1);
         for a in ["0000:41:00.4", "0000:41:00.5", "0000:41:01.0"] {
-            let g = i.gpu(a.parse().unwrap()).unwrap();
-            assert_eq!(fns(g), [a]);
+            let a: PciAddress = a.parse().unwrap();
+            assert!(i.gpu(a).is_none(), "{a}");
+            assert!(i.device(a).is_some_and(|d| d.virtfn));
         }
     }
 

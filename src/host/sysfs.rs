@@ -13,7 +13,7 @@ use nix::errno::Errno;
 use nix::fcntl::{self, OFlag};
 use nix::sys::stat::Mode;
 
-use crate::model::{DriverName, IommuGroupId, NumaNode, PciAddress};
+use crate::model::{DriverName, IommuGroupId, MdevUuid, NumaNode, PciAddress};
 
 /// Errors from reading the host root.
 #[derive(Debug, thiserror::Error)]
@@ -422,6 +422,49 @@ impl Sysfs {
                     .next()
                     .and_then(|n| n.parse().ok())
             }),
+        )
+    }
+
+    /// Entry names of the directory `rel` inside a device's directory (`mdev_supported_types`),
+    /// sorted; empty when it does not exist. `rel` is a constant or a name this listed.
+    pub fn device_entries(&self, addr: PciAddress, rel: &str) -> Result<Vec<String>, SysfsError> {
+        let mut names = list_dir(&self.device_dir(addr).join(rel))?;
+        names.sort();
+        Ok(names)
+    }
+
+    /// The target of the link `rel` inside a device's directory (`virtfn0`, `physfn`), not
+    /// followed; `None` when absent or not a link.
+    pub fn device_link(&self, addr: PciAddress, rel: &str) -> Result<Option<PathBuf>, SysfsError> {
+        self.link_target(&self.device_dir(addr).join(rel))
+    }
+
+    /// The mediated devices the kernel lists (`sys/bus/mdev/devices`), sorted; names that are
+    /// not UUIDs are skipped. Empty without the mdev bus.
+    pub fn mdev_devices(&self) -> Result<Vec<MdevUuid>, SysfsError> {
+        let mut out: Vec<MdevUuid> = list_dir(&self.path("sys/bus/mdev/devices"))?
+            .iter()
+            .filter_map(|n| n.parse().ok())
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Where the mdev bus's link of a mediated device points (`…/<parent>/<uuid>`), not
+    /// followed; `None` when absent or not a link.
+    pub fn mdev_device_link(&self, uuid: &MdevUuid) -> Result<Option<PathBuf>, SysfsError> {
+        self.link_target(&self.path("sys/bus/mdev/devices").join(uuid.as_str()))
+    }
+
+    /// The target of a mediated device's link `name` (`mdev_type`), not followed; `None` when
+    /// absent or not a link.
+    pub fn mdev_link(&self, uuid: &MdevUuid, name: &str) -> Result<Option<PathBuf>, SysfsError> {
+        // A UUID that parsed is one plain path component.
+        self.link_target(
+            &self
+                .path("sys/bus/mdev/devices")
+                .join(uuid.as_str())
+                .join(name),
         )
     }
 
