@@ -712,11 +712,13 @@ fn vgpu_details(o: &mut String, v: &VgpuReport) {
         .iter()
         .filter(|t| t.available_instances.is_some_and(|n| n > 0))
         .collect();
-    o.push_str(&format!(
-        "    types: {} ({} with instances available)\n",
-        v.types.len(),
-        available.len()
-    ));
+    if !v.types.is_empty() {
+        o.push_str(&format!(
+            "    types: {} ({} with instances available)\n",
+            v.types.len(),
+            available.len()
+        ));
+    }
     // One line per type and name, counting the parents that offer it (a type on every VF).
     let mut lines: Vec<(String, u32, usize)> = Vec::new();
     for t in available {

@@ -48,7 +48,11 @@ fn checked_in_hosts_match_the_generator() {
         .status()
         .unwrap();
     assert!(st.success());
-    for name in common::HOSTS.iter().chain(common::HEALTH_HOSTS) {
+    for name in common::HOSTS
+        .iter()
+        .chain(common::HEALTH_HOSTS)
+        .chain(common::VGPU_HOSTS)
+    {
         let want = snapshot(&tmp.path().join(name));
         let have = snapshot(&common::host(name));
         assert!(want.len() > 50, "{name} generated {} entries", want.len());

@@ -34,6 +34,10 @@ pub const HEALTH_HOSTS: &[&str] = &[
     "health-link",
 ];
 
+/// The vGPU fixture hosts (SR-IOV VFs, mdev types and instances, NVIDIA vendor-VFIO files,
+/// GVT-g), each with the libvirt domain files that hold one VF or mdev (not in [`HOSTS`]).
+pub const VGPU_HOSTS: &[&str] = &["vgpu-nvidia", "vgpu-intel"];
+
 /// The result of one gpupass run.
 #[derive(Debug)]
 pub struct Run {
