@@ -48,16 +48,19 @@ impl Holdings {
 
     /// Domains referencing the mediated device `uuid`, running ones first (as [`Self::holders`]).
     pub fn mdev_holders(&self, uuid: &MdevUuid) -> Vec<Holder> {
-        let mut out: Vec<Holder> = self
-            .by_mdev
-            .get(uuid)
-            .into_iter()
-            .flatten()
-            .cloned()
-            .collect();
         // A domain both running and defined with it counts once, as running.
+        let mut seen: BTreeMap<&str, bool> = BTreeMap::new();
+        for h in self.by_mdev.get(uuid).into_iter().flatten() {
+            *seen.entry(&h.domain).or_default() |= h.running;
+        }
+        let mut out: Vec<Holder> = seen
+            .into_iter()
+            .map(|(domain, running)| Holder {
+                domain: domain.to_owned(),
+                running,
+            })
+            .collect();
         out.sort_by(|a, b| b.running.cmp(&a.running).then(a.domain.cmp(&b.domain)));
-        out.dedup_by(|later, first| later.domain == first.domain);
         out
     }
 
@@ -682,6 +685,22 @@ mod tests {
             ..Default::default()
         };
         Inventory::build(devices, groups, iommu, Vec::new())
+    }
+
+    #[test]
+    fn an_mdevs_holders_run_first_and_count_once() {
+        let mut h = Holdings::default();
+        let u: MdevUuid = "4b20d080-1b54-4048-85b3-a6a62d165c01".parse().unwrap();
+        let other: MdevUuid = "4b20d080-1b54-4048-85b3-a6a62d165c02".parse().unwrap();
+        h.add_mdev(u.clone(), "b-defined", false);
+        h.add_mdev(u.clone(), "z-running", true);
+        h.add_mdev(u.clone(), "z-running", false);
+        let hs = h.mdev_holders(&u);
+        let names: Vec<(&str, bool)> = hs.iter().map(|x| (x.domain.as_str(), x.running)).collect();
+        assert_eq!(names, [("z-running", true), ("b-defined", false)]);
+        assert!(h.mdev_holders(&other).is_empty());
+        // An mdev is not a PCI function: no GPU holder comes from it.
+        assert!(h.holders(&[a("0000:01:00.0")]).is_empty());
     }
 
     fn a(s: &str) -> PciAddress {
