@@ -151,12 +151,29 @@ fn an_a10s_types_live_on_its_vfs_which_are_neither_functions_nor_gpus() {
     assert_eq!(types[0]["framebuffer_mib"], 4096);
     assert_eq!(types[1]["max_instances"], 1);
     assert_eq!(a10["vgpu"]["instances"], serde_json::json!([]));
-    // `show` of a VF names no GPU: the VF is a fraction of its PF.
-    let r = gp(
-        &host("vgpu-nvidia"),
-        &["show", "0000:ca:00.4", "--no-libvirt"],
-    );
-    assert_eq!(r.code, 3, "{}", r.stderr);
+    // `show`, `xml` and `attach --gpu` of a VF name no GPU: the VF is a fraction of its PF.
+    for args in [
+        &["show", "0000:ca:00.4", "--no-libvirt"][..],
+        &["xml", "0000:ca:00.4"],
+        &[
+            "-c",
+            "test:///default",
+            "attach",
+            "test",
+            "--gpu",
+            "0000:ca:00.4",
+        ],
+    ] {
+        let r = gp(&host("vgpu-nvidia"), args);
+        assert_eq!(r.code, 3, "{args:?}: {}", r.stderr);
+        assert!(
+            r.stderr
+                .contains("0000:ca:00.4 is an SR-IOV virtual function, not a whole GPU"),
+            "{}",
+            r.stderr
+        );
+        assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    }
 }
 
 #[test]

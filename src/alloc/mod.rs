@@ -20,6 +20,12 @@ pub enum AllocError {
         /// The address asked for.
         address: PciAddress,
     },
+    /// The address is an SR-IOV virtual function: a fraction of its PF, not a whole GPU.
+    #[error("{address} is an SR-IOV virtual function, not a whole GPU: `gpupass list --json` lists it under its PF's vgpu.sriov.vfs")]
+    VirtualFunction {
+        /// The address asked for.
+        address: PciAddress,
+    },
     /// The GPU cannot be passed through.
     #[error("GPU {gpu} cannot be passed through: {reason}")]
     NotPassable {
@@ -123,7 +129,9 @@ impl AllocError {
     /// The documented exit code (the table in `gpupass --help`).
     pub fn exit_code(&self) -> u8 {
         match self {
-            AllocError::UnknownGpu { .. } | AllocError::NotAttached { .. } => 3,
+            AllocError::UnknownGpu { .. }
+            | AllocError::VirtualFunction { .. }
+            | AllocError::NotAttached { .. } => 3,
             AllocError::InUse { .. }
             | AllocError::AlreadyAttached { .. }
             | AllocError::SwitchInUse { .. } => 5,
@@ -132,6 +140,15 @@ impl AllocError {
             | AllocError::NotPassable { .. }
             | AllocError::SwitchNotPassable { .. } => 7,
             AllocError::LimitExceeded { .. } | AllocError::HoursExceeded { .. } => 15,
+        }
+    }
+
+    /// The error for an address that names no GPU of `inv`: a VF's says what it is.
+    pub fn no_gpu(inv: &crate::host::discover::Inventory, address: PciAddress) -> Self {
+        if inv.device(address).is_some_and(|d| d.virtfn) {
+            AllocError::VirtualFunction { address }
+        } else {
+            AllocError::UnknownGpu { address }
         }
     }
 

@@ -324,7 +324,7 @@ pub fn plan_attach(
         AttachRequest::Gpus(addrs) => {
             let mut gpus: Vec<PciAddress> = Vec::new();
             for a in addrs {
-                let gpu = inv.gpu(*a).ok_or(AllocError::UnknownGpu { address: *a })?;
+                let gpu = inv.gpu(*a).ok_or_else(|| AllocError::no_gpu(inv, *a))?;
                 if gpus.contains(&gpu.address) {
                     continue;
                 }

@@ -74,7 +74,7 @@ pub fn show(g: &Global, addr: PciAddress, json: bool, offline: bool) -> anyhow::
     let inv = g.inventory()?;
     let gpu = inv
         .gpu(addr)
-        .ok_or(gpupass::alloc::AllocError::UnknownGpu { address: addr })?;
+        .ok_or_else(|| gpupass::alloc::AllocError::no_gpu(&inv, addr))?;
     let (holdings, libvirt) = holdings(g, offline);
     let mut report = gpu_report(&inv, gpu, holdings.as_ref());
     let sysfs = gpupass::host::sysfs::Sysfs::new(&g.host_root);

@@ -12,7 +12,7 @@ pub fn xml(g: &Global, addrs: &[PciAddress]) -> anyhow::Result<()> {
     let mut out = String::new();
     let mut seen = Vec::new();
     for a in addrs {
-        let gpu = inv.gpu(*a).ok_or(AllocError::UnknownGpu { address: *a })?;
+        let gpu = inv.gpu(*a).ok_or_else(|| AllocError::no_gpu(&inv, *a))?;
         if seen.contains(&gpu.address) {
             continue;
         }

@@ -51,7 +51,7 @@ pub fn resolve(
                 .map(|a| {
                     inv.gpu(*a)
                         .map(|g| g.address)
-                        .ok_or(AllocError::UnknownGpu { address: *a })
+                        .ok_or_else(|| AllocError::no_gpu(inv, *a))
                 })
                 .collect::<Result<_, _>>()?,
         ),
