@@ -253,8 +253,13 @@ fn inventory_and_usage_follow_libvirt() {
     cli.args(["-c", &test_uri(), "list", "--json"]);
     let r = common::run(cli);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    let listed: Value = serde_json::from_str(&r.stdout).unwrap();
+    let mut listed: Value = serde_json::from_str(&r.stdout).unwrap();
+    // Except `vgpu`: `list` reads the GPUs' fractions, the agent does not yet (no key).
+    for g in listed["gpus"].as_array_mut().unwrap() {
+        assert_eq!(g.as_object_mut().unwrap().remove("vgpu"), Some(Value::Null));
+    }
     let (_, api) = agent.get("/v1/gpus");
+    assert!(api["gpus"][0].get("vgpu").is_none());
     assert_eq!(listed["gpus"], api["gpus"]);
     assert_eq!(listed["iommu"], api["iommu"]);
 
