@@ -6,8 +6,8 @@
 //!
 //! The signals are the ones sysfs gives without a driver: a device that fell off the bus reads
 //! all-ones (`vendor`, `config`, header type 0x7f) or is gone; `reset_method` empty means
-//! libvirt cannot reset it; a power state other than D0 that the kernel did not choose; AER
-//! error counters that grew; a link narrower than it can be.
+//! libvirt cannot reset it; a power state other than D0 (or `unknown`: no PM capability) that
+//! the kernel did not choose; AER error counters that grew; a link narrower than it can be.
 
 pub mod check;
 pub mod read;
@@ -368,7 +368,11 @@ pub fn judge(
                 r.runtime_status.as_deref(),
                 Some("suspended" | "suspending" | "resuming")
             );
-            let ok = state == "D0" || (state.starts_with("D3") && suspended);
+            // `unknown`: the kernel never learned the state — a function without the PM
+            // capability that no driver has enabled yet (kernel 6.1 reads `unknown` for QEMU's
+            // pci-testdev in tests/e2e). It says nothing of a failed wake: a function that does
+            // not answer reads all-ones and D3cold, judged above.
+            let ok = state == "D0" || state == "unknown" || (state.starts_with("D3") && suspended);
             if !ok {
                 j.problems.push(Problem::PowerState {
                     function,
@@ -520,6 +524,20 @@ mod tests {
         let mut r = healthy("0000:18:00.0");
         r.link_speed = Some("Unknown".into());
         assert!(judge(&[r], &BTreeMap::new()).notes.is_empty());
+    }
+
+    #[test]
+    fn a_function_without_power_management_is_not_a_failure() {
+        let mut r = healthy("0000:18:00.1");
+        r.power_state = Some("unknown".into());
+        r.runtime_status = Some("unsupported".into());
+        let j = judge(&[r], &BTreeMap::new());
+        assert!(j.healthy(), "{:?}", j.problems);
+        // …but a state the kernel did read, out of D0 and not chosen by it, still is.
+        let mut r = healthy("0000:18:00.1");
+        r.power_state = Some("D3hot".into());
+        r.runtime_status = Some("unsupported".into());
+        assert!(!judge(&[r], &BTreeMap::new()).healthy());
     }
 
     #[test]
