@@ -12,7 +12,7 @@ use crate::host::readiness::{verdict, Verdict};
 use crate::model::{MdevUuid, NumaNode, PciAddress, PciId};
 
 /// A domain that references a PCI function.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub struct Holder {
     /// The domain's name.
     pub domain: String,

@@ -7,6 +7,7 @@
 //! dry run prints the very list [`check`] returns, which [`execute`] then writes.
 
 pub mod plan;
+pub mod sriov;
 
 use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};
@@ -171,38 +172,48 @@ impl BindState {
         }
     }
 
-    fn err(&self, source: io::Error) -> BindError {
-        BindError::State {
-            path: self.path.clone(),
-            source,
-        }
-    }
-
     /// Every record; none when the file is absent.
     pub fn load(&self) -> Result<BTreeMap<PciAddress, Binding>, BindError> {
-        match fs::read(&self.path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|source| BindError::BadRecord {
-                path: self.path.clone(),
-                source,
-            }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(BTreeMap::new()),
-            Err(e) => Err(self.err(e)),
-        }
+        load_records(&self.path)
     }
 
     /// Replaces the records atomically (temp file, fsync, rename).
     pub fn save(&self, records: &BTreeMap<PciAddress, Binding>) -> Result<(), BindError> {
-        let dir = self.path.parent().expect("the state file has a directory");
-        let name = self
-            .path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .expect("the state file has a UTF-8 name");
-        let body = serde_json::to_vec_pretty(records).expect("records serialize");
-        // A new 0600 temp file, never through a link, renamed over the record (fsutil).
-        crate::fsutil::write_atomic(dir, name, &body)?;
-        Ok(())
+        save_records(&self.path, records)
     }
+}
+
+/// A state file's records (bindings, SR-IOV settings); none when the file is absent.
+pub(crate) fn load_records<T: serde::de::DeserializeOwned>(
+    path: &Path,
+) -> Result<BTreeMap<PciAddress, T>, BindError> {
+    match fs::read(path) {
+        Ok(b) => serde_json::from_slice(&b).map_err(|source| BindError::BadRecord {
+            path: path.to_path_buf(),
+            source,
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+        Err(source) => Err(BindError::State {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Replaces a state file's records atomically (temp file, fsync, rename).
+pub(crate) fn save_records<T: Serialize>(
+    path: &Path,
+    records: &BTreeMap<PciAddress, T>,
+) -> Result<(), BindError> {
+    let dir = path.parent().expect("the state file has a directory");
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("the state file has a UTF-8 name");
+    let body = serde_json::to_vec_pretty(records).expect("records serialize");
+    // A new 0600 temp file, never through a link, renamed over the record (fsutil).
+    crate::fsutil::write_atomic(dir, name, &body)?;
+    Ok(())
 }
 
 /// One sysfs write, checked: the file is under the host root and not a link.
@@ -216,7 +227,7 @@ pub struct CheckedWrite {
     pub value: String,
 }
 
-fn check_write(sysfs: &Sysfs, w: &SysfsWrite) -> Result<CheckedWrite, BindError> {
+pub(crate) fn check_write(sysfs: &Sysfs, w: &SysfsWrite) -> Result<CheckedWrite, BindError> {
     Ok(CheckedWrite {
         shown: sysfs.root().join(&w.path),
         path: sysfs.confine(&w.path)?,
@@ -268,7 +279,7 @@ pub fn check(
 
 /// Writes one sysfs value to a checked path. Never creates a file (on a real host every
 /// attribute exists) and never follows a link at the last step.
-fn write(w: &CheckedWrite) -> Result<(), BindError> {
+pub(crate) fn write(w: &CheckedWrite) -> Result<(), BindError> {
     OpenOptions::new()
         .write(true)
         .truncate(true)
