@@ -12,6 +12,7 @@ use gpupass::alloc::lock::LockError;
 use gpupass::alloc::plan::{AttachRequest, DetachRequest};
 use gpupass::alloc::AllocError;
 use gpupass::assign::AssignError;
+use gpupass::bind::sriov::SriovError;
 use gpupass::bind::BindError;
 use gpupass::config::ConfigError;
 use gpupass::health::HealthError;
@@ -31,9 +32,11 @@ Exit codes:
    0  success
    1  internal error, or the host root could not be read
    2  bad usage or input: malformed PCI address or ID, bad flag, invalid config or template
-   3  unknown GPU, or the GPU is not attached to that domain
+   3  unknown GPU, or the GPU is not attached to that domain; sriov: a VF's address, or
+      --undo with nothing recorded
    4  unknown domain
-   5  GPU (or NVSwitch, --hgx-full) in use by another domain, or already attached to this one
+   5  GPU (or NVSwitch, --hgx-full) in use by another domain, or already attached to this one;
+      sriov: the PF passed whole, or a VF that would go in a domain
    6  not enough free, passable GPUs (--count), or no NVSwitch on this host (--hgx-full)
    7  GPU or NVSwitch cannot be passed through (IOMMU off, IOMMU group shared with a host
       device, quarantined)
@@ -43,7 +46,8 @@ Exit codes:
   11  a failure whose rollback also failed: check the domain by hand
   12  timed out waiting for the host lock (another gpupass is attaching or detaching)
   13  doctor: a check failed
-  14  bind refused for safety (the host's console, a device the host uses; --force)
+  14  bind refused for safety (the host's console, a device the host uses; --force);
+      sriov: VFs gpupass did not make, or a count change (through 0), refused (--force)
   15  the domain's owner would exceed its GPU limit or GPU-hours (config [limits])
   16  fit: the domain lacks what its GPUs need (`gpupass fit DOMAIN --apply` adds it)
   17  fit: the GPUs cannot work in the domain on this host (e.g. the host CPU's address bits)
@@ -207,6 +211,48 @@ enum LibvirtCommand {
         /// Print the sysfs writes, in order, and change nothing.
         #[arg(long)]
         dry_run: bool,
+    },
+    /// Enable N SR-IOV virtual functions on a physical function (a GPU's, for its fractions),
+    /// with sriov_drivers_autoprobe set to 0 first so no host driver takes them, and each new
+    /// VF bound to vfio-pci (or the PF's own vfio-pci variant driver) through driver_override
+    /// + drivers_probe, as `bind` does.
+    ///
+    /// --dry-run prints the exact sysfs writes, in order (the new VFs' addresses from
+    /// sriov_offset/sriov_stride). What gpupass set is recorded in STATE_DIR/sriov.json;
+    /// --undo puts back only that (the count and autoprobe it found), and only while the PF
+    /// still shows what gpupass left. The kernel changes a non-zero count only through 0,
+    /// destroying every VF: gpupass refuses that, and removing VFs it did not make, unless
+    /// --force, and never when a domain holds one of them (asked of libvirt). A PF passed
+    /// whole to a domain gets no VFs. If the kernel does not follow, gpupass puts the PF back.
+    /// Nothing of this survives a reboot: run it again at boot.
+    #[command(
+        group(ArgGroup::new("what").required(true).args(["vfs", "undo"])),
+        after_help = "Examples:\n  gpupass sriov 0000:4d:00.0 --vfs 4 --dry-run\n  gpupass sriov 0000:4d:00.0 --vfs 4\n  gpupass sriov 0000:4d:00.0 --undo"
+    )]
+    Sriov {
+        /// The physical function (DDDD:BB:SS.F).
+        #[arg(value_name = "ADDR")]
+        address: PciAddress,
+        /// How many VFs the PF should have (0 removes them; at most sriov_totalvfs).
+        #[arg(long, value_name = "N")]
+        vfs: Option<u32>,
+        /// Put back what gpupass changed on this PF (count and autoprobe as it found them).
+        #[arg(long, conflicts_with_all = ["vfs", "driver"])]
+        undo: bool,
+        /// The new VFs' driver: vfio-pci, a vfio-pci variant (xe-vfio-pci, amd-vfio-pci), or
+        /// none [default: the PF's variant `<driver>-vfio-pci` when loaded, else vfio-pci].
+        #[arg(long, value_name = "DRIVER")]
+        driver: Option<String>,
+        /// Print the sysfs writes, in order, and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Change a count that is not 0 (the kernel destroys every VF first) or remove VFs
+        /// gpupass did not make; never past a VF a domain holds.
+        #[arg(long)]
+        force: bool,
+        /// Print JSON: {"pf","action","dry_run","before","after","driver","writes","vfs","record","warnings"}.
+        #[arg(long)]
+        json: bool,
     },
     /// Check the gpupass config file (unknown keys, aliases, rules, limits) and summarise it.
     #[command(
@@ -543,6 +589,25 @@ fn run(g: &Global, command: LibvirtCommand) -> anyhow::Result<()> {
             },
         ),
         LibvirtCommand::Restore { address, dry_run } => cli::bind::restore(g, address, dry_run),
+        LibvirtCommand::Sriov {
+            address,
+            vfs,
+            undo,
+            driver,
+            dry_run,
+            force,
+            json,
+        } => cli::sriov::sriov(
+            g,
+            address,
+            &cli::sriov::SriovFlags {
+                vfs: if undo { None } else { vfs },
+                driver,
+                dry_run,
+                force,
+                json,
+            },
+        ),
         LibvirtCommand::HostConfig {
             gpus,
             models,
@@ -654,6 +719,9 @@ fn exit_code(err: &anyhow::Error) -> u8 {
             return e.exit_code();
         }
         if let Some(e) = cause.downcast_ref::<gpupass::refit::RefitError>() {
+            return e.exit_code();
+        }
+        if let Some(e) = cause.downcast_ref::<SriovError>() {
             return e.exit_code();
         }
         if let Some(e) = cause.downcast_ref::<BindError>() {

@@ -1,109 +1,16 @@
 //! `gpupass bind`/`unbind`/`restore` on writable copies of fixture hosts. Every write lands in
-//! the fixture. A small stand-in for the kernel (`FakeKernel`) reacts to those writes the way
-//! sysfs does — `unbind`, `bind`, and `drivers_probe` honouring `driver_override` — so the whole
-//! path, verification included, runs; without it the kernel "does nothing" and gpupass must
-//! notice and put everything back.
+//! the fixture. A small stand-in for the kernel (`common::kernel::FakeKernel`) reacts to those
+//! writes the way sysfs does — `unbind`, `bind`, and `drivers_probe` honouring
+//! `driver_override` — so the whole path, verification included, runs; without it the kernel
+//! "does nothing" and gpupass must notice and put everything back.
 
 mod common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::Duration;
 
+use common::kernel::FakeKernel;
 use common::{gpupass, host_copy, run, Run};
-
-/// Reacts to sysfs writes under `root` like the PCI core: unbind, bind, drivers_probe.
-struct FakeKernel {
-    stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<()>>,
-    /// Every write it consumed, in order, as `write "VALUE" to PATH` (a dry run's words).
-    seen: Arc<Mutex<Vec<String>>>,
-}
-
-type Seen = Mutex<Vec<String>>;
-
-fn take(path: &Path, seen: &Seen) -> Option<String> {
-    let text = fs::read_to_string(path).ok()?;
-    let v = text.trim().to_owned();
-    if v.is_empty() {
-        return None;
-    }
-    fs::write(path, "").ok()?;
-    seen.lock()
-        .unwrap()
-        .push(format!("write {v:?} to {}", path.display()));
-    Some(v)
-}
-
-fn link_driver(sys: &Path, bdf: &str, driver: &str) {
-    let dev = sys.join("bus/pci/devices").join(bdf);
-    let _ = fs::remove_file(dev.join("driver"));
-    std::os::unix::fs::symlink(sys.join("bus/pci/drivers").join(driver), dev.join("driver"))
-        .unwrap();
-}
-
-fn tick(sys: &Path, seen: &Seen) {
-    let drivers = sys.join("bus/pci/drivers");
-    let all: Vec<_> = fs::read_dir(&drivers).unwrap().flatten().collect();
-    // Unbinds before binds, as the writes were made.
-    for d in &all {
-        if let Some(bdf) = take(&d.path().join("unbind"), seen) {
-            let _ = fs::remove_file(sys.join("bus/pci/devices").join(&bdf).join("driver"));
-            let _ = fs::remove_file(d.path().join(&bdf));
-        }
-    }
-    for d in &all {
-        if let Some(bdf) = take(&d.path().join("bind"), seen) {
-            link_driver(sys, &bdf, &d.file_name().into_string().unwrap());
-        }
-    }
-    if let Some(bdf) = take(&sys.join("bus/pci/drivers_probe"), seen) {
-        let dev = sys.join("bus/pci/devices").join(&bdf);
-        let ov = fs::read_to_string(dev.join("driver_override")).unwrap_or_default();
-        let ov = ov.trim();
-        let bound = fs::symlink_metadata(dev.join("driver")).is_ok();
-        if !bound && !ov.is_empty() && ov != "(null)" && drivers.join(ov).is_dir() {
-            link_driver(sys, &bdf, ov);
-        }
-    }
-}
-
-impl FakeKernel {
-    fn start(root: &Path) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let sys = root.join("sys");
-        let s = stop.clone();
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let log = seen.clone();
-        let handle = std::thread::spawn(move || {
-            while !s.load(Ordering::Relaxed) {
-                tick(&sys, &log);
-                std::thread::sleep(Duration::from_millis(2));
-            }
-        });
-        FakeKernel {
-            stop,
-            handle: Some(handle),
-            seen,
-        }
-    }
-
-    fn seen(&self) -> Vec<String> {
-        std::mem::take(&mut *self.seen.lock().unwrap())
-    }
-}
-
-impl Drop for FakeKernel {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
-}
 
 struct Host {
     root: tempfile::TempDir,

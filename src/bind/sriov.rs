@@ -1,13 +1,15 @@
-//! SR-IOV virtual functions on a GPU's physical function, the host-prep behind
+//! SR-IOV virtual functions on a physical function, the host-prep behind
 //! `gpupass sriov ADDR --vfs N`: what the PF shows now ([`read_pf`]), the pure plan of the
 //! `sriov_drivers_autoprobe` / `sriov_numvfs` writes and its refusals ([`plan_sriov`],
 //! [`plan_undo`]), the record of what gpupass set (`<state-dir>/sriov.json`, so `--undo` puts
 //! back only what gpupass changed), and carrying the writes out through bind's checked writer,
-//! putting the PF back as it was when a write fails. New VFs go to their driver through bind's
-//! own moves (`driver_override` + `drivers_probe`).
+//! putting the PF back as it was when a write fails or the kernel does not follow. New VFs go
+//! to their driver through bind's own moves (`driver_override` + `drivers_probe`). Never calls
+//! libvirt: who holds what comes in as [`Holdings`].
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -37,7 +39,9 @@ pub enum SriovError {
         pf: PciAddress,
     },
     /// The device has no SR-IOV capability.
-    #[error("{address} has no SR-IOV virtual functions (no sriov_totalvfs)")]
+    #[error(
+        "{address} has no SR-IOV capability (no sriov_totalvfs): it cannot have virtual functions"
+    )]
     NoSriov {
         /// The device.
         address: PciAddress,
@@ -52,15 +56,33 @@ pub enum SriovError {
         /// `sriov_totalvfs`.
         total: u32,
     },
-    /// A VF that would go away is in a running domain.
-    #[error("{vf} (a VF of {address}) is in use by running domain {domain}: detach it first")]
-    InUse {
+    /// `--driver` names a driver that is not VFIO's.
+    #[error("--driver {driver} is not a VFIO driver (vfio-pci or a vfio-pci variant such as xe-vfio-pci); --driver none leaves the new VFs without a driver")]
+    NotVfio {
+        /// The name given.
+        driver: String,
+    },
+    /// The PF is passed whole to a domain: whole GPU and fractions exclude each other.
+    #[error("{address} is passed whole to {} domain {domain}: a GPU passed whole has no VFs (detach it first)", if *running { "running" } else { "defined" })]
+    WholeInUse {
+        /// The PF.
+        address: PciAddress,
+        /// The domain.
+        domain: String,
+        /// Whether it runs.
+        running: bool,
+    },
+    /// A VF that would go away is in a domain.
+    #[error("{vf} (a VF of {address}) is in {} domain {domain}: changing the VF count destroys every VF; {}", if *running { "running" } else { "defined" }, if *running { "detach it first" } else { "remove it from that definition first" })]
+    VfInUse {
         /// The PF.
         address: PciAddress,
         /// The VF.
         vf: PciAddress,
         /// The domain.
         domain: String,
+        /// Whether it runs.
+        running: bool,
     },
     /// Refused for safety.
     #[error("refusing to change the VFs of {address}: {reason} (--force to do it anyway)")]
@@ -77,7 +99,7 @@ pub enum SriovError {
         address: PciAddress,
     },
     /// The PF is no longer as gpupass left it.
-    #[error("not undoing the SR-IOV change of {address}: {detail}, not what gpupass left ({left}); someone changed it since")]
+    #[error("not undoing the SR-IOV change of {address}: it shows {detail}, not what gpupass left ({left}); someone changed it since")]
     Changed {
         /// The PF.
         address: PciAddress,
@@ -107,7 +129,7 @@ pub enum SriovError {
         /// What was put back.
         rollback: String,
     },
-    /// A write failed; what was put back is said.
+    /// A write (or a new VF's bind) failed; what was put back is said.
     #[error("{source}; {rollback}")]
     WriteFailed {
         /// The failed write (or VF bind).
@@ -134,8 +156,10 @@ impl SriovError {
             SriovError::UnknownDevice { .. }
             | SriovError::IsVirtfn { .. }
             | SriovError::NoRecord { .. } => 3,
-            SriovError::NoSriov { .. } | SriovError::TooMany { .. } => 2,
-            SriovError::InUse { .. } => 5,
+            SriovError::NoSriov { .. }
+            | SriovError::TooMany { .. }
+            | SriovError::NotVfio { .. } => 2,
+            SriovError::WholeInUse { .. } | SriovError::VfInUse { .. } => 5,
             SriovError::Refused { .. } | SriovError::Changed { .. } => 14,
             SriovError::NotApplied { rollback, .. } | SriovError::WriteFailed { rollback, .. }
                 if rollback.contains(INCOMPLETE) =>
@@ -143,7 +167,10 @@ impl SriovError {
                 11
             }
             SriovError::NotApplied { .. } => 10,
-            SriovError::WriteFailed { .. } => 1,
+            SriovError::WriteFailed { source, .. } => match source.exit_code() {
+                10 => 10,
+                _ => 1,
+            },
             SriovError::Bind(e) => e.exit_code(),
             _ => 1,
         }
@@ -176,12 +203,19 @@ pub struct PfState {
     pub num_vfs: u32,
     /// `sriov_drivers_autoprobe` (`None`: the kernel has no such file, before 4.12).
     pub drivers_autoprobe: Option<bool>,
+    /// `sriov_offset` and `sriov_stride`: where VF i will be (routing ID of the PF + offset +
+    /// i × stride). `None` when absent or unreadable: the VFs' addresses are then known only
+    /// once the kernel made them.
+    pub offset_stride: Option<(u32, u32)>,
+    /// Domains that hold the PF's GPU (any of its functions) as a whole PCI device.
+    pub used_by: Vec<Holder>,
     /// The VFs the kernel shows (`virtfnN` links).
     pub vfs: Vec<VfState>,
 }
 
 /// What gpupass set on a PF, and what it found there: `<state-dir>/sriov.json`, by PF.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SriovRecord {
     /// `sriov_numvfs` before gpupass first changed it.
     pub prior_vfs: u32,
@@ -189,6 +223,10 @@ pub struct SriovRecord {
     pub prior_autoprobe: Option<bool>,
     /// The count gpupass left.
     pub vfs: u32,
+    /// `sriov_drivers_autoprobe` as gpupass left it.
+    pub autoprobe: Option<bool>,
+    /// gpupass wrote the count: the VFs there are its own.
+    pub made_vfs: bool,
     /// The driver gpupass bound the new VFs to (`None`: left without one).
     pub driver: Option<DriverName>,
 }
@@ -205,6 +243,11 @@ impl SriovState {
         Self {
             path: state_dir.join("sriov.json"),
         }
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Every record; none when the file is absent.
@@ -236,8 +279,68 @@ fn autoprobe(pf: PciAddress, on: bool) -> SysfsWrite {
     }
 }
 
-/// Reads the PF at `address` (refusing a VF, an unknown device, one without SR-IOV), with
-/// each VF's holders from `holdings`.
+/// The count a `sriov_numvfs` write sets, when `w` is one.
+fn count_of(w: &SysfsWrite) -> Option<u32> {
+    w.path
+        .ends_with("/sriov_numvfs")
+        .then(|| w.value.parse().ok())
+        .flatten()
+}
+
+/// Where VF `i` of `pf` will be: the PF's routing ID (bus << 8 | slot << 3 | function) plus
+/// `offset` + `i` × `stride` (PCIe SR-IOV: First VF Offset, VF Stride); `None` past bus 255.
+pub fn vf_address(pf: PciAddress, offset: u32, stride: u32, i: u32) -> Option<PciAddress> {
+    let rid = (u32::from(pf.bus) << 8) | (u32::from(pf.slot) << 3) | u32::from(pf.function);
+    let vf = rid
+        .checked_add(offset)?
+        .checked_add(stride.checked_mul(i)?)?;
+    let bus = u8::try_from(vf >> 8).ok()?;
+    let devfn = (vf & 0xff) as u8;
+    PciAddress::new(pf.domain, bus, devfn >> 3, devfn & 7)
+}
+
+/// The driver new VFs go to when `--driver` is not given: the PF's own vfio-pci variant when
+/// one is loaded (`<pf driver>-vfio-pci` or `<pf driver>_vfio_pci`: `xe` → `xe-vfio-pci`), else vfio-pci.
+pub fn default_vf_driver(pf_driver: Option<&str>, loaded: &dyn Fn(&str) -> bool) -> DriverName {
+    let variant = pf_driver.and_then(|d| {
+        if is_vfio_driver(d) {
+            return Some(d.to_owned());
+        }
+        [format!("{d}-vfio-pci"), format!("{d}_vfio_pci")]
+            .into_iter()
+            .find(|v| loaded(v))
+    });
+    variant
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| "vfio-pci".parse().expect("vfio-pci is a driver name"))
+}
+
+/// `--driver`: `none` (no driver), vfio-pci or a vfio-pci variant; anything else is refused.
+pub fn parse_vf_driver(text: &str) -> Result<Option<DriverName>, SriovError> {
+    if text == "none" {
+        return Ok(None);
+    }
+    let not_vfio = || SriovError::NotVfio {
+        driver: text.to_owned(),
+    };
+    let d: DriverName = text.parse().map_err(|_| not_vfio())?;
+    if is_vfio_driver(d.as_str()) {
+        Ok(Some(d))
+    } else {
+        Err(not_vfio())
+    }
+}
+
+fn read_u32(sysfs: &Sysfs, address: PciAddress, what: &'static str) -> Option<u32> {
+    sysfs
+        .attr(address, what)
+        .ok()
+        .flatten()
+        .and_then(|t| parse_count(what, &t).ok())
+}
+
+/// Reads the PF at `address` (refusing a VF, an unknown device, one without SR-IOV), with the
+/// holders of its GPU and of each VF from `holdings`.
 pub fn read_pf(
     sysfs: &Sysfs,
     inv: &Inventory,
@@ -265,31 +368,35 @@ pub fn read_pf(
     let num_vfs = match sriov.num_vfs {
         Some(n) => n,
         None => {
-            let text = sysfs.attr(address, "sriov_numvfs")?.unwrap_or_default();
-            return Err(malformed(
-                parse_count("sriov_numvfs", &text)
-                    .err()
-                    .unwrap_or_else(|| VgpuError::Malformed {
-                        what: "sriov_numvfs",
-                        detail: "absent".into(),
-                    }),
-            ));
+            let text = sysfs.attr(address, "sriov_numvfs")?;
+            let source = match text {
+                Some(t) => parse_count("sriov_numvfs", &t).err(),
+                None => None,
+            };
+            return Err(malformed(source.unwrap_or(VgpuError::Malformed {
+                what: "sriov_numvfs",
+                detail: "absent".into(),
+            })));
         }
     };
     let drivers_autoprobe = match sysfs.attr(address, "sriov_drivers_autoprobe")? {
         None => None,
-        Some(t) => Some(
-            parse_count("sriov_drivers_autoprobe", &t)
-                .map_err(malformed)?
-                .ne(&0),
-        ),
+        Some(t) => Some(parse_count("sriov_drivers_autoprobe", &t).map_err(malformed)? != 0),
     };
+    let offset_stride = read_u32(sysfs, address, "sriov_offset")
+        .zip(read_u32(sysfs, address, "sriov_stride"))
+        .filter(|&(o, _)| o > 0);
+    let whole = inv
+        .gpu(address)
+        .map_or_else(|| vec![address], |g| g.functions.clone());
     Ok(PfState {
         address,
         driver: dev.driver.clone(),
         total_vfs: sriov.total_vfs,
         num_vfs,
         drivers_autoprobe,
+        offset_stride,
+        used_by: holdings.holders(&whole),
         vfs: sriov
             .vfs
             .into_iter()
@@ -317,55 +424,70 @@ pub struct SriovRequest {
 /// The writes that set a PF's VFs, and the record that says so.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SriovPlan {
-    /// The writes, in order (empty: nothing to change).
+    /// The PF's `sriov_drivers_autoprobe` / `sriov_numvfs` writes, in order (empty: the PF
+    /// already shows what is asked).
     pub writes: Vec<SysfsWrite>,
+    /// The VFs that go to the driver afterwards, with their writes: the new ones at the
+    /// addresses `sriov_offset`/`sriov_stride` give (when the count changes), or the unbound
+    /// ones there are (when it does not).
+    pub moves: Vec<Move>,
+    /// The count changes but the new VFs' addresses are known only once the kernel made them
+    /// (no `sriov_offset`/`sriov_stride`): their writes are not in `moves`.
+    pub unpredicted: bool,
     /// The record after the writes.
     pub record: SriovRecord,
-    /// Things forced past.
+    /// Things forced past, and things to know.
     pub warnings: Vec<String>,
 }
 
-/// Checks the VFs that a change of `sriov_numvfs` would destroy: one in a running domain is
-/// never taken away; one in a defined domain, on a host driver, or created by someone else is
-/// refused unless `force`. Returns what was forced past.
+/// Checks the VFs that a change of `sriov_numvfs` from `pf.num_vfs` to `to` destroys (the
+/// kernel goes through 0: every VF goes): one a domain holds is never destroyed; otherwise the
+/// change is refused unless `force`, except gpupass's own VFs going to 0 on no host driver.
+/// Returns what was forced past.
 fn judge_destroyed(
     pf: &PfState,
-    ours: Option<&SriovRecord>,
+    ours: bool,
+    to: u32,
     force: bool,
 ) -> Result<Vec<String>, SriovError> {
-    let mut refusals = Vec::new();
-    if ours.is_none_or(|r| r.vfs != pf.num_vfs) {
-        refusals.push(format!(
-            "its {} VF(s) were not created by gpupass (sriov-manage, a boot script?) and would be destroyed",
-            pf.num_vfs
-        ));
-    }
     for vf in &pf.vfs {
-        if let Some(h) = vf.used_by.iter().find(|h| h.running) {
-            return Err(SriovError::InUse {
+        if let Some(h) = vf.used_by.first() {
+            return Err(SriovError::VfInUse {
                 address: pf.address,
                 vf: vf.address,
                 domain: h.domain.clone(),
+                running: h.running,
             });
         }
-        if let Some(h) = vf.used_by.first() {
-            refusals.push(format!("{} is in defined domain {}", vf.address, h.domain));
-        }
+    }
+    let n = pf.num_vfs;
+    let mut reasons = Vec::new();
+    if to > 0 {
+        reasons.push(format!(
+            "the kernel changes a VF count only through 0: all {n} VF(s) would be destroyed before {to} are made"
+        ));
+    }
+    if !ours {
+        reasons.push(format!(
+            "its {n} VF(s) were not made by gpupass (sriov-manage, a boot script?) and would be destroyed"
+        ));
+    }
+    for vf in &pf.vfs {
         if let Some(d) = vf.driver.as_deref().filter(|d| !is_vfio_driver(d)) {
-            refusals.push(format!("{} is on host driver {d}", vf.address));
+            reasons.push(format!("{} is on host driver {d}", vf.address));
         }
     }
-    if refusals.is_empty() {
+    if reasons.is_empty() {
         Ok(Vec::new())
     } else if force {
-        Ok(refusals
+        Ok(reasons
             .into_iter()
             .map(|r| format!("forced: {r}"))
             .collect())
     } else {
         Err(SriovError::Refused {
             address: pf.address,
-            reason: refusals.join("; "),
+            reason: reasons.join("; "),
         })
     }
 }
@@ -381,8 +503,10 @@ fn count_writes(pf: PciAddress, from: u32, to: u32) -> Vec<SysfsWrite> {
 }
 
 /// Plans `gpupass sriov PF --vfs N`: autoprobe off first (so the PF's driver does not grab
-/// the new VFs), then the count (through 0 when both are non-zero). `ours` is gpupass's record
-/// for the PF, when it has one.
+/// the new VFs), then the count (through 0 when both are non-zero), then each new VF to the
+/// driver. Refuses more VFs than `sriov_totalvfs`, a PF a domain holds whole, and a change
+/// that destroys VFs a domain holds (never) or that gpupass did not make (unless `force`).
+/// `ours` is gpupass's record for the PF, when it has one.
 pub fn plan_sriov(
     pf: &PfState,
     req: &SriovRequest,
@@ -395,52 +519,109 @@ pub fn plan_sriov(
             total: pf.total_vfs,
         });
     }
+    if req.vfs > 0 {
+        if let Some(h) = pf.used_by.first() {
+            return Err(SriovError::WholeInUse {
+                address: pf.address,
+                domain: h.domain.clone(),
+                running: h.running,
+            });
+        }
+    }
+    // The record still describes the PF when the count is the one gpupass left.
+    let current = ours.filter(|r| r.vfs == pf.num_vfs);
+    let ours_now = current.is_some_and(|r| r.made_vfs);
+    let changing = req.vfs != pf.num_vfs;
     let mut warnings = Vec::new();
-    if req.vfs != pf.num_vfs && pf.num_vfs > 0 {
-        warnings = judge_destroyed(pf, ours, req.force)?;
+    if changing && pf.num_vfs > 0 {
+        warnings = judge_destroyed(pf, ours_now, req.vfs, req.force)?;
     }
     let mut writes = Vec::new();
-    match pf.drivers_autoprobe {
-        Some(false) => {}
-        Some(true) => writes.push(autoprobe(pf.address, false)),
-        None => warnings.push(format!(
-            "{} has no sriov_drivers_autoprobe (kernel before 4.12): its driver may take the new VFs first",
-            pf.address
-        )),
+    let mut autoprobe_left = pf.drivers_autoprobe;
+    // Only a count that makes VFs needs autoprobe off: going to 0, or keeping the count,
+    // leaves it as it is.
+    if changing && req.vfs > 0 {
+        match pf.drivers_autoprobe {
+            Some(false) => {}
+            Some(true) => {
+                writes.push(autoprobe(pf.address, false));
+                autoprobe_left = Some(false);
+            }
+            None => warnings.push(format!(
+                "{} has no sriov_drivers_autoprobe (kernel before 4.12): its driver may take the new VFs first",
+                pf.address
+            )),
+        }
     }
     writes.extend(count_writes(pf.address, pf.num_vfs, req.vfs));
-    // The first values gpupass found stay in the record while the PF is as gpupass left it.
-    let (prior_vfs, prior_autoprobe) = match ours {
-        Some(r) if r.vfs == pf.num_vfs => (r.prior_vfs, r.prior_autoprobe),
-        _ => (pf.num_vfs, pf.drivers_autoprobe),
+    let (targets, unpredicted): (Vec<PciAddress>, bool) = if changing {
+        match pf.offset_stride {
+            Some((offset, stride)) => (
+                (0..req.vfs)
+                    .map_while(|i| vf_address(pf.address, offset, stride, i))
+                    .collect(),
+                false,
+            ),
+            None => (Vec::new(), req.vfs > 0),
+        }
+    } else {
+        // Only VFs on no driver: one on a driver is someone's (`gpupass bind` moves it).
+        (
+            pf.vfs
+                .iter()
+                .filter(|v| v.driver.is_none())
+                .map(|v| v.address)
+                .collect(),
+            false,
+        )
+    };
+    let moves = match &req.driver {
+        Some(d) => targets
+            .into_iter()
+            .map(|address| Move {
+                address,
+                from: None,
+                to: Some(d.clone()),
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    let (prior_vfs, prior_autoprobe) = match current {
+        Some(r) => (r.prior_vfs, r.prior_autoprobe),
+        None => (pf.num_vfs, pf.drivers_autoprobe),
     };
     Ok(SriovPlan {
         writes,
+        moves,
+        unpredicted,
         record: SriovRecord {
             prior_vfs,
             prior_autoprobe,
             vfs: req.vfs,
+            autoprobe: autoprobe_left,
+            made_vfs: if changing { req.vfs > 0 } else { ours_now },
             driver: req.driver.clone(),
         },
         warnings,
     })
 }
 
-/// The writes that take a PF from `vfs_now` VFs and autoprobe off back to `vfs` and
-/// `autoprobe`: the count to 0 first, autoprobe back, then the count (so VFs made again are
-/// probed as they were before gpupass).
+/// The writes that take a PF from `vfs_now` VFs and autoprobe `autoprobe_now` to `vfs` and
+/// `autoprobe_to`: the count to 0 first, autoprobe back, then the count (so VFs made again
+/// are probed as they were before gpupass).
 fn back_writes(
     pf: PciAddress,
     vfs_now: u32,
     vfs: u32,
+    autoprobe_now: Option<bool>,
     autoprobe_to: Option<bool>,
 ) -> Vec<SysfsWrite> {
     let mut out = Vec::new();
     if vfs_now != vfs && vfs_now > 0 {
         out.push(numvfs(pf, 0));
     }
-    if autoprobe_to == Some(true) {
-        out.push(autoprobe(pf, true));
+    if let Some(a) = autoprobe_to.filter(|a| autoprobe_now != Some(*a)) {
+        out.push(autoprobe(pf, a));
     }
     if vfs_now != vfs && vfs > 0 {
         out.push(numvfs(pf, vfs));
@@ -448,65 +629,43 @@ fn back_writes(
     out
 }
 
-/// Plans `gpupass sriov PF --undo`: only when the PF still shows what gpupass left (its count,
-/// autoprobe off) and no domain holds one of its VFs (a defined one: unless `force`).
+fn show_state(n: u32, a: Option<bool>) -> String {
+    format!(
+        "{n} VFs, sriov_drivers_autoprobe {}",
+        a.map_or("absent", |a| if a { "1" } else { "0" })
+    )
+}
+
+/// Plans `gpupass sriov PF --undo`: only when the PF still shows what gpupass left (its count
+/// and autoprobe), and never destroying a VF a domain holds.
 pub fn plan_undo(
     pf: &PfState,
     ours: &SriovRecord,
     force: bool,
 ) -> Result<(Vec<SysfsWrite>, Vec<String>), SriovError> {
-    let left_autoprobe = ours.prior_autoprobe.map(|_| false);
-    if pf.num_vfs != ours.vfs || pf.drivers_autoprobe != left_autoprobe {
-        let show = |n: u32, a: Option<bool>| {
-            format!(
-                "{n} VFs, autoprobe {}",
-                a.map_or("absent", |a| if a { "1" } else { "0" })
-            )
-        };
+    if pf.num_vfs != ours.vfs || pf.drivers_autoprobe != ours.autoprobe {
         return Err(SriovError::Changed {
             address: pf.address,
-            detail: show(pf.num_vfs, pf.drivers_autoprobe),
-            left: show(ours.vfs, left_autoprobe),
+            detail: show_state(pf.num_vfs, pf.drivers_autoprobe),
+            left: show_state(ours.vfs, ours.autoprobe),
         });
     }
     let warnings = if ours.vfs != ours.prior_vfs && pf.num_vfs > 0 {
-        // The VFs are gpupass's (the count is what it left): only holders can stop it.
-        let mut mine = ours.clone();
-        mine.vfs = pf.num_vfs;
-        judge_destroyed(pf, Some(&mine), force)?
+        // gpupass's VFs (the count is what it left) going to 0 or back to the prior count.
+        judge_destroyed(pf, ours.made_vfs, 0, force)?
     } else {
         Vec::new()
     };
     Ok((
-        back_writes(pf.address, pf.num_vfs, ours.prior_vfs, ours.prior_autoprobe),
+        back_writes(
+            pf.address,
+            pf.num_vfs,
+            ours.prior_vfs,
+            pf.drivers_autoprobe,
+            ours.prior_autoprobe,
+        ),
         warnings,
     ))
-}
-
-/// The moves that put new VFs (those not on `driver`) on it; none for `None`.
-pub fn vf_moves(vfs: &[VfState], driver: Option<&DriverName>) -> Result<Vec<Move>, BindError> {
-    let Some(to) = driver else {
-        return Ok(Vec::new());
-    };
-    let mut out = Vec::new();
-    for v in vfs
-        .iter()
-        .filter(|v| v.driver.as_deref() != Some(to.as_str()))
-    {
-        let from = match v.driver.as_deref() {
-            None => None,
-            Some(n) => Some(n.parse().map_err(|e| BindError::BadDriver {
-                address: v.address,
-                source: e,
-            })?),
-        };
-        out.push(Move {
-            address: v.address,
-            from,
-            to: Some(to.clone()),
-        });
-    }
-    Ok(out)
 }
 
 /// Every write of `writes` checked (under the host root, not through a link) before the first.
@@ -518,47 +677,95 @@ pub fn check(sysfs: &Sysfs, writes: &[SysfsWrite]) -> Result<Vec<CheckedWrite>, 
 }
 
 fn read_count(sysfs: &Sysfs, pf: PciAddress) -> Option<u32> {
-    sysfs
-        .attr(pf, "sriov_numvfs")
-        .ok()
-        .flatten()
-        .and_then(|t| parse_count("sriov_numvfs", &t).ok())
+    read_u32(sysfs, pf, "sriov_numvfs")
 }
 
 fn read_autoprobe(sysfs: &Sysfs, pf: PciAddress) -> Option<bool> {
-    sysfs
-        .attr(pf, "sriov_drivers_autoprobe")
-        .ok()
-        .flatten()
-        .and_then(|t| parse_count("sriov_drivers_autoprobe", &t).ok())
-        .map(|n| n != 0)
+    read_u32(sysfs, pf, "sriov_drivers_autoprobe").map(|n| n != 0)
 }
 
-/// Puts the PF back to `vfs` VFs and autoprobe `autoprobe_to` from whatever it shows now, and
-/// says what it did, in words for the error line.
-fn put_back(sysfs: &Sysfs, pf: PciAddress, vfs: u32, autoprobe_to: Option<bool>) -> String {
-    let now = read_count(sysfs, pf).unwrap_or(vfs);
-    let mut ws = back_writes(pf, now, vfs, autoprobe_to);
-    // Autoprobe was possibly turned off even where the count did not move.
-    if autoprobe_to == Some(true) && !ws.iter().any(|w| w.path.ends_with("autoprobe")) {
-        ws.insert(0, autoprobe(pf, true));
+fn virtfn_links(sysfs: &Sysfs, pf: PciAddress) -> usize {
+    sysfs.device_entries(pf, ".").map_or(0, |names| {
+        names
+            .iter()
+            .filter(|n| crate::host::vgpu::virtfn_index(n).is_some())
+            .count()
+    })
+}
+
+/// How long the kernel gets to show a new count (the write is synchronous on a real host:
+/// the VFs exist when it returns; this is for a slow one).
+const SETTLE: Duration = Duration::from_secs(5);
+
+/// Waits until the PF shows `n` VFs (the count and the `virtfnN` links); the count it shows
+/// when it does not.
+fn settle(sysfs: &Sysfs, pf: PciAddress, n: u32) -> Result<(), Option<u32>> {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let got = read_count(sysfs, pf);
+        if got == Some(n) && virtfn_links(sysfs, pf) == n as usize {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(got);
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
-    if read_autoprobe(sysfs, pf) == autoprobe_to && now == vfs {
-        return "nothing was changed".into();
+}
+
+/// Makes one checked write; a count write waits until the kernel shows it.
+fn write_settled(sysfs: &Sysfs, pf: PciAddress, w: &CheckedWrite) -> Result<(), SriovError> {
+    write(w).map_err(|source| SriovError::WriteFailed {
+        source,
+        rollback: String::new(),
+    })?;
+    if w.shown.ends_with("sriov_numvfs") {
+        if let Ok(n) = w.value.parse::<u32>() {
+            settle(sysfs, pf, n).map_err(|got| SriovError::NotApplied {
+                address: pf,
+                want: n,
+                got: got.map_or_else(|| "no readable count of".into(), |g| g.to_string()),
+                rollback: String::new(),
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// What to put a PF back to when a change fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Back {
+    /// The count.
+    pub vfs: u32,
+    /// `sriov_drivers_autoprobe` (`None`: no such file, nothing to put back).
+    pub autoprobe: Option<bool>,
+}
+
+/// Puts the PF back to `back` from whatever it shows now, and says what it did, in words for
+/// the error line.
+fn put_back(sysfs: &Sysfs, pf: PciAddress, back: Back) -> String {
+    let now = read_count(sysfs, pf).unwrap_or(back.vfs);
+    let ws = back_writes(pf, now, back.vfs, read_autoprobe(sysfs, pf), back.autoprobe);
+    let what = format!(
+        "{} VFs{}",
+        back.vfs,
+        back.autoprobe.map_or_else(String::new, |a| format!(
+            ", sriov_drivers_autoprobe {}",
+            u8::from(a)
+        ))
+    );
+    if ws.is_empty() {
+        return format!("the PF shows what it had ({what})");
     }
     let mut failed = Vec::new();
     for w in &ws {
-        if let Err(e) = check_write(sysfs, w).and_then(|c| write(&c)) {
+        if let Err(e) = check_write(sysfs, w)
+            .map_err(SriovError::from)
+            .and_then(|c| write_settled(sysfs, pf, &c))
+        {
             failed.push(e.to_string());
         }
     }
-    let what = format!(
-        "{vfs} VFs{}",
-        match autoprobe_to {
-            Some(a) => format!(", autoprobe {}", u8::from(a)),
-            None => String::new(),
-        }
-    );
     if failed.is_empty() {
         format!("put back {what}")
     } else {
@@ -566,49 +773,45 @@ fn put_back(sysfs: &Sysfs, pf: PciAddress, vfs: u32, autoprobe_to: Option<bool>)
     }
 }
 
-/// Makes `writes` (a plan's or an undo's), all checked before the first; when one fails, or
-/// the kernel shows another count afterwards, puts the PF back to `prior_vfs` and
-/// `prior_autoprobe` and says so in the error. Returns the writes made.
+fn with_rollback(e: SriovError, rollback: String) -> SriovError {
+    match e {
+        SriovError::WriteFailed { source, .. } => SriovError::WriteFailed { source, rollback },
+        SriovError::NotApplied {
+            address, want, got, ..
+        } => SriovError::NotApplied {
+            address,
+            want,
+            got,
+            rollback,
+        },
+        other => other,
+    }
+}
+
+/// Makes `writes` (a plan's or an undo's), all checked before the first, each count write
+/// waited for; when one fails or the kernel does not show the count, puts the PF back to
+/// `back` and says so in the error. Returns the writes made.
 pub fn execute(
     sysfs: &Sysfs,
     pf: PciAddress,
     writes: &[SysfsWrite],
-    want_vfs: u32,
-    prior_vfs: u32,
-    prior_autoprobe: Option<bool>,
+    back: Back,
 ) -> Result<Vec<CheckedWrite>, SriovError> {
     let planned = check(sysfs, writes)?;
     let mut made = Vec::new();
     for w in planned {
-        if let Err(source) = write(&w) {
-            let rollback = put_back(sysfs, pf, prior_vfs, prior_autoprobe);
-            return Err(SriovError::WriteFailed { source, rollback });
+        if let Err(e) = write_settled(sysfs, pf, &w) {
+            let rollback = put_back(sysfs, pf, back);
+            return Err(with_rollback(e, rollback));
         }
         made.push(w);
-    }
-    let got = read_count(sysfs, pf);
-    if got != Some(want_vfs) {
-        let rollback = put_back(sysfs, pf, prior_vfs, prior_autoprobe);
-        return Err(SriovError::NotApplied {
-            address: pf,
-            want: want_vfs,
-            got: got.map_or_else(|| "no readable count of".into(), |n| n.to_string()),
-            rollback,
-        });
+        tracing::debug!(bdf = %pf, "sysfs write made");
     }
     Ok(made)
 }
 
-/// After a plan's writes: the VFs the kernel shows now go to `driver` through bind's moves
-/// (checked like a bind). On failure the PF is put back to `prior_vfs`/`prior_autoprobe`.
-pub fn bind_new_vfs(
-    sysfs: &Sysfs,
-    inv: &Inventory,
-    pf: PciAddress,
-    driver: Option<&DriverName>,
-    prior_vfs: u32,
-    prior_autoprobe: Option<bool>,
-) -> Result<(Vec<Move>, Vec<CheckedWrite>), SriovError> {
+/// The VFs the PF shows now, each with its driver as the kernel says now.
+pub fn vfs_now(sysfs: &Sysfs, inv: &Inventory, pf: PciAddress) -> Result<Vec<VfState>, SriovError> {
     let vfs = match read_sriov(sysfs, inv, pf) {
         Ok(Some(s)) => s.vfs,
         Ok(None) => Vec::new(),
@@ -620,24 +823,72 @@ pub fn bind_new_vfs(
             })
         }
     };
-    let states: Vec<VfState> = vfs
-        .into_iter()
-        .map(|v| VfState {
+    let mut out = Vec::new();
+    for v in vfs {
+        out.push(VfState {
             address: v.address,
             // Freshly made: what the kernel says now, not the inventory read before.
-            driver: sysfs.driver(v.address).ok().flatten(),
-            iommu_group: v.iommu_group,
+            driver: sysfs.driver(v.address)?,
+            iommu_group: sysfs.iommu_group(v.address)?,
             used_by: Vec::new(),
+        });
+    }
+    Ok(out)
+}
+
+/// After a plan's writes: the VFs on no driver go to `driver` through bind's moves (checked
+/// like a bind, each device verified before the next). On failure the PF is put back to
+/// `back` (the VFs go with it). Returns the moves and the writes made.
+pub fn bind_new_vfs(
+    sysfs: &Sysfs,
+    inv: &Inventory,
+    pf: PciAddress,
+    driver: Option<&DriverName>,
+    back: Back,
+) -> Result<(Vec<Move>, Vec<CheckedWrite>), SriovError> {
+    let Some(to) = driver else {
+        return Ok((Vec::new(), Vec::new()));
+    };
+    let vfs = match vfs_now(sysfs, inv, pf) {
+        Ok(v) => v,
+        Err(e) => {
+            put_back(sysfs, pf, back);
+            return Err(e);
+        }
+    };
+    let moves: Vec<Move> = vfs
+        .iter()
+        .filter(|v| v.driver.is_none())
+        .map(|v| Move {
+            address: v.address,
+            from: None,
+            to: Some(to.clone()),
         })
         .collect();
-    let moves = vf_moves(&states, driver)?;
     match crate::bind::execute(sysfs, &moves, Mode::Bind) {
         Ok(made) => Ok((moves, made)),
         Err(source) => {
-            let rollback = put_back(sysfs, pf, prior_vfs, prior_autoprobe);
+            let rollback = put_back(sysfs, pf, back);
             Err(SriovError::WriteFailed { source, rollback })
         }
     }
+}
+
+/// The count and autoprobe a write list leaves, starting from `vfs` and `autoprobe`.
+pub fn after_writes(
+    writes: &[SysfsWrite],
+    vfs: u32,
+    autoprobe: Option<bool>,
+) -> (u32, Option<bool>) {
+    writes.iter().fold((vfs, autoprobe), |(n, a), w| {
+        if let Some(c) = count_of(w) {
+            (c, a)
+        } else if w.path.ends_with("/sriov_drivers_autoprobe") {
+            (n, Some(w.value != "0"))
+        } else {
+            (n, a)
+        }
+    })
 }
 
 #[cfg(test)]
@@ -668,6 +919,8 @@ mod tests {
             total_vfs: 7,
             num_vfs: num,
             drivers_autoprobe: autoprobe,
+            offset_stride: Some((1, 1)),
+            used_by: Vec::new(),
             vfs,
         }
     }
@@ -680,11 +933,14 @@ mod tests {
         }
     }
 
+    /// gpupass's record after it took the PF from `prior` VFs (autoprobe on) to `vfs`.
     fn ours(prior: u32, vfs: u32) -> SriovRecord {
         SriovRecord {
             prior_vfs: prior,
             prior_autoprobe: Some(true),
             vfs,
+            autoprobe: Some(false),
+            made_vfs: vfs != prior && vfs > 0,
             driver: Some("vfio-pci".parse().unwrap()),
         }
     }
@@ -696,6 +952,10 @@ mod tests {
                 format!("{attr}={}", w.value)
             })
             .collect()
+    }
+
+    fn targets(p: &SriovPlan) -> Vec<String> {
+        p.moves.iter().map(|m| m.address.to_string()).collect()
     }
 
     #[test]
@@ -711,15 +971,52 @@ mod tests {
         );
         assert_eq!(p.record, ours(0, 3));
         assert!(p.warnings.is_empty());
+        // The new VFs where offset 1, stride 1 put them, each to vfio-pci from no driver.
+        assert_eq!(
+            targets(&p),
+            ["0000:4d:00.1", "0000:4d:00.2", "0000:4d:00.3"]
+        );
+        assert!(p.moves.iter().all(|m| m.from.is_none()));
+        assert!(!p.unpredicted);
     }
 
     #[test]
-    fn a_non_zero_count_goes_through_zero() {
-        let vfs = vec![vf(1, Some("vfio-pci"), &[]), vf(2, None, &[])];
-        let p = plan_sriov(&pf(2, Some(false), vfs), &req(5, false), Some(&ours(0, 2))).unwrap();
+    fn vf_addresses_follow_offset_and_stride_across_slots_and_buses() {
+        let pf: PciAddress = "0000:ca:00.0".parse().unwrap();
+        let at = |o, s, i| vf_address(pf, o, s, i).map(|a| a.to_string());
+        assert_eq!(at(4, 1, 0).as_deref(), Some("0000:ca:00.4"));
+        assert_eq!(at(4, 1, 4).as_deref(), Some("0000:ca:01.0"));
+        assert_eq!(at(0x80, 2, 1).as_deref(), Some("0000:ca:10.2"));
+        let last: PciAddress = "0000:ff:1f.0".parse().unwrap();
+        assert_eq!(vf_address(last, 8, 1, 0), None, "past bus 255");
+        // Without offset and stride the count is written, the VFs are bound once they exist.
+        let mut p0 = self::pf(0, Some(false), vec![]);
+        p0.offset_stride = None;
+        let p = plan_sriov(&p0, &req(2, false), None).unwrap();
+        assert!(p.moves.is_empty() && p.unpredicted);
+    }
+
+    #[test]
+    fn a_non_zero_count_goes_through_zero_only_when_forced() {
+        let vfs = || vec![vf(1, Some("vfio-pci"), &[]), vf(2, None, &[])];
+        let e = plan_sriov(
+            &pf(2, Some(false), vfs()),
+            &req(5, false),
+            Some(&ours(0, 2)),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("the kernel changes a VF count only through 0: all 2 VF(s) would be destroyed before 5 are made"),
+            "{e}"
+        );
+        assert_eq!(e.exit_code(), 14);
+        let p = plan_sriov(&pf(2, Some(false), vfs()), &req(5, true), Some(&ours(0, 2))).unwrap();
         assert_eq!(shown(&p.writes), ["sriov_numvfs=0", "sriov_numvfs=5"]);
         // The first values gpupass found are kept.
         assert_eq!(p.record, ours(0, 5));
+        assert_eq!(targets(&p).len(), 5);
+        // gpupass's own VFs to 0: no force needed, autoprobe left as it is.
         let down = plan_sriov(
             &pf(2, Some(false), vec![vf(1, None, &[])]),
             &req(0, false),
@@ -727,17 +1024,34 @@ mod tests {
         )
         .unwrap();
         assert_eq!(shown(&down.writes), ["sriov_numvfs=0"]);
+        assert!(down.moves.is_empty());
+        assert_eq!((down.record.vfs, down.record.made_vfs), (0, false));
     }
 
     #[test]
-    fn the_same_count_writes_only_autoprobe_or_nothing() {
-        let vfs = || vec![vf(1, Some("i915"), &[("vm", true)])];
+    fn the_same_count_writes_nothing_and_binds_only_unbound_vfs() {
+        let vfs = || vec![vf(1, Some("i915"), &[("vm", true)]), vf(2, None, &[])];
         // VFs someone else made, held and on a host driver: untouched, so not refused.
-        let p = plan_sriov(&pf(1, Some(true), vfs()), &req(1, false), None).unwrap();
-        assert_eq!(shown(&p.writes), ["sriov_drivers_autoprobe=0"]);
-        assert_eq!(p.record.prior_vfs, 1);
-        let p = plan_sriov(&pf(1, Some(false), vfs()), &req(1, false), None).unwrap();
-        assert!(p.writes.is_empty());
+        let p = plan_sriov(&pf(2, Some(true), vfs()), &req(2, false), None).unwrap();
+        assert!(p.writes.is_empty(), "{:?}", p.writes);
+        assert_eq!(p.record.autoprobe, Some(true));
+        assert_eq!(targets(&p), ["0000:4d:00.2"]);
+        assert_eq!(p.record.prior_vfs, 2);
+        assert!(!p.record.made_vfs, "someone else's VFs stay someone else's");
+        // Nothing to do at all.
+        let all_bound = vec![vf(1, Some("vfio-pci"), &[])];
+        let p = plan_sriov(&pf(1, Some(false), all_bound), &req(1, false), None).unwrap();
+        assert!(p.writes.is_empty() && p.moves.is_empty());
+        // A record of the same count taken over that way does not make the VFs gpupass's.
+        let mut taken = ours(1, 1);
+        taken.made_vfs = false;
+        let e = plan_sriov(
+            &pf(1, Some(false), vec![vf(1, None, &[])]),
+            &req(0, false),
+            Some(&taken),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("not made by gpupass"), "{e}");
     }
 
     #[test]
@@ -760,12 +1074,13 @@ mod tests {
     #[test]
     fn vfs_gpupass_did_not_create_are_refused_unless_forced() {
         let vfs = || vec![vf(1, Some("vfio-pci"), &[])];
-        let e = plan_sriov(&pf(1, Some(true), vfs()), &req(2, false), None).unwrap_err();
-        assert!(e.to_string().contains("not created by gpupass"), "{e}");
+        let e = plan_sriov(&pf(1, Some(true), vfs()), &req(0, false), None).unwrap_err();
+        assert!(e.to_string().contains("not made by gpupass"), "{e}");
+        assert!(e.to_string().ends_with("(--force to do it anyway)"), "{e}");
         assert_eq!(e.exit_code(), 14);
         // A record for another count is not gpupass's VFs either.
         let e =
-            plan_sriov(&pf(1, Some(true), vfs()), &req(2, false), Some(&ours(0, 3))).unwrap_err();
+            plan_sriov(&pf(1, Some(true), vfs()), &req(0, false), Some(&ours(0, 3))).unwrap_err();
         assert_eq!(e.exit_code(), 14);
         let p = plan_sriov(&pf(1, Some(true), vfs()), &req(2, true), None).unwrap();
         assert_eq!(
@@ -777,15 +1092,17 @@ mod tests {
             ]
         );
         assert!(
-            p.warnings[0].starts_with("forced: its 1 VF(s)"),
+            p.warnings
+                .iter()
+                .any(|w| w.starts_with("forced: its 1 VF(s)")),
             "{:?}",
             p.warnings
         );
-        assert_eq!(p.record.prior_vfs, 1);
+        assert_eq!((p.record.prior_vfs, p.record.made_vfs), (1, true));
     }
 
     #[test]
-    fn a_vf_on_a_host_driver_or_in_a_defined_domain_is_refused_unless_forced() {
+    fn a_vf_on_a_host_driver_is_refused_unless_forced() {
         let host = vec![vf(1, Some("i915"), &[])];
         let e = plan_sriov(
             &pf(1, Some(false), host.clone()),
@@ -802,25 +1119,52 @@ mod tests {
         // A variant driver is VFIO's.
         let amd = vec![vf(1, Some("amd-vfio-pci"), &[])];
         assert!(plan_sriov(&pf(1, Some(false), amd), &req(0, false), Some(&ours(0, 1))).is_ok());
-        let defined = vec![vf(1, Some("vfio-pci"), &[("vm-off", false)])];
-        let e = plan_sriov(
-            &pf(1, Some(false), defined),
-            &req(3, false),
-            Some(&ours(0, 1)),
-        )
-        .unwrap_err();
-        assert!(e.to_string().contains("in defined domain vm-off"), "{e}");
     }
 
     #[test]
-    fn a_vf_in_a_running_domain_is_never_destroyed() {
-        let vfs = vec![vf(1, Some("vfio-pci"), &[("vm-a", true)])];
-        let e = plan_sriov(&pf(1, Some(false), vfs), &req(0, true), Some(&ours(0, 1))).unwrap_err();
+    fn a_vf_in_any_domain_is_never_destroyed_even_forced() {
+        let running = vec![vf(1, Some("vfio-pci"), &[("vm-a", true)])];
+        let e = plan_sriov(
+            &pf(1, Some(false), running),
+            &req(0, true),
+            Some(&ours(0, 1)),
+        )
+        .unwrap_err();
         assert_eq!(
             e.to_string(),
-            "0000:4d:00.1 (a VF of 0000:4d:00.0) is in use by running domain vm-a: detach it first"
+            "0000:4d:00.1 (a VF of 0000:4d:00.0) is in running domain vm-a: changing the VF count destroys every VF; detach it first"
         );
         assert_eq!(e.exit_code(), 5);
+        let defined = vec![vf(1, Some("vfio-pci"), &[("vm-off", false)])];
+        let e = plan_sriov(
+            &pf(1, Some(false), defined),
+            &req(3, true),
+            Some(&ours(0, 1)),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("in defined domain vm-off: changing the VF count destroys every VF; remove it from that definition first"),
+            "{e}"
+        );
+        assert_eq!(e.exit_code(), 5);
+    }
+
+    #[test]
+    fn a_pf_passed_whole_gets_no_vfs() {
+        let mut p = pf(0, Some(true), vec![]);
+        p.used_by = vec![Holder {
+            domain: "vm-whole".into(),
+            running: false,
+        }];
+        let e = plan_sriov(&p, &req(2, true), None).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "0000:4d:00.0 is passed whole to defined domain vm-whole: a GPU passed whole has no VFs (detach it first)"
+        );
+        assert_eq!(e.exit_code(), 5);
+        // Going to 0 VFs is no fraction.
+        assert!(plan_sriov(&p, &req(0, false), None).is_ok());
     }
 
     #[test]
@@ -828,7 +1172,7 @@ mod tests {
         let p = plan_sriov(&pf(0, None, vec![]), &req(2, false), None).unwrap();
         assert_eq!(shown(&p.writes), ["sriov_numvfs=2"]);
         assert!(p.warnings[0].contains("no sriov_drivers_autoprobe"));
-        assert_eq!(p.record.prior_autoprobe, None);
+        assert_eq!((p.record.prior_autoprobe, p.record.autoprobe), (None, None));
     }
 
     #[test]
@@ -861,30 +1205,39 @@ mod tests {
     }
 
     #[test]
-    fn new_vfs_move_to_the_driver_those_on_it_stay() {
-        let vfs = vec![
-            vf(1, None, &[]),
-            vf(2, Some("vfio-pci"), &[]),
-            vf(3, Some("i915"), &[]),
+    fn the_writes_say_what_they_leave() {
+        let ws = [
+            autoprobe(PF.parse().unwrap(), false),
+            numvfs(PF.parse().unwrap(), 3),
         ];
-        let d: DriverName = "vfio-pci".parse().unwrap();
-        let m = vf_moves(&vfs, Some(&d)).unwrap();
-        let got: Vec<(String, Option<String>)> = m
-            .iter()
-            .map(|m| {
-                (
-                    m.address.to_string(),
-                    m.from.as_ref().map(|d| d.to_string()),
-                )
-            })
-            .collect();
+        assert_eq!(after_writes(&ws, 0, Some(true)), (3, Some(false)));
+        assert_eq!(after_writes(&[], 2, None), (2, None));
+    }
+
+    #[test]
+    fn the_vf_driver_is_vfio_the_pfs_variant_or_none() {
+        let loaded = |d: &str| d == "xe-vfio-pci" || d == "mlx5_vfio_pci";
         assert_eq!(
-            got,
-            [
-                ("0000:4d:00.1".to_owned(), None),
-                ("0000:4d:00.3".to_owned(), Some("i915".to_owned()))
-            ]
+            default_vf_driver(Some("xe"), &loaded).as_str(),
+            "xe-vfio-pci"
         );
-        assert!(vf_moves(&vfs, None).unwrap().is_empty());
+        assert_eq!(
+            default_vf_driver(Some("mlx5"), &loaded).as_str(),
+            "mlx5_vfio_pci"
+        );
+        assert_eq!(
+            default_vf_driver(Some("i915"), &loaded).as_str(),
+            "vfio-pci"
+        );
+        assert_eq!(default_vf_driver(None, &loaded).as_str(), "vfio-pci");
+        assert_eq!(
+            parse_vf_driver("amd-vfio-pci").unwrap().unwrap().as_str(),
+            "amd-vfio-pci"
+        );
+        assert_eq!(parse_vf_driver("none").unwrap(), None);
+        for bad in ["i915", "pci-stub", "../vfio-pci"] {
+            let e = parse_vf_driver(bad).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{bad}");
+        }
     }
 }

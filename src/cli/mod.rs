@@ -9,6 +9,7 @@ pub mod health;
 pub mod host_config;
 pub mod list;
 pub mod serve;
+pub mod sriov;
 pub mod xml;
 
 use std::path::PathBuf;

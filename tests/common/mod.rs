@@ -2,6 +2,8 @@
 //! and manage throwaway domains on the real libvirt daemon.
 #![allow(dead_code)]
 
+pub mod kernel;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::{Mutex, MutexGuard};
