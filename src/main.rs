@@ -42,7 +42,8 @@ Exit codes:
       device, quarantined)
    8  libvirt unreachable, or it did not answer within --libvirt-timeout
    9  libvirt refused the change (its message is shown)
-  10  libvirt accepted the change but the domain XML does not show it (rolled back)
+  10  libvirt accepted the change but the domain XML does not show it (rolled back); bind,
+      sriov: the kernel did not do what was written (put back)
   11  a failure whose rollback also failed: check the domain by hand
   12  timed out waiting for the host lock (another gpupass is attaching or detaching)
   13  doctor: a check failed

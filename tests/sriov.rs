@@ -595,3 +595,26 @@ fn json_says_before_after_writes_vfs_and_record() {
     assert_eq!(v["action"], "undo");
     assert_eq!(v["after"], json!({"num_vfs": 0, "drivers_autoprobe": true}));
 }
+
+#[test]
+fn after_a_reboot_undo_has_nothing_to_put_back_and_forgets_the_record() {
+    let h = Host::new("vgpu-intel");
+    let k = FakeKernel::start(h.root.path());
+    h.zero_vfs(&k);
+    assert_eq!(h.gp(&["sriov", PF, "--vfs", "2"]).code, 0);
+    // A reboot: the kernel's defaults again, no VFs.
+    fs::write(h.dev(PF).join("sriov_drivers_autoprobe"), "1\n").unwrap();
+    h.zero_vfs(&k);
+    let before = h.snapshot();
+    let r = h.gp(&["sriov", PF, "--undo"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("after a reboot?"), "{}", r.stderr);
+    assert!(write_lines(&r.stdout, "wrote").is_empty(), "{}", r.stdout);
+    assert!(k.seen().is_empty());
+    assert_eq!(h.records(), json!({}));
+    let mut after = h.snapshot();
+    after.retain(|p, _| !p.ends_with("sriov.json"));
+    let mut before = before;
+    before.retain(|p, _| !p.ends_with("sriov.json"));
+    assert_eq!(after, before, "only the record changed");
+}

@@ -643,6 +643,18 @@ pub fn plan_undo(
     ours: &SriovRecord,
     force: bool,
 ) -> Result<(Vec<SysfsWrite>, Vec<String>), SriovError> {
+    // After a reboot the PF shows what it had before gpupass: nothing to put back.
+    let prior_autoprobe = ours.prior_autoprobe.or(pf.drivers_autoprobe);
+    if pf.num_vfs == ours.prior_vfs && pf.drivers_autoprobe == prior_autoprobe {
+        return Ok((
+            Vec::new(),
+            vec![format!(
+                "{} already shows what it had before gpupass ({}; after a reboot?): nothing to put back",
+                pf.address,
+                show_state(pf.num_vfs, pf.drivers_autoprobe)
+            )],
+        ));
+    }
     if pf.num_vfs != ours.vfs || pf.drivers_autoprobe != ours.autoprobe {
         return Err(SriovError::Changed {
             address: pf.address,
@@ -1202,6 +1214,10 @@ mod tests {
         let held = vec![vf(1, Some("vfio-pci"), &[("vm", true)])];
         let e = plan_undo(&pf(2, Some(false), held), &ours(0, 2), true).unwrap_err();
         assert_eq!(e.exit_code(), 5);
+        // After a reboot: the PF shows what it had, nothing is written.
+        let (w, warn) = plan_undo(&pf(0, Some(true), vec![]), &ours(0, 2), false).unwrap();
+        assert!(w.is_empty());
+        assert!(warn[0].contains("after a reboot?"), "{warn:?}");
     }
 
     #[test]
