@@ -136,16 +136,16 @@ const REBOOT: &str = "not kept across a reboot: sysfs settings are lost; run thi
 
 /// `gpupass sriov ADDR --vfs N` and `gpupass sriov ADDR --undo`.
 pub fn sriov(g: &Global, address: PciAddress, flags: &SriovFlags) -> anyhow::Result<()> {
-    let sysfs = Sysfs::new(&g.host_root);
-    let inv = g.inventory()?;
-    let holdings = holdings(g)?;
-    // The lock covers the read, the decision, the record and the writes: two gpupass runs
-    // never both decide from the same "before".
+    // The lock covers the reads (sysfs and libvirt's holdings), the decision, the record and
+    // the writes: no attach and no other gpupass decides from the same "before".
     let _lock = if flags.dry_run {
         None
     } else {
         Some(HostLock::acquire(&g.run_dir, Duration::from_secs(60))?)
     };
+    let sysfs = Sysfs::new(&g.host_root);
+    let inv = g.inventory()?;
+    let holdings = holdings(g)?;
     let state = SriovState::new(&g.state_dir);
     let mut records = state.load()?;
     let before_records = records.clone();

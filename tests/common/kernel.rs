@@ -128,6 +128,7 @@ fn create_vfs(sys: &Path, pf: &str, pf_dir: &Path, n: u32, seen: &Seen) {
         .join(pf_group.file_name().unwrap())
         .join("devices")
         .join(pf);
+    let ln = |target: PathBuf, at: PathBuf| std::os::unix::fs::symlink(target, at).unwrap();
     for i in 0..n {
         let vf = vf_bdf(pf, offset, stride, i);
         let dir = pf_dir.with_file_name(&vf);
@@ -141,9 +142,7 @@ fn create_vfs(sys: &Path, pf: &str, pf_dir: &Path, n: u32, seen: &Seen) {
         }
         fs::write(dir.join("device"), format!("0x{}", vf_device.trim_start())).unwrap();
         fs::write(dir.join("driver_override"), "(null)\n").unwrap();
-        let ln = |target: PathBuf, at: PathBuf| std::os::unix::fs::symlink(target, at).unwrap();
         ln(format!("../{pf}").into(), dir.join("physfn"));
-        ln(format!("../{vf}").into(), pf_dir.join(format!("virtfn{i}")));
         ln(
             sibling_target(&pf_link, &vf),
             sys.join("bus/pci/devices").join(&vf),
@@ -165,6 +164,12 @@ fn create_vfs(sys: &Path, pf: &str, pf_dir: &Path, n: u32, seen: &Seen) {
                     .push(format!("probe {vf} with {d} (autoprobe)"));
             }
         }
+    }
+    // The PF's links last: whoever waits for them sees whole VFs, probed, as after the
+    // kernel's synchronous write.
+    for i in 0..n {
+        let vf = vf_bdf(pf, offset, stride, i);
+        ln(format!("../{vf}").into(), pf_dir.join(format!("virtfn{i}")));
     }
 }
 
@@ -207,7 +212,7 @@ fn sriov_tick(sys: &Path, counts: &mut BTreeMap<String, u32>, quirks: Quirks, se
         } else {
             create_vfs(sys, &pf, &pf_dir, want, seen);
         }
-        fs::write(&file, format!("{want}\n")).unwrap();
+        // The file already says `want` (it was written): rewriting it would race with readers.
         counts.insert(pf, want);
     }
 }
