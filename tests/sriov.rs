@@ -628,3 +628,32 @@ fn after_a_reboot_undo_has_nothing_to_put_back_and_forgets_the_record() {
     before.retain(|p, _| !p.ends_with("sriov.json"));
     assert_same(&before, &after, "only the record changed");
 }
+
+#[test]
+fn a_vf_driver_that_is_not_loaded_stops_it_before_any_write() {
+    let h = Host::new("vgpu-intel");
+    let k = FakeKernel::start(h.root.path());
+    h.zero_vfs(&k);
+    fs::remove_dir_all(h.root.path().join("sys/bus/pci/drivers/vfio-pci")).unwrap();
+    // Without sriov_offset the VFs' addresses are unknown: the driver is still checked first.
+    fs::remove_file(h.dev(PF).join("sriov_offset")).unwrap();
+    let before = h.snapshot();
+    let r = h.gp(&["sriov", PF, "--vfs", "2"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("driver vfio-pci is not loaded (modprobe vfio_pci)"),
+        "{}",
+        r.stderr
+    );
+    assert_same(&before, &h.snapshot(), "nothing written");
+    assert!(k.seen().is_empty());
+    // --driver none needs no driver: the count is written, the VFs stay unbound (the
+    // stand-in kernel needs the offset to place them).
+    fs::write(h.dev(PF).join("sriov_offset"), "1\n").unwrap();
+    let r = h.gp(&["sriov", PF, "--vfs", "2", "--driver", "none"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(h.vfs(), [vf(1), vf(2)]);
+    assert_eq!(h.driver(&vf(1)), None);
+    assert_eq!(h.records()[PF]["driver"], Value::Null);
+}

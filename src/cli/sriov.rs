@@ -187,6 +187,22 @@ fn apply(
             }))
         }
     };
+    // The VFs' driver must be there before the first write, whether or not their addresses
+    // are known yet.
+    if let Some(d) = &driver {
+        if !g
+            .host_root
+            .join("sys/bus/pci/drivers")
+            .join(d.as_str())
+            .is_dir()
+        {
+            return Err(gpupass::bind::BindError::DriverNotLoaded {
+                driver: d.clone(),
+                module: d.as_str().replace('-', "_"),
+            }
+            .into());
+        }
+    }
     let ours = records.get(&pf.address);
     let plan = plan_sriov(
         pf,
