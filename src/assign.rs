@@ -1,4 +1,4 @@
-//! Attaches and detaches whole GPUs through a [`Hypervisor`]: reads who holds what from libvirt,
+//! Attaches and detaches whole GPUs and SR-IOV virtual functions through a [`Hypervisor`]: reads who holds what from libvirt,
 //! plans (pure, in `alloc::plan`), changes every function of each GPU, re-reads the domain XML to
 //! confirm, and undoes what this call did when any step fails. Callers hold the host lock.
 
@@ -124,6 +124,9 @@ pub struct GpuChange {
     /// An NVSwitch of the HGX fabric, not a GPU (`attach --hgx-full`, `detach --all`).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub nvswitch: bool,
+    /// An SR-IOV virtual function, not a whole GPU (`--vgpu vf`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub vf: bool,
 }
 
 /// How attach/detach run.
@@ -355,6 +358,7 @@ fn changes(inv: &Inventory, steps: &[Step]) -> Vec<GpuChange> {
                 gpu,
                 functions: vec![s.addr],
                 nvswitch: inv.gpu(s.addr).is_none() && inv.nvswitches().contains(&s.addr),
+                vf: inv.physfn(s.addr).is_some(),
             }),
         }
     }
@@ -450,6 +454,26 @@ fn attach_unlocked(
                 impact: need,
             });
         }
+    }
+    // A VF is one function, in its own IOMMU group, already on VFIO (the planner asks that):
+    // no driver moves, no slot layout.
+    for vf in &plan.vfs {
+        let need = Impact {
+            live: impact.live && !live.contains(vf),
+            config: impact.config && !config.contains(vf),
+        };
+        if need.is_empty() {
+            return Err(AllocError::AlreadyAttached {
+                gpu: *vf,
+                domain: name.to_owned(),
+                impact: impact.describe(),
+            }
+            .into());
+        }
+        steps.push(Step {
+            addr: *vf,
+            impact: need,
+        });
     }
     if let (true, Some(first)) = (steps.is_empty(), plan.gpus.first()) {
         return Err(AllocError::AlreadyAttached {

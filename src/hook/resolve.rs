@@ -57,6 +57,12 @@ pub fn resolve(
         ),
         AttachRequest::Count { .. } => None,
         AttachRequest::HgxFull => Some(inv.fabric_gpus()),
+        // The metadata asks for whole GPUs only: VFs come from `attach --vgpu vf`.
+        AttachRequest::Vfs(_) | AttachRequest::VfCount { .. } => {
+            return Err(AllocError::VfNotResolved {
+                place: "the hook or transform",
+            })
+        }
     };
     // HGX full passthrough: the fabric's NVSwitches go with its GPUs.
     let switches: Vec<PciAddress> = match request {
@@ -107,7 +113,10 @@ pub fn resolve(
         .collect();
     let mut gpus_after: Vec<PciAddress> = kept.clone();
     let new: Vec<PciAddress> = match request {
-        AttachRequest::Gpus(_) | AttachRequest::HgxFull => wanted_gpus
+        AttachRequest::Gpus(_)
+        | AttachRequest::HgxFull
+        | AttachRequest::Vfs(_)
+        | AttachRequest::VfCount { .. } => wanted_gpus
             .unwrap_or_default()
             .into_iter()
             .filter(|g| !kept.contains(g))

@@ -474,6 +474,8 @@ pub fn prepare(env: &HookEnv, input: &str) -> Result<Vec<String>, HookError> {
                     )));
                 }
             }
+            // The metadata asks for whole GPUs only (no `profile`): nothing to check here.
+            AttachRequest::Vfs(_) | AttachRequest::VfCount { .. } => {}
         }
     }
     Ok(warnings)
