@@ -1280,4 +1280,81 @@ mod tests {
         let err = attach_unlocked(&hv, &inv(), "nope", &req, &opts(None)).unwrap_err();
         assert_eq!(err.to_string(), "domain 'nope' not found");
     }
+
+    /// [`inv`] plus two SR-IOV VFs of 0000:9a:00.0 on vfio-pci, each in its own group.
+    fn inv_with_vfs() -> Inventory {
+        let mut inv = inv();
+        for (vf, group) in [("0000:9a:00.4", 10), ("0000:9a:00.5", 11)] {
+            let f = a(vf);
+            inv.devices.insert(
+                f,
+                PciDevice {
+                    address: f,
+                    id: "10de:2331".parse().unwrap(),
+                    subsystem: None,
+                    class: PciClass(0x030200),
+                    driver: Some("vfio-pci".into()),
+                    iommu_group: Some(IommuGroupId(group)),
+                    numa_node: Some(NumaNode(1)),
+                    boot_vga: false,
+                    reset_method: None,
+                    parent: None,
+                    virtfn: true,
+                },
+            );
+            inv.groups.insert(IommuGroupId(group), vec![f]);
+            inv.vf_parents.insert(f, a("0000:9a:00.0"));
+        }
+        inv
+    }
+
+    #[test]
+    fn vfs_attach_as_single_functions_and_a_failure_leaves_nothing() {
+        let inv = inv_with_vfs();
+        let hv = FakeHypervisor::default().with("vm", running());
+        *hv.fail_attach.borrow_mut() = Some(a("0000:9a:00.5"));
+        let two = AttachRequest::VfCount {
+            count: 2,
+            model: None,
+        };
+        attach_unlocked(&hv, &inv, "vm", &two, &opts(None)).unwrap_err();
+        let d = hv.domains.borrow()["vm"].clone();
+        assert!(d.live.is_empty() && d.config.is_empty(), "{d:?}");
+        let calls = hv.calls.borrow().clone();
+        assert!(
+            calls.contains(&"detach vm 0000:9a:00.4 live+config".to_owned()),
+            "{calls:?}"
+        );
+        assert!(
+            !calls.iter().any(|c| c.starts_with("nodedev-")),
+            "a VF is on vfio-pci already: no driver moves ({calls:?})"
+        );
+
+        let hv = FakeHypervisor::default().with("vm", defined());
+        let r = attach_unlocked(&hv, &inv, "vm", &two, &opts(None)).unwrap();
+        assert_eq!(r.gpus.len(), 2);
+        assert!(r.gpus.iter().all(|g| g.vf && g.functions == [g.gpu]));
+        let d = hv.domains.borrow()["vm"].clone();
+        assert_eq!(
+            d.config.iter().copied().collect::<Vec<_>>(),
+            [a("0000:9a:00.4"), a("0000:9a:00.5")]
+        );
+        // Asked again by address: already there (exit 5), nothing changes.
+        let again = AttachRequest::Vfs(vec![a("0000:9a:00.4")]);
+        let e = attach_unlocked(&hv, &inv, "vm", &again, &opts(None)).unwrap_err();
+        assert_eq!(e.exit_code(), 5, "{e}");
+        // The PF is not passed whole while its VFs are held.
+        let whole = AttachRequest::Gpus(vec![a("0000:9a:00.0")]);
+        let other = FakeHypervisor::default()
+            .with("vm", hv.domains.borrow()["vm"].clone())
+            .with("vm2", defined());
+        let e = attach_unlocked(&other, &inv, "vm2", &whole, &opts(None)).unwrap_err();
+        assert_eq!(e.exit_code(), 5, "{e}");
+        // A whole-GPU --all leaves the VFs; --vgpu vf --all takes them.
+        let r = detach_unlocked(&hv, &inv, "vm", &DetachRequest::All, &opts(None)).unwrap();
+        assert!(r.gpus.is_empty());
+        let r = detach_unlocked(&hv, &inv, "vm", &DetachRequest::AllVfs, &opts(None)).unwrap();
+        assert_eq!(r.gpus.len(), 2);
+        assert!(hv.domains.borrow()["vm"].config.is_empty());
+    }
 }
