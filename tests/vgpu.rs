@@ -456,12 +456,12 @@ fn vgpu_vf_refuses_vfs_on_a_host_driver_and_says_how_to_bind_them() {
     one_line(
         &attach_new("vgpu-nvidia", &["--vgpu", "vf"]),
         6,
-        "6 not on vfio-pci (PF 0000:1a:00.0 0000:ca:00.0: `gpupass sriov PF --vfs N`",
+        "6 not on vfio-pci (PF 0000:1a:00.0 0000:ca:00.0: `gpupass bind VF` moves one",
     );
     one_line(
         &attach_new("vgpu-nvidia", &["--vgpu", "vf", "--gpu", "0000:ca:00.4"]),
         7,
-        "on the host driver nvidia",
+        "on the host driver nvidia (a VF is given only from vfio-pci or a vfio-pci variant driver: `gpupass bind 0000:ca:00.4` moves it",
     );
 }
 

@@ -522,7 +522,7 @@ fn assignable_vf(
     match inv.device(vf).and_then(|d| d.driver.as_deref()) {
         Some(d) if is_vfio_driver(d) => {}
         other => reasons.push(format!(
-            "{} ({}; `gpupass sriov {pf} --vfs N` creates VFs on vfio-pci)",
+            "{} ({}: `gpupass bind {vf}` moves it, `gpupass sriov {pf} --vfs N` creates VFs on vfio-pci)",
             match other {
                 Some(d) => format!("on the host driver {d}"),
                 None => "bound to no driver".to_owned(),
@@ -613,7 +613,7 @@ fn plan_vf_count(
         let mut parts = vec![format!("{held} in use"), format!("{blocked} not passable")];
         if host_driver > 0 {
             parts.push(format!(
-                "{host_driver} not on vfio-pci (PF {}: `gpupass sriov PF --vfs N` creates VFs on vfio-pci)",
+                "{host_driver} not on vfio-pci (PF {}: `gpupass bind VF` moves one, `gpupass sriov PF --vfs N` creates VFs on vfio-pci)",
                 pfs_on_host
                     .iter()
                     .map(ToString::to_string)
