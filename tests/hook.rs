@@ -674,3 +674,38 @@ fn an_hgx_full_rule_is_given_whole_and_prepare_blocks_a_partial_fabric() {
     assert_ne!(p.code, 0, "{}", p.stderr);
     assert!(p.stderr.contains("0000:07:00.0"), "{}", p.stderr);
 }
+
+#[test]
+fn prepare_blocks_a_vf_whose_pf_a_running_domain_has_whole() {
+    // The Flex 170 PF 0000:4d:00.0 runs whole in vm-whole; its VF 0000:4d:00.2 cannot start.
+    let root = Root::new("vgpu-intel", &[("vm-whole", &["0000:4d:00.0"])]);
+    blocked(
+        &root.hook(
+            "vm",
+            "prepare",
+            "begin",
+            &domain_xml("vm", "", &["0000:4d:00.2"]),
+        ),
+        "0000:4d:00.2 is an SR-IOV virtual function of 0000:4d:00.0, which running domain 'vm-whole' has whole",
+    );
+    // A VF another running domain has is blocked as any hostdev is.
+    let root = Root::new("vgpu-intel", &[("vm-vf", &["0000:4d:00.2"])]);
+    blocked(
+        &root.hook(
+            "vm",
+            "prepare",
+            "begin",
+            &domain_xml("vm", "", &["0000:4d:00.2"]),
+        ),
+        "0000:4d:00.2 is in use by running domain 'vm-vf'",
+    );
+    // Free, it starts.
+    let root = Root::new("vgpu-intel", &[]);
+    let r = root.hook(
+        "vm",
+        "prepare",
+        "begin",
+        &domain_xml("vm", "", &["0000:4d:00.2"]),
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+}
