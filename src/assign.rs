@@ -676,7 +676,11 @@ fn detach_unlocked(
     // still in QEMU, and they stay on vfio-pci. Finish that now that the whole group is out.
     let mut warnings = Vec::new();
     if opts.manage_drivers && opts.template.managed() {
-        for s in steps.iter().filter(|s| s.impact.live) {
+        // A VF was on VFIO before it went in (the planner asks that) and stays there.
+        for s in steps
+            .iter()
+            .filter(|s| s.impact.live && inv.physfn(s.addr).is_none())
+        {
             match hv.node_driver(s.addr) {
                 Ok(Some(d)) if d == "vfio-pci" => {
                     if let Err(e) = hv.node_reattach(s.addr) {
@@ -1350,6 +1354,20 @@ mod tests {
             .with("vm2", defined());
         let e = attach_unlocked(&other, &inv, "vm2", &whole, &opts(None)).unwrap_err();
         assert_eq!(e.exit_code(), 5, "{e}");
+        // A live detach leaves the VFs on vfio-pci: gpupass moved no driver for them.
+        let live = FakeHypervisor::default().with("vm", running());
+        for vf in ["0000:9a:00.4", "0000:9a:00.5"] {
+            live.drivers.borrow_mut().insert(a(vf), "vfio-pci".into());
+        }
+        attach_unlocked(&live, &inv, "vm", &two, &opts(None)).unwrap();
+        let r = detach_unlocked(&live, &inv, "vm", &DetachRequest::AllVfs, &opts(None)).unwrap();
+        assert!(r.live && r.gpus.len() == 2, "{r:?}");
+        let calls = live.calls.borrow().clone();
+        assert!(
+            !calls.iter().any(|c| c.starts_with("nodedev-")),
+            "{calls:?}"
+        );
+        assert!(live.domains.borrow()["vm"].live.is_empty());
         // A whole-GPU --all leaves the VFs; --vgpu vf --all takes them.
         let r = detach_unlocked(&hv, &inv, "vm", &DetachRequest::All, &opts(None)).unwrap();
         assert!(r.gpus.is_empty());
