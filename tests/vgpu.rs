@@ -247,7 +247,7 @@ fn show_summarises_the_fractions_and_its_json_matches_list() {
     let r = gp(&root, &["-c", &uri, "show", "0000:4d:00.0"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     for line in [
-        "  vgpu:         2/31 VFs\n",
+        "  vgpu:         2/31 VFs (1 in use)\n",
         "    sr-iov: 2 of 31 VFs enabled, 2 on vfio, 1 in use\n",
         "      0000:4d:00.1  driver=vfio-pci group=41 used by vm-flex-vf\n",
     ] {
@@ -528,4 +528,19 @@ fn vgpu_usage_errors_are_exit_2() {
         3,
         "is not an SR-IOV virtual function",
     );
+}
+
+#[test]
+fn the_vgpu_column_counts_the_vfs_in_use() {
+    let t = tempfile::tempdir().unwrap();
+    let root = host("vgpu-intel");
+    let uri = node_of(&root, &t);
+    let r = gp(&root, &["-c", &uri, "list"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let flex = r
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("0000:4d:00.0"))
+        .unwrap();
+    assert!(flex.contains("2/31 VFs (1 in use)"), "{flex}");
 }
