@@ -498,9 +498,9 @@ pub fn plan_attach(
     }
 }
 
-/// Why a VF is not free for `domain`: not passable, or held. `Err` carries the reason as an
-/// [`AllocError`]; the kinds are told apart by [`plan_vf_count`]'s tally.
-fn assignable_vf(
+/// Whether the SR-IOV virtual function `vf` may go to `domain`: passable as a one-function
+/// unit, on VFIO, its PF not passed whole, held by no other domain. `Err` says why not.
+pub fn assignable_vf(
     inv: &Inventory,
     holdings: &Holdings,
     vf: PciAddress,

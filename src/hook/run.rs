@@ -484,8 +484,22 @@ pub fn prepare(env: &HookEnv, input: &str) -> Result<Vec<String>, HookError> {
                     )));
                 }
             }
-            // The metadata asks for whole GPUs only (no `profile`): nothing to check here.
-            AttachRequest::Vfs(_) | AttachRequest::VfCount { .. } => {}
+            AttachRequest::VfCount { count, model } => {
+                let n = present
+                    .iter()
+                    .filter(|a| inv.physfn(**a).is_some())
+                    .filter(|a| model.is_none_or(|m| inv.device(**a).is_some_and(|d| d.id == m)))
+                    .count();
+                if n < count {
+                    return Err(blocked(format!(
+                        "domain '{}' asks for {count} SR-IOV virtual function(s){}, its XML has {n}",
+                        doc.name,
+                        model.map(|m| format!(" of model {m}")).unwrap_or_default()
+                    )));
+                }
+            }
+            // The metadata never names VFs by address.
+            AttachRequest::Vfs(_) => {}
         }
     }
     Ok(warnings)
