@@ -1,4 +1,4 @@
-//! Attaches and detaches whole GPUs through a [`Hypervisor`]: reads who holds what from libvirt,
+//! Attaches and detaches whole GPUs and SR-IOV virtual functions through a [`Hypervisor`]: reads who holds what from libvirt,
 //! plans (pure, in `alloc::plan`), changes every function of each GPU, re-reads the domain XML to
 //! confirm, and undoes what this call did when any step fails. Callers hold the host lock.
 
@@ -124,6 +124,9 @@ pub struct GpuChange {
     /// An NVSwitch of the HGX fabric, not a GPU (`attach --hgx-full`, `detach --all`).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub nvswitch: bool,
+    /// An SR-IOV virtual function, not a whole GPU (`--vgpu vf`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub vf: bool,
 }
 
 /// How attach/detach run.
@@ -355,6 +358,7 @@ fn changes(inv: &Inventory, steps: &[Step]) -> Vec<GpuChange> {
                 gpu,
                 functions: vec![s.addr],
                 nvswitch: inv.gpu(s.addr).is_none() && inv.nvswitches().contains(&s.addr),
+                vf: inv.physfn(s.addr).is_some(),
             }),
         }
     }
@@ -450,6 +454,26 @@ fn attach_unlocked(
                 impact: need,
             });
         }
+    }
+    // A VF is one function, in its own IOMMU group, already on VFIO (the planner asks that):
+    // no driver moves, no slot layout.
+    for vf in &plan.vfs {
+        let need = Impact {
+            live: impact.live && !live.contains(vf),
+            config: impact.config && !config.contains(vf),
+        };
+        if need.is_empty() {
+            return Err(AllocError::AlreadyAttached {
+                gpu: *vf,
+                domain: name.to_owned(),
+                impact: impact.describe(),
+            }
+            .into());
+        }
+        steps.push(Step {
+            addr: *vf,
+            impact: need,
+        });
     }
     if let (true, Some(first)) = (steps.is_empty(), plan.gpus.first()) {
         return Err(AllocError::AlreadyAttached {
@@ -652,7 +676,11 @@ fn detach_unlocked(
     // still in QEMU, and they stay on vfio-pci. Finish that now that the whole group is out.
     let mut warnings = Vec::new();
     if opts.manage_drivers && opts.template.managed() {
-        for s in steps.iter().filter(|s| s.impact.live) {
+        // A VF was on VFIO before it went in (the planner asks that) and stays there.
+        for s in steps
+            .iter()
+            .filter(|s| s.impact.live && inv.physfn(s.addr).is_none())
+        {
             match hv.node_driver(s.addr) {
                 Ok(Some(d)) if d == "vfio-pci" => {
                     if let Err(e) = hv.node_reattach(s.addr) {
@@ -1255,5 +1283,96 @@ mod tests {
         assert!(err.to_string().contains("transient"), "{err}");
         let err = attach_unlocked(&hv, &inv(), "nope", &req, &opts(None)).unwrap_err();
         assert_eq!(err.to_string(), "domain 'nope' not found");
+    }
+
+    /// [`inv`] plus two SR-IOV VFs of 0000:9a:00.0 on vfio-pci, each in its own group.
+    fn inv_with_vfs() -> Inventory {
+        let mut inv = inv();
+        for (vf, group) in [("0000:9a:00.4", 10), ("0000:9a:00.5", 11)] {
+            let f = a(vf);
+            inv.devices.insert(
+                f,
+                PciDevice {
+                    address: f,
+                    id: "10de:2331".parse().unwrap(),
+                    subsystem: None,
+                    class: PciClass(0x030200),
+                    driver: Some("vfio-pci".into()),
+                    iommu_group: Some(IommuGroupId(group)),
+                    numa_node: Some(NumaNode(1)),
+                    boot_vga: false,
+                    reset_method: None,
+                    parent: None,
+                    virtfn: true,
+                },
+            );
+            inv.groups.insert(IommuGroupId(group), vec![f]);
+            inv.vf_parents.insert(f, a("0000:9a:00.0"));
+        }
+        inv
+    }
+
+    #[test]
+    fn vfs_attach_as_single_functions_and_a_failure_leaves_nothing() {
+        let inv = inv_with_vfs();
+        let hv = FakeHypervisor::default().with("vm", running());
+        *hv.fail_attach.borrow_mut() = Some(a("0000:9a:00.5"));
+        let two = AttachRequest::VfCount {
+            count: 2,
+            model: None,
+        };
+        attach_unlocked(&hv, &inv, "vm", &two, &opts(None)).unwrap_err();
+        let d = hv.domains.borrow()["vm"].clone();
+        assert!(d.live.is_empty() && d.config.is_empty(), "{d:?}");
+        let calls = hv.calls.borrow().clone();
+        assert!(
+            calls.contains(&"detach vm 0000:9a:00.4 live+config".to_owned()),
+            "{calls:?}"
+        );
+        assert!(
+            !calls.iter().any(|c| c.starts_with("nodedev-")),
+            "a VF is on vfio-pci already: no driver moves ({calls:?})"
+        );
+
+        let hv = FakeHypervisor::default().with("vm", defined());
+        let r = attach_unlocked(&hv, &inv, "vm", &two, &opts(None)).unwrap();
+        assert_eq!(r.gpus.len(), 2);
+        assert!(r.gpus.iter().all(|g| g.vf && g.functions == [g.gpu]));
+        let d = hv.domains.borrow()["vm"].clone();
+        assert_eq!(
+            d.config.iter().copied().collect::<Vec<_>>(),
+            [a("0000:9a:00.4"), a("0000:9a:00.5")]
+        );
+        // Asked again by address: already there (exit 5), nothing changes.
+        let again = AttachRequest::Vfs(vec![a("0000:9a:00.4")]);
+        let e = attach_unlocked(&hv, &inv, "vm", &again, &opts(None)).unwrap_err();
+        assert_eq!(e.exit_code(), 5, "{e}");
+        // The PF is not passed whole while its VFs are held.
+        let whole = AttachRequest::Gpus(vec![a("0000:9a:00.0")]);
+        let other = FakeHypervisor::default()
+            .with("vm", hv.domains.borrow()["vm"].clone())
+            .with("vm2", defined());
+        let e = attach_unlocked(&other, &inv, "vm2", &whole, &opts(None)).unwrap_err();
+        assert_eq!(e.exit_code(), 5, "{e}");
+        // A live detach leaves the VFs on vfio-pci: gpupass moved no driver for them.
+        let live = FakeHypervisor::default().with("vm", running());
+        for vf in ["0000:9a:00.4", "0000:9a:00.5"] {
+            live.drivers.borrow_mut().insert(a(vf), "vfio-pci".into());
+        }
+        attach_unlocked(&live, &inv, "vm", &two, &opts(None)).unwrap();
+        let r = detach_unlocked(&live, &inv, "vm", &DetachRequest::AllVfs, &opts(None)).unwrap();
+        assert!(r.live && r.gpus.len() == 2, "{r:?}");
+        let calls = live.calls.borrow().clone();
+        assert!(
+            !calls.iter().any(|c| c.starts_with("nodedev-")),
+            "{calls:?}"
+        );
+        assert!(live.domains.borrow()["vm"].live.is_empty());
+        // A whole-GPU --all leaves the VFs; --vgpu vf --all takes them.
+        let r = detach_unlocked(&hv, &inv, "vm", &DetachRequest::All, &opts(None)).unwrap();
+        assert!(r.gpus.is_empty());
+        let r = detach_unlocked(&hv, &inv, "vm", &DetachRequest::AllVfs, &opts(None)).unwrap();
+        assert_eq!(r.gpus.len(), 2);
+        assert!(hv.domains.borrow()["vm"].config.is_empty());
     }
 }

@@ -302,10 +302,11 @@ enum LibvirtCommand {
         #[arg(value_name = "ADDR", required = true)]
         addresses: Vec<PciAddress>,
     },
-    /// Attach whole GPUs to a domain (running: live; defined: config; both when both).
+    /// Attach whole GPUs (or, with --vgpu vf, SR-IOV virtual functions) to a domain (running:
+    /// live; defined: config; both when both).
     #[command(
-        group(ArgGroup::new("what").required(true).args(["gpus", "count", "hgx_full"])),
-        after_help = "Examples:\n  gpupass attach vm1 --gpu 0000:18:00.0\n  gpupass attach vm1 --count 2 --model 10de:2330 --config\n  gpupass attach vm1 --hgx-full --config"
+        group(ArgGroup::new("what").required(true).multiple(true).args(["gpus", "count", "hgx_full", "vgpu"])),
+        after_help = "Examples:\n  gpupass attach vm1 --gpu 0000:18:00.0\n  gpupass attach vm1 --count 2 --model 10de:2330 --config\n  gpupass attach vm1 --hgx-full --config\n  gpupass attach vm1 --vgpu vf --count 2 --config\n  gpupass attach vm1 --vgpu vf --gpu 0000:4d:00.1"
     )]
     Attach {
         /// The libvirt domain name.
@@ -315,15 +316,21 @@ enum LibvirtCommand {
         gpus: Vec<PciAddress>,
         /// Any N free, passable GPUs (never the host's boot VGA), nearest the domain's NUMA
         /// pinning first.
-        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256),
+              conflicts_with = "gpus")]
         count: Option<u16>,
         /// Only GPUs of this vendor:device (with --count).
         #[arg(long, value_name = "VVVV:DDDD", requires = "count")]
         model: Option<PciId>,
         /// HGX full passthrough: every GPU of the host's NVSwitch fabric and every NVSwitch
         /// (NVIDIA class 0680), as one unit, or nothing (Fabric Manager runs in the guest).
-        #[arg(long)]
+        #[arg(long, conflicts_with_all = ["gpus", "count"])]
         hgx_full: bool,
+        /// A fraction of a GPU instead of whole GPUs: `vf` = SR-IOV virtual functions (with
+        /// --gpu VF, or --count N, 1 when neither), each on vfio-pci or a vfio-pci variant
+        /// driver (`gpupass sriov PF --vfs N` makes them).
+        #[arg(long, value_name = "PROFILE", value_parser = ["vf"], conflicts_with = "hgx_full")]
+        vgpu: Option<String>,
         /// Leave the persistent definition as it is: no 64-bit window, phys-bits, root ports or
         /// slot layout for the GPUs (see `gpupass fit`).
         #[arg(long)]
@@ -390,10 +397,10 @@ enum LibvirtCommand {
               value_parser = clap::value_parser!(u64).range(1..=3600))]
         libvirt_timeout: u64,
     },
-    /// Detach whole GPUs from a domain.
+    /// Detach whole GPUs (or, with --vgpu vf, SR-IOV virtual functions) from a domain.
     #[command(
         group(ArgGroup::new("what").required(true).args(["gpus", "all"])),
-        after_help = "Examples:\n  gpupass detach vm1 --gpu 0000:18:00.0\n  gpupass detach vm1 --all --config"
+        after_help = "Examples:\n  gpupass detach vm1 --gpu 0000:18:00.0\n  gpupass detach vm1 --all --config\n  gpupass detach vm1 --vgpu vf --all --config"
     )]
     Detach {
         /// The libvirt domain name.
@@ -401,9 +408,12 @@ enum LibvirtCommand {
         /// These GPUs (repeatable).
         #[arg(long = "gpu", value_name = "ADDR", num_args = 1..)]
         gpus: Vec<PciAddress>,
-        /// Every GPU of this host that the domain has.
+        /// Every GPU of this host that the domain has (with --vgpu vf: every VF).
         #[arg(long)]
         all: bool,
+        /// `vf`: remove SR-IOV virtual functions (--gpu VF, or --all of them) instead of GPUs.
+        #[arg(long, value_name = "PROFILE", value_parser = ["vf"])]
+        vgpu: Option<String>,
         /// Seconds to wait for the guest to release a device on a live detach (1–3600).
         #[arg(long, value_name = "SECONDS", default_value_t = 15,
               value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -626,12 +636,19 @@ fn run(g: &Global, command: LibvirtCommand) -> anyhow::Result<()> {
             count,
             model,
             hgx_full,
+            vgpu,
             no_fit,
             force,
             common,
         } => {
             let request = match count {
                 _ if hgx_full => AttachRequest::HgxFull,
+                // `vf` is the one profile clap accepts.
+                None if vgpu.is_some() && !gpus.is_empty() => AttachRequest::Vfs(gpus),
+                n if vgpu.is_some() => AttachRequest::VfCount {
+                    count: n.map_or(1, usize::from),
+                    model,
+                },
                 Some(n) => AttachRequest::Count {
                     count: usize::from(n),
                     model,
@@ -683,13 +700,15 @@ fn run(g: &Global, command: LibvirtCommand) -> anyhow::Result<()> {
             domain,
             gpus,
             all,
+            vgpu,
             timeout,
             common,
         } => {
-            let request = if all {
-                DetachRequest::All
-            } else {
-                DetachRequest::Gpus(gpus)
+            let request = match (all, vgpu.is_some()) {
+                (true, false) => DetachRequest::All,
+                (false, false) => DetachRequest::Gpus(gpus),
+                (true, true) => DetachRequest::AllVfs,
+                (false, true) => DetachRequest::Vfs(gpus),
             };
             cli::assign::run(
                 g,

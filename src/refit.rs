@@ -173,6 +173,8 @@ pub fn live_misfit(
     let xml = hv.domain_xml(domain, XmlView::Live)?;
     let gpus: Vec<PciAddress> = match request {
         AttachRequest::Gpus(g) => g.clone(),
+        // A VF's BARs are small and not fitted (see README: asking for a virtual function).
+        AttachRequest::Vfs(_) | AttachRequest::VfCount { .. } => return Ok(None),
         AttachRequest::Count { .. } | AttachRequest::HgxFull => {
             let Ok(holdings) = crate::assign::read_holdings(hv) else {
                 // The attach itself reads them again and says what failed.

@@ -213,14 +213,21 @@ impl VgpuReport {
         }
     }
 
-    /// The short marker of `list`'s VGPU column: `2/16 VFs, 12 types, 1 mdev`.
+    /// The short marker of `list`'s VGPU column: `2/16 VFs (1 in use), 12 types, 1 mdev` (a
+    /// GPU with a VF in use is not passed whole).
     pub fn marker(&self) -> String {
         let mut parts = Vec::new();
         if let Some(s) = &self.sriov {
+            let used = s.vfs.iter().filter(|f| f.used_by.is_some()).count();
             parts.push(format!(
-                "{}/{} VFs",
+                "{}/{} VFs{}",
                 s.num_vfs.map_or("?".into(), |n| n.to_string()),
-                s.total_vfs
+                s.total_vfs,
+                if used > 0 {
+                    format!(" ({used} in use)")
+                } else {
+                    String::new()
+                }
             ));
         }
         if !self.types.is_empty() {

@@ -5,7 +5,8 @@
 //! ```xml
 //! <metadata>
 //!   <gpupass:gpus xmlns:gpupass="https://gpupass.dev/xmlns/1" count="2" model="10de:2330"/>
-//!   <!-- or alias="K4200" (from the config), or explicit GPUs: -->
+//!   <!-- or alias="K4200" (from the config), or profile="vf" count="1" (SR-IOV virtual
+//!        functions; model is then the VF's vendor:device), or explicit GPUs: -->
 //!   <gpupass:gpus xmlns:gpupass="https://gpupass.dev/xmlns/1">
 //!     <gpupass:gpu address="0000:18:00.0"/>
 //!   </gpupass:gpus>
@@ -43,6 +44,9 @@ pub struct RequestSpec {
     pub gpus: Vec<String>,
     /// Who the domain belongs to (limits, usage).
     pub owner: Option<String>,
+    /// `profile`: a fraction of a GPU instead of whole GPUs; only `vf` (SR-IOV virtual
+    /// functions) so far.
+    pub profile: Option<String>,
 }
 
 fn invalid(msg: impl Into<String>) -> RequestError {
@@ -54,6 +58,18 @@ pub fn from_spec(
     spec: &RequestSpec,
     config: &GpupassConfig,
 ) -> Result<AttachRequest, RequestError> {
+    if let Some(p) = &spec.profile {
+        if p != "vf" {
+            return Err(invalid(format!(
+                "profile '{p}' is not known: only 'vf' (SR-IOV virtual functions) is"
+            )));
+        }
+        if !spec.gpus.is_empty() || spec.alias.is_some() {
+            return Err(invalid(
+                "profile 'vf' takes count and model (the VF's vendor:device), not GPU addresses or an alias",
+            ));
+        }
+    }
     if !spec.gpus.is_empty() {
         if spec.count.is_some() || spec.model.is_some() || spec.alias.is_some() {
             return Err(invalid(
@@ -88,13 +104,18 @@ pub fn from_spec(
             .ok_or_else(|| invalid(format!("count '{c}' is not a number from 1 to {MAX_COUNT}")))?,
         // A model or alias alone asks for one GPU of it.
         None if model.is_some() => 1,
+        // `profile='vf'` alone asks for one VF.
+        None if spec.profile.is_some() => 1,
         None => {
             return Err(invalid(
                 "it names no GPUs: give count, model, alias or gpu addresses",
             ))
         }
     };
-    Ok(AttachRequest::Count { count, model })
+    Ok(match spec.profile {
+        Some(_) => AttachRequest::VfCount { count, model },
+        None => AttachRequest::Count { count, model },
+    })
 }
 
 /// The request of a config rule.
@@ -118,6 +139,7 @@ pub fn from_rule(rule: &RuleConfig, config: &GpupassConfig) -> Result<AttachRequ
             alias: rule.alias.clone(),
             gpus: rule.gpus.clone(),
             owner: rule.owner.clone(),
+            profile: None,
         },
         config,
     )
@@ -194,6 +216,7 @@ mod tests {
             alias: alias.map(Into::into),
             gpus: gpus.iter().map(|s| s.to_string()).collect(),
             owner: None,
+            profile: None,
         }
     }
 
@@ -272,5 +295,37 @@ mod tests {
         ));
         assert_eq!(for_domain("i-3-34-VM", None, &c).unwrap(), None);
         assert_eq!(for_domain("r-7-VM", None, &c).unwrap(), None);
+    }
+
+    #[test]
+    fn profile_vf_asks_for_virtual_functions() {
+        let c = GpupassConfig::default();
+        let mut vf = spec(Some("2"), Some("8086:56c0"), None, &[]);
+        vf.profile = Some("vf".into());
+        assert_eq!(
+            from_spec(&vf, &c).unwrap(),
+            AttachRequest::VfCount {
+                count: 2,
+                model: Some("8086:56c0".parse().unwrap()),
+            }
+        );
+        let mut one = spec(None, None, None, &[]);
+        one.profile = Some("vf".into());
+        assert_eq!(
+            from_spec(&one, &c).unwrap(),
+            AttachRequest::VfCount {
+                count: 1,
+                model: None
+            }
+        );
+        let mut other = one.clone();
+        other.profile = Some("GRID T4-2Q".into());
+        assert!(from_spec(&other, &c)
+            .unwrap_err()
+            .to_string()
+            .contains("profile 'GRID T4-2Q' is not known"));
+        let mut addrs = spec(None, None, None, &["0000:4d:00.1"]);
+        addrs.profile = Some("vf".into());
+        assert!(from_spec(&addrs, &c).is_err());
     }
 }

@@ -674,3 +674,88 @@ fn an_hgx_full_rule_is_given_whole_and_prepare_blocks_a_partial_fabric() {
     assert_ne!(p.code, 0, "{}", p.stderr);
     assert!(p.stderr.contains("0000:07:00.0"), "{}", p.stderr);
 }
+
+#[test]
+fn prepare_blocks_a_vf_whose_pf_a_running_domain_has_whole() {
+    // The Flex 170 PF 0000:4d:00.0 runs whole in vm-whole; its VF 0000:4d:00.2 cannot start.
+    let root = Root::new("vgpu-intel", &[("vm-whole", &["0000:4d:00.0"])]);
+    blocked(
+        &root.hook(
+            "vm",
+            "prepare",
+            "begin",
+            &domain_xml("vm", "", &["0000:4d:00.2"]),
+        ),
+        "0000:4d:00.2 is an SR-IOV virtual function of 0000:4d:00.0, which running domain 'vm-whole' has whole",
+    );
+    // A VF another running domain has is blocked as any hostdev is.
+    let root = Root::new("vgpu-intel", &[("vm-vf", &["0000:4d:00.2"])]);
+    blocked(
+        &root.hook(
+            "vm",
+            "prepare",
+            "begin",
+            &domain_xml("vm", "", &["0000:4d:00.2"]),
+        ),
+        "0000:4d:00.2 is in use by running domain 'vm-vf'",
+    );
+    // Free, it starts.
+    let root = Root::new("vgpu-intel", &[]);
+    let r = root.hook(
+        "vm",
+        "prepare",
+        "begin",
+        &domain_xml("vm", "", &["0000:4d:00.2"]),
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+}
+
+#[test]
+fn profile_vf_metadata_is_resolved_by_transform_and_checked_by_prepare() {
+    let vf_meta = |count: u32| {
+        format!("<metadata><g:gpus xmlns:g='https://gpupass.dev/xmlns/1' count='{count}' profile='vf'/></metadata>")
+    };
+    // vgpu-intel: VFs 0000:4d:00.1 (running in vm-vf) and 0000:4d:00.2 of the Flex 170.
+    let root = Root::new("vgpu-intel", &[("vm-vf", &["0000:4d:00.1"])]);
+    let r = root.gpupass(&["transform"], &domain_xml("vm", &vf_meta(1), &[]));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let facts = gpupass::xml::domain::parse(&r.stdout).unwrap();
+    let got: Vec<String> = facts.pci_hostdevs.iter().map(|a| a.to_string()).collect();
+    assert_eq!(got, ["0000:4d:00.2"], "the free VF, never vm-vf's");
+    // Transforming again keeps it (nothing to change: the output is the same domain).
+    let again = root.gpupass(&["transform"], &r.stdout);
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    let facts = gpupass::xml::domain::parse(&again.stdout).unwrap();
+    assert_eq!(facts.pci_hostdevs.len(), 1);
+    // The transformed domain starts; one without its VF does not.
+    let ok = root.hook("vm", "prepare", "begin", &r.stdout);
+    assert_eq!(ok.code, 0, "{}", ok.stderr);
+    blocked(
+        &root.hook(
+            "vm",
+            "prepare",
+            "begin",
+            &domain_xml("vm", &vf_meta(1), &[]),
+        ),
+        "domain 'vm' asks for 1 SR-IOV virtual function(s), its XML has 0",
+    );
+    // Two VFs cannot be had (one is vm-vf's): exit 6, nothing printed.
+    let r = root.gpupass(&["transform"], &domain_xml("vm2", &vf_meta(2), &[]));
+    assert_eq!(r.code, 6, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("no free virtual function"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stdout.is_empty());
+    // Only `vf` is a profile so far.
+    let mdev =
+        "<metadata><g:gpus xmlns:g='https://gpupass.dev/xmlns/1' profile='GRID T4-2Q'/></metadata>";
+    let r = root.gpupass(&["transform"], &domain_xml("vm3", mdev, &[]));
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("profile 'GRID T4-2Q' is not known"),
+        "{}",
+        r.stderr
+    );
+}

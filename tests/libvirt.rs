@@ -1,7 +1,8 @@
 //! Against a real libvirt daemon (scripts/libvirtd up; `qemu:///system` or GPUPASS_TEST_URI):
 //! attach/detach with fixture GPUs to defined domains, the already-attached and not-present
 //! paths, a live attach to a running TCG domain that libvirt refuses (no VFIO here) with nothing
-//! persisted, and many gpupass processes allocating at once without giving a GPU twice.
+//! persisted, many gpupass processes allocating at once without giving a GPU twice, and SR-IOV
+//! VFs (`--vgpu vf`) on the vGPU Intel fixture, never to two domains nor beside their PF.
 //!
 //! These tests skip when no daemon answers, unless GPUPASS_REQUIRE_LIBVIRT=1 (scripts/test, CI).
 
@@ -131,6 +132,134 @@ fn count_prefers_the_domains_numa_node_and_skips_the_boot_vga() {
     assert_eq!(r.code, 6, "{}", r.stderr);
     assert!(r.stderr.contains("1 boot VGA"), "{}", r.stderr);
     assert!(d.hostdevs(true).is_empty());
+}
+
+/// gpupass on the vGPU Intel fixture (a Flex 170 PF 0000:4d:00.0 with VFs 0000:4d:00.1 and
+/// 0000:4d:00.2 on vfio-pci, each in its own group); its domain files are not in this daemon.
+fn gp_vgpu(run_dir: &std::path::Path, args: &[&str]) -> Run {
+    let mut c = gpupass(&host("vgpu-intel"), run_dir);
+    c.arg("-c").arg(test_uri()).args(args);
+    run(c)
+}
+
+#[test]
+fn a_vf_goes_to_one_domain_as_a_plain_pci_hostdev_and_detach_removes_it() {
+    let _g = need_daemon!();
+    let t = tempfile::tempdir().unwrap();
+    let d = TestDomain::define("vf", "");
+    let other = TestDomain::define("vf-other", "");
+
+    let r = gp_vgpu(
+        t.path(),
+        &[
+            "attach",
+            &d.name,
+            "--vgpu",
+            "vf",
+            "--gpu",
+            "0000:4d:00.1",
+            "--config",
+            "--json",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let rep: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(rep["gpus"][0]["gpu"], "0000:4d:00.1");
+    assert_eq!(rep["gpus"][0]["vf"], true);
+    assert_eq!(d.hostdevs(true), ["0000:4d:00.1"]);
+    // An ordinary managed PCI hostdev with the VFIO driver, as libvirt keeps it.
+    let xml = common::virsh(&["dumpxml", "--inactive", &d.name]).stdout;
+    let hostdev = &xml[xml.find("<hostdev").unwrap()..xml.find("</hostdev>").unwrap()];
+    assert!(
+        hostdev.contains("type='pci'") && hostdev.contains("managed='yes'"),
+        "{hostdev}"
+    );
+    assert!(hostdev.contains("<driver name='vfio'/>"), "{hostdev}");
+
+    // The same VF is never given to a second domain; its PF is not passed whole.
+    let r = gp_vgpu(
+        t.path(),
+        &[
+            "attach",
+            &other.name,
+            "--vgpu",
+            "vf",
+            "--gpu",
+            "0000:4d:00.1",
+            "--config",
+        ],
+    );
+    assert_eq!(r.code, 5, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!("in use by domain '{}'", d.name)),
+        "{}",
+        r.stderr
+    );
+    let r = gp_vgpu(
+        t.path(),
+        &["attach", &other.name, "--gpu", "0000:4d:00.0", "--config"],
+    );
+    assert_eq!(r.code, 5, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("through its SR-IOV virtual function 0000:4d:00.1"),
+        "{}",
+        r.stderr
+    );
+    // A count takes the other VF; then none is left (exit 6) and nothing more is attached.
+    let r = gp_vgpu(
+        t.path(),
+        &["attach", &other.name, "--vgpu", "vf", "--config"],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(other.hostdevs(true), ["0000:4d:00.2"]);
+    let r = gp_vgpu(
+        t.path(),
+        &[
+            "attach", &d.name, "--vgpu", "vf", "--count", "1", "--config",
+        ],
+    );
+    assert_eq!(r.code, 6, "{}", r.stderr);
+    assert_eq!(d.hostdevs(true), ["0000:4d:00.1"]);
+
+    // A whole-GPU --all leaves the VF; --vgpu vf --all removes it.
+    let r = gp_vgpu(t.path(), &["detach", &d.name, "--all", "--config"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(d.hostdevs(true), ["0000:4d:00.1"]);
+    let r = gp_vgpu(
+        t.path(),
+        &["detach", &d.name, "--vgpu", "vf", "--all", "--config"],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout.contains("detached VF 0000:4d:00.1"),
+        "{}",
+        r.stdout
+    );
+    assert!(d.hostdevs(true).is_empty());
+    let r = gp_vgpu(
+        t.path(),
+        &[
+            "detach",
+            &other.name,
+            "--vgpu",
+            "vf",
+            "--gpu",
+            "0000:4d:00.2",
+            "--config",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(other.hostdevs(true).is_empty());
+    // With both VFs back, the PF goes whole again.
+    let r = gp_vgpu(
+        t.path(),
+        &["attach", &other.name, "--gpu", "0000:4d:00.0", "--config"],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(other.hostdevs(true), ["0000:4d:00.0"]);
+    let r = gp_vgpu(t.path(), &["attach", &d.name, "--vgpu", "vf", "--config"]);
+    assert_eq!(r.code, 6, "{}", r.stderr);
 }
 
 #[test]

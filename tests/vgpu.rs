@@ -2,6 +2,8 @@
 //! VFs, mdev types (on the PF and on VFs), NVIDIA vendor-VFIO types, GVT-g types and the mdev
 //! instances, with `used_by` from libvirt (the in-process test driver loaded with the fixture's
 //! own domain files) and from libvirt's files (what the hook reads). A VF is never a GPU.
+//! `attach --vgpu vf` on these hosts: a held VF, its PF whole, VFs on a host driver and
+//! counts beyond the free VFs are refused before any change.
 
 mod common;
 
@@ -245,7 +247,7 @@ fn show_summarises_the_fractions_and_its_json_matches_list() {
     let r = gp(&root, &["-c", &uri, "show", "0000:4d:00.0"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     for line in [
-        "  vgpu:         2/31 VFs\n",
+        "  vgpu:         2/31 VFs (1 in use)\n",
         "    sr-iov: 2 of 31 VFs enabled, 2 on vfio, 1 in use\n",
         "      0000:4d:00.1  driver=vfio-pci group=41 used by vm-flex-vf\n",
     ] {
@@ -376,4 +378,169 @@ fn malformed_files_are_skipped_with_a_warning() {
         "{}",
         r.stderr
     );
+}
+
+/// A test-driver node with the host's domains and `vm-new`, which holds nothing; returns its
+/// URI. (The test driver cannot attach: these tests cover the refusals, which come before any
+/// change; tests/libvirt.rs attaches for real.)
+fn node_with_new(root: &Path, t: &tempfile::TempDir) -> String {
+    let uri = node_of(root, t);
+    let node = t.path().join("node.xml");
+    let body = fs::read_to_string(&node).unwrap().replace(
+        "</node>",
+        "<domain type='test'><name>vm-new</name><uuid>0b7a3c1e-5d2f-4e6a-9b8c-7d6e5f4a3b2c</uuid>\
+         <memory unit='KiB'>1048576</memory><vcpu>1</vcpu><os><type arch='x86_64'>hvm</type></os>\
+         </domain>\n</node>",
+    );
+    fs::write(&node, body).unwrap();
+    uri
+}
+
+fn attach_new(name: &str, args: &[&str]) -> Run {
+    let t = tempfile::tempdir().unwrap();
+    let root = host(name);
+    let uri = node_with_new(&root, &t);
+    let mut all = vec!["-c", uri.as_str(), "attach", "vm-new"];
+    all.extend_from_slice(args);
+    gp(&root, &all)
+}
+
+fn one_line(r: &Run, code: i32, needle: &str) {
+    assert_eq!(r.code, code, "{}", r.stderr);
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    assert!(r.stderr.contains(needle), "{}", r.stderr);
+    assert!(r.stdout.is_empty(), "{}", r.stdout);
+}
+
+#[test]
+fn vgpu_vf_on_the_intel_host_never_gives_a_held_vf_nor_its_pf_whole() {
+    // 0000:4d:00.1 is vm-flex-vf's; 0000:4d:00.2 is the one free VF.
+    one_line(
+        &attach_new("vgpu-intel", &["--vgpu", "vf", "--gpu", "0000:4d:00.1"]),
+        5,
+        "virtual function 0000:4d:00.1 is in use by domain 'vm-flex-vf'",
+    );
+    one_line(
+        &attach_new("vgpu-intel", &["--vgpu", "vf", "--count", "2"]),
+        6,
+        "no free virtual function: 2 wanted, 1 free and passable (1 in use",
+    );
+    one_line(
+        &attach_new("vgpu-intel", &["--gpu", "0000:4d:00.0"]),
+        5,
+        "through its SR-IOV virtual function 0000:4d:00.1",
+    );
+    one_line(
+        &attach_new("vgpu-intel", &["--count", "1", "--model", "8086:56c0"]),
+        6,
+        "1 in use",
+    );
+    one_line(
+        &attach_new("vgpu-intel", &["--vgpu", "vf", "--gpu", "0000:4d:00.0"]),
+        3,
+        "0000:4d:00.0 is not an SR-IOV virtual function",
+    );
+    one_line(
+        &attach_new("vgpu-intel", &["--gpu", "0000:4d:00.2"]),
+        3,
+        "ask for it with `--vgpu vf --gpu 0000:4d:00.2`",
+    );
+    // The free VF is chosen and handed to libvirt (which the test driver refuses: exit 9).
+    let r = attach_new("vgpu-intel", &["--vgpu", "vf", "--config"]);
+    assert_eq!(r.code, 9, "{}", r.stderr);
+}
+
+#[test]
+fn vgpu_vf_refuses_vfs_on_a_host_driver_and_says_how_to_bind_them() {
+    // The A10's and H200's VFs are on nvidia, the host driver.
+    one_line(
+        &attach_new("vgpu-nvidia", &["--vgpu", "vf"]),
+        6,
+        "6 not on vfio-pci (PF 0000:1a:00.0 0000:ca:00.0: `gpupass bind VF` moves one",
+    );
+    one_line(
+        &attach_new("vgpu-nvidia", &["--vgpu", "vf", "--gpu", "0000:ca:00.4"]),
+        7,
+        "on the host driver nvidia (a VF is given only from vfio-pci or a vfio-pci variant driver: `gpupass bind 0000:ca:00.4` moves it",
+    );
+}
+
+#[test]
+fn vgpu_usage_errors_are_exit_2() {
+    one_line(
+        &attach_new("vgpu-intel", &["--vgpu", "mdev"]),
+        2,
+        "possible values: vf",
+    );
+    one_line(
+        &attach_new("vgpu-intel", &["--vgpu", "vf", "--hgx-full"]),
+        2,
+        "cannot be used with",
+    );
+    one_line(
+        &attach_new(
+            "vgpu-intel",
+            &["--vgpu", "vf", "--gpu", "0000:4d:00.2", "--count", "1"],
+        ),
+        2,
+        "cannot be used with",
+    );
+    let t = tempfile::tempdir().unwrap();
+    let root = host("vgpu-intel");
+    let uri = node_with_new(&root, &t);
+    one_line(
+        &gp(&root, &["-c", &uri, "detach", "vm-new", "--vgpu", "vf"]),
+        2,
+        "required arguments",
+    );
+    one_line(
+        &gp(
+            &root,
+            &[
+                "-c",
+                &uri,
+                "detach",
+                "vm-new",
+                "--vgpu",
+                "vf",
+                "--gpu",
+                "0000:4d:00.2",
+                "--config",
+            ],
+        ),
+        3,
+        "is not attached to domain 'vm-new'",
+    );
+    one_line(
+        &gp(
+            &root,
+            &[
+                "-c",
+                &uri,
+                "detach",
+                "vm-flex-vf",
+                "--vgpu",
+                "vf",
+                "--gpu",
+                "0000:4d:00.0",
+            ],
+        ),
+        3,
+        "is not an SR-IOV virtual function",
+    );
+}
+
+#[test]
+fn the_vgpu_column_counts_the_vfs_in_use() {
+    let t = tempfile::tempdir().unwrap();
+    let root = host("vgpu-intel");
+    let uri = node_of(&root, &t);
+    let r = gp(&root, &["-c", &uri, "list"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let flex = r
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("0000:4d:00.0"))
+        .unwrap();
+    assert!(flex.contains("2/31 VFs (1 in use)"), "{flex}");
 }

@@ -21,10 +21,46 @@ pub enum AllocError {
         address: PciAddress,
     },
     /// The address is an SR-IOV virtual function: a fraction of its PF, not a whole GPU.
-    #[error("{address} is an SR-IOV virtual function, not a whole GPU: `gpupass list --json` lists it under its PF's vgpu.sriov.vfs")]
+    #[error("{address} is an SR-IOV virtual function, not a whole GPU: ask for it with `--vgpu vf --gpu {address}` (`gpupass list --json` lists it under its PF's vgpu.sriov.vfs)")]
     VirtualFunction {
         /// The address asked for.
         address: PciAddress,
+    },
+    /// `--vgpu vf` was given an address that is no SR-IOV virtual function.
+    #[error("{address} is not an SR-IOV virtual function: `--vgpu vf` takes a VF's address (`gpupass list --json` lists them under each GPU's vgpu.sriov.vfs)")]
+    NotVirtualFunction {
+        /// The address asked for.
+        address: PciAddress,
+    },
+    /// Another domain holds the VF, or its PF whole, or a device of its IOMMU group.
+    #[error("virtual function {vf} is in use by domain '{domain}'{via}")]
+    VfInUse {
+        /// The VF asked for.
+        vf: PciAddress,
+        /// The domain that holds it.
+        domain: String,
+        /// How, when not the VF itself.
+        via: String,
+    },
+    /// Not enough free, passable SR-IOV virtual functions.
+    #[error(
+        "no free virtual function: {wanted} wanted{model}, {free} free and passable ({detail})"
+    )]
+    NoFreeVf {
+        /// How many were asked for.
+        wanted: usize,
+        /// How many were free.
+        free: usize,
+        /// ` of model VVVV:DDDD` or empty.
+        model: String,
+        /// Where the others are.
+        detail: String,
+    },
+    /// SR-IOV virtual functions asked for where only whole GPUs are resolved.
+    #[error("SR-IOV virtual functions are given by `gpupass attach --vgpu vf`, not by {place}")]
+    VfNotResolved {
+        /// Where.
+        place: &'static str,
     },
     /// The GPU cannot be passed through.
     #[error("GPU {gpu} cannot be passed through: {reason}")]
@@ -129,13 +165,16 @@ impl AllocError {
     /// The documented exit code (the table in `gpupass --help`).
     pub fn exit_code(&self) -> u8 {
         match self {
+            AllocError::VfNotResolved { .. } => 2,
             AllocError::UnknownGpu { .. }
             | AllocError::VirtualFunction { .. }
+            | AllocError::NotVirtualFunction { .. }
             | AllocError::NotAttached { .. } => 3,
             AllocError::InUse { .. }
+            | AllocError::VfInUse { .. }
             | AllocError::AlreadyAttached { .. }
             | AllocError::SwitchInUse { .. } => 5,
-            AllocError::NoFreeGpu { .. } | AllocError::NoFabric => 6,
+            AllocError::NoFreeGpu { .. } | AllocError::NoFreeVf { .. } | AllocError::NoFabric => 6,
             AllocError::IommuOff
             | AllocError::NotPassable { .. }
             | AllocError::SwitchNotPassable { .. } => 7,

@@ -9,6 +9,7 @@ use serde::Serialize;
 use crate::alloc::AllocError;
 use crate::host::discover::{Gpu, Inventory};
 use crate::host::readiness::{verdict, Verdict};
+use crate::host::vgpu::is_vfio_driver;
 use crate::model::{MdevUuid, NumaNode, PciAddress, PciId};
 
 /// A domain that references a PCI function.
@@ -230,6 +231,23 @@ pub enum AttachRequest {
     /// HGX full passthrough: every GPU of the host's NVSwitch fabric and every NVSwitch, as
     /// one unit (Fabric Manager runs in the guest).
     HgxFull,
+    /// These SR-IOV virtual functions (`--vgpu vf --gpu VF`), each a single function.
+    Vfs(Vec<PciAddress>),
+    /// Any `count` free SR-IOV virtual functions (`--vgpu vf --count N`), optionally of one
+    /// model (the VF's own vendor:device).
+    VfCount {
+        /// How many.
+        count: usize,
+        /// Only this vendor:device.
+        model: Option<PciId>,
+    },
+}
+
+impl AttachRequest {
+    /// True when it asks for SR-IOV virtual functions, not whole GPUs.
+    pub fn is_vf(&self) -> bool {
+        matches!(self, AttachRequest::Vfs(_) | AttachRequest::VfCount { .. })
+    }
 }
 
 /// What an attach will take.
@@ -239,6 +257,8 @@ pub struct AttachPlan {
     pub gpus: Vec<PciAddress>,
     /// NVSwitches (single functions) attached after the GPUs (`HgxFull` only).
     pub switches: Vec<PciAddress>,
+    /// SR-IOV virtual functions (single functions; `Vfs` and `VfCount` only).
+    pub vfs: Vec<PciAddress>,
     /// Things the operator should know (boot VGA chosen explicitly…).
     pub warnings: Vec<String>,
 }
@@ -278,6 +298,19 @@ fn held_elsewhere(
     v: &Verdict,
     domain: &str,
 ) -> Option<AllocError> {
+    // Whole GPU and fractions exclude each other: a GPU with a VF in any domain (this one
+    // too) is not passed whole.
+    for vf in inv.vfs_of(gpu) {
+        if let Some(h) = holdings.holders(&[vf]).into_iter().next() {
+            return Some(AllocError::InUse {
+                gpu: gpu.address,
+                domain: h.domain,
+                via: format!(
+                    " through its SR-IOV virtual function {vf} (a GPU with a VF in use is not passed whole)"
+                ),
+            });
+        }
+    }
     if let Some(h) = holdings
         .holders(&gpu.functions)
         .into_iter()
@@ -340,10 +373,32 @@ pub fn plan_attach(
             Ok(AttachPlan {
                 gpus,
                 switches: Vec::new(),
+                vfs: Vec::new(),
                 warnings,
             })
         }
         AttachRequest::HgxFull => plan_hgx_full(inv, holdings, domain),
+        AttachRequest::Vfs(addrs) => {
+            let mut vfs: Vec<PciAddress> = Vec::new();
+            for a in addrs {
+                if inv.device(*a).is_none() {
+                    return Err(AllocError::UnknownGpu { address: *a });
+                }
+                assignable_vf(inv, holdings, *a, domain)?;
+                if !vfs.contains(a) {
+                    vfs.push(*a);
+                }
+            }
+            Ok(AttachPlan {
+                gpus: Vec::new(),
+                switches: Vec::new(),
+                vfs,
+                warnings,
+            })
+        }
+        AttachRequest::VfCount { count, model } => {
+            plan_vf_count(inv, holdings, domain, *count, *model, prefer)
+        }
         AttachRequest::Count { count, model } => {
             // A GPU the domain holds only part of (a crash mid-attach or mid-detach) counts as
             // one of the N and is completed first: retrying the attach finishes the job.
@@ -436,10 +491,158 @@ pub fn plan_attach(
             Ok(AttachPlan {
                 gpus,
                 switches: Vec::new(),
+                vfs: Vec::new(),
                 warnings,
             })
         }
     }
+}
+
+/// Whether the SR-IOV virtual function `vf` may go to `domain`: passable as a one-function
+/// unit, on VFIO, its PF not passed whole, held by no other domain. `Err` says why not.
+pub fn assignable_vf(
+    inv: &Inventory,
+    holdings: &Holdings,
+    vf: PciAddress,
+    domain: &str,
+) -> Result<(), AllocError> {
+    let pf = inv
+        .physfn(vf)
+        .ok_or(AllocError::NotVirtualFunction { address: vf })?;
+    // A VF is judged like a GPU of one function: its own IOMMU group, nothing in the group on
+    // a host driver, not quarantined.
+    let unit = Gpu {
+        address: vf,
+        functions: vec![vf],
+    };
+    let v = verdict(inv, &unit);
+    let mut reasons: Vec<String> = v.blockers.iter().map(ToString::to_string).collect();
+    // libvirt could rebind a managed VF itself, but a VF on its host driver may be in use by
+    // the host (a GPU VF driven by i915/xe); gpupass gives only VFs the operator put on VFIO.
+    match inv.device(vf).and_then(|d| d.driver.as_deref()) {
+        Some(d) if is_vfio_driver(d) => {}
+        other => reasons.push(format!(
+            "{} ({}: `gpupass bind {vf}` moves it, `gpupass sriov {pf} --vfs N` creates VFs on vfio-pci)",
+            match other {
+                Some(d) => format!("on the host driver {d}"),
+                None => "bound to no driver".to_owned(),
+            },
+            "a VF is given only from vfio-pci or a vfio-pci variant driver"
+        )),
+    }
+    if !reasons.is_empty() {
+        return Err(AllocError::NotPassable {
+            gpu: vf,
+            reason: reasons.join("; "),
+        });
+    }
+    // Its PF passed whole, to any domain: the VF goes with no one else.
+    if let Some(pf_gpu) = inv.gpu(pf) {
+        if let Some(h) = holdings.holders(&pf_gpu.functions).into_iter().next() {
+            return Err(AllocError::VfInUse {
+                vf,
+                domain: h.domain,
+                via: format!(
+                    " through its PF {}, passed whole (a GPU passed whole has no VFs to give)",
+                    pf_gpu.address
+                ),
+            });
+        }
+    }
+    // Never one VF to two domains; nor a VF whose IOMMU group another domain holds part of.
+    for g in &v.iommu_groups {
+        for member in inv.groups.get(g).map(Vec::as_slice).unwrap_or_default() {
+            if let Some(h) = holdings
+                .holders(&[*member])
+                .into_iter()
+                .find(|h| h.domain != domain)
+            {
+                return Err(AllocError::VfInUse {
+                    vf,
+                    domain: h.domain,
+                    via: if *member == vf {
+                        String::new()
+                    } else {
+                        format!(" through {member} in the same IOMMU group (a group goes to one domain)")
+                    },
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Picks `count` free VFs for `domain`: passable, on VFIO, their PF not passed whole, held by
+/// no domain (one `domain` already has is not counted again); preferred NUMA node first, then
+/// the lowest address.
+fn plan_vf_count(
+    inv: &Inventory,
+    holdings: &Holdings,
+    domain: &str,
+    count: usize,
+    model: Option<PciId>,
+    prefer: &BTreeSet<NumaNode>,
+) -> Result<AttachPlan, AllocError> {
+    let mut free: Vec<(bool, PciAddress)> = Vec::new();
+    let (mut held, mut blocked, mut host_driver, mut other_model) = (0, 0, 0, 0);
+    let mut pfs_on_host: BTreeSet<PciAddress> = BTreeSet::new();
+    for (vf, pf) in &inv.vf_parents {
+        let Some(dev) = inv.device(*vf) else { continue };
+        if model.is_some_and(|m| m != dev.id) {
+            other_model += 1;
+            continue;
+        }
+        if !holdings.holders(&[*vf]).is_empty() {
+            held += 1;
+            continue;
+        }
+        match assignable_vf(inv, holdings, *vf, domain) {
+            Ok(()) => {
+                let on_preferred = dev.numa_node.is_some_and(|n| prefer.contains(&n));
+                free.push((!on_preferred, *vf));
+            }
+            Err(AllocError::VfInUse { .. }) => held += 1,
+            Err(_) if !dev.driver.as_deref().is_some_and(is_vfio_driver) => {
+                host_driver += 1;
+                pfs_on_host.insert(*pf);
+            }
+            Err(_) => blocked += 1,
+        }
+    }
+    if free.len() < count {
+        let mut parts = vec![format!("{held} in use"), format!("{blocked} not passable")];
+        if host_driver > 0 {
+            parts.push(format!(
+                "{host_driver} not on vfio-pci (PF {}: `gpupass bind VF` moves one, `gpupass sriov PF --vfs N` creates VFs on vfio-pci)",
+                pfs_on_host
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ));
+        }
+        if model.is_some() {
+            parts.push(format!("{other_model} of other models"));
+        }
+        if inv.vf_parents.is_empty() {
+            parts.push(
+                "this host has no SR-IOV virtual functions (`gpupass sriov PF --vfs N`)".to_owned(),
+            );
+        }
+        return Err(AllocError::NoFreeVf {
+            wanted: count,
+            free: free.len(),
+            model: model.map(|m| format!(" of model {m}")).unwrap_or_default(),
+            detail: parts.join(", "),
+        });
+    }
+    free.sort();
+    Ok(AttachPlan {
+        gpus: Vec::new(),
+        switches: Vec::new(),
+        vfs: free.into_iter().take(count).map(|(_, a)| a).collect(),
+        warnings: Vec::new(),
+    })
 }
 
 /// HGX full passthrough: every GPU of the fabric and every NVSwitch, or nothing. Each must be
@@ -490,6 +693,7 @@ fn plan_hgx_full(
     Ok(AttachPlan {
         gpus,
         switches,
+        vfs: Vec::new(),
         warnings,
     })
 }
@@ -553,6 +757,10 @@ pub enum DetachRequest {
     Gpus(Vec<PciAddress>),
     /// Every GPU of this host that the domain has.
     All,
+    /// These SR-IOV virtual functions (`--vgpu vf --gpu VF`).
+    Vfs(Vec<PciAddress>),
+    /// Every SR-IOV virtual function of this host that the domain has (`--vgpu vf --all`).
+    AllVfs,
 }
 
 /// One unit a detach removes: a GPU with the functions the domain has of it.
@@ -608,6 +816,43 @@ pub fn plan_detach(
             }
             Ok(units)
         }
+        DetachRequest::Vfs(addrs) => {
+            let mut units: Vec<DetachUnit> = Vec::new();
+            for a in addrs {
+                // A VF address the domain has is removed even when the VF is gone from the
+                // host (its PF's VF count lowered): the hostdev names it.
+                if inv.physfn(*a).is_none() {
+                    if inv.device(*a).is_some() {
+                        return Err(AllocError::NotVirtualFunction { address: *a });
+                    }
+                    if !present.contains(a) {
+                        return Err(AllocError::UnknownGpu { address: *a });
+                    }
+                }
+                if !present.contains(a) {
+                    return Err(AllocError::NotAttached {
+                        gpu: *a,
+                        domain: domain.to_owned(),
+                        impact,
+                    });
+                }
+                if !units.iter().any(|u| u.gpu == *a) {
+                    units.push(DetachUnit {
+                        gpu: *a,
+                        functions: vec![*a],
+                    });
+                }
+            }
+            Ok(units)
+        }
+        DetachRequest::AllVfs => Ok(present
+            .iter()
+            .filter(|a| inv.physfn(**a).is_some())
+            .map(|a| DetachUnit {
+                gpu: *a,
+                functions: vec![*a],
+            })
+            .collect()),
         // The host's NVSwitches go too: they came with the GPUs (HGX full passthrough).
         DetachRequest::All => Ok(inv
             .gpus
@@ -1093,5 +1338,215 @@ mod tests {
             gone,
             [a("0000:18:00.0"), a("0000:05:00.0"), a("0000:08:00.0")]
         );
+    }
+
+    /// Two SR-IOV GPUs: PF 0000:4d:00.0 (node 0) with VFs .1 and .2, PF 0000:9a:00.0 (node 1)
+    /// with VF .1 on `vf9a_driver`; every function in its own group.
+    fn vf_host(vf9a_driver: &str) -> Inventory {
+        let mut devices = BTreeMap::new();
+        let mut groups: BTreeMap<IommuGroupId, Vec<PciAddress>> = BTreeMap::new();
+        let mut parents = BTreeMap::new();
+        let fns: [(&str, Option<&str>, u32, u32, &str); 5] = [
+            ("0000:4d:00.0", None, 40, 0, "vfio-pci"),
+            ("0000:4d:00.1", Some("0000:4d:00.0"), 41, 0, "vfio-pci"),
+            ("0000:4d:00.2", Some("0000:4d:00.0"), 42, 0, "vfio-pci"),
+            ("0000:9a:00.0", None, 50, 1, "vfio-pci"),
+            ("0000:9a:00.1", Some("0000:9a:00.0"), 51, 1, vf9a_driver),
+        ];
+        for (addr, pf, group, numa, driver) in fns {
+            let a: PciAddress = addr.parse().unwrap();
+            devices.insert(
+                a,
+                PciDevice {
+                    address: a,
+                    id: "8086:56c0".parse().unwrap(),
+                    subsystem: None,
+                    class: PciClass(0x038000),
+                    driver: Some(driver.into()),
+                    iommu_group: Some(IommuGroupId(group)),
+                    numa_node: Some(NumaNode(numa)),
+                    boot_vga: false,
+                    reset_method: None,
+                    parent: None,
+                    virtfn: pf.is_some(),
+                },
+            );
+            groups.entry(IommuGroupId(group)).or_default().push(a);
+            if let Some(pf) = pf {
+                parents.insert(a, pf.parse::<PciAddress>().unwrap());
+            }
+        }
+        let iommu = IommuState {
+            groups: groups.len(),
+            ..Default::default()
+        };
+        let mut inv = Inventory::build(devices, groups, iommu, Vec::new());
+        inv.vf_parents = parents;
+        inv
+    }
+
+    fn vf_count(n: usize) -> AttachRequest {
+        AttachRequest::VfCount {
+            count: n,
+            model: None,
+        }
+    }
+
+    #[test]
+    fn a_vf_count_takes_free_vfs_on_the_preferred_node_first() {
+        let inv = vf_host("vfio-pci");
+        assert_eq!(inv.gpus.len(), 2, "VFs are no GPUs");
+        let h = Holdings::default();
+        let none = BTreeSet::new();
+        let p = plan_attach(&inv, &h, "vm", &vf_count(2), &none).unwrap();
+        assert!(p.gpus.is_empty());
+        assert_eq!(p.vfs, [a("0000:4d:00.1"), a("0000:4d:00.2")]);
+        let node1 = BTreeSet::from([NumaNode(1)]);
+        let p = plan_attach(&inv, &h, "vm", &vf_count(2), &node1).unwrap();
+        assert_eq!(p.vfs, [a("0000:9a:00.1"), a("0000:4d:00.1")]);
+        // A VF another domain holds is skipped, and one is never given twice.
+        let mut h = Holdings::default();
+        h.add(a("0000:4d:00.1"), "other", false);
+        let p = plan_attach(&inv, &h, "vm", &vf_count(2), &none).unwrap();
+        assert_eq!(p.vfs, [a("0000:4d:00.2"), a("0000:9a:00.1")]);
+        let e = plan_attach(
+            &inv,
+            &h,
+            "vm",
+            &AttachRequest::Vfs(vec![a("0000:4d:00.1")]),
+            &none,
+        )
+        .unwrap_err();
+        assert_eq!(e.exit_code(), 5);
+        assert!(e.to_string().contains("in use by domain 'other'"), "{e}");
+    }
+
+    #[test]
+    fn a_vf_count_beyond_the_free_ones_is_no_free_exit_6() {
+        let inv = vf_host("i915");
+        let mut h = Holdings::default();
+        h.add(a("0000:4d:00.2"), "other", true);
+        let e = plan_attach(&inv, &h, "vm", &vf_count(2), &BTreeSet::new()).unwrap_err();
+        assert_eq!(e.exit_code(), 6);
+        let m = e.to_string();
+        assert!(m.contains("2 wanted, 1 free"), "{m}");
+        assert!(m.contains("1 in use"), "{m}");
+        // The VF on a host driver is not free, and the line says how to get VFs on vfio-pci.
+        assert!(m.contains("1 not on vfio-pci (PF 0000:9a:00.0"), "{m}");
+        assert!(m.contains("gpupass sriov"), "{m}");
+        let e = plan_attach(
+            &inv,
+            &h,
+            "vm",
+            &AttachRequest::Vfs(vec![a("0000:9a:00.1")]),
+            &BTreeSet::new(),
+        )
+        .unwrap_err();
+        assert_eq!(e.exit_code(), 7);
+        assert!(e.to_string().contains("on the host driver i915"), "{e}");
+    }
+
+    #[test]
+    fn whole_gpu_and_its_vfs_exclude_each_other() {
+        let inv = vf_host("vfio-pci");
+        let none = BTreeSet::new();
+        // A PF passed whole: its VFs are not free, for any domain (its own too).
+        let mut h = Holdings::default();
+        h.add(a("0000:4d:00.0"), "whole", false);
+        for who in ["vm", "whole"] {
+            let e = plan_attach(
+                &inv,
+                &h,
+                who,
+                &AttachRequest::Vfs(vec![a("0000:4d:00.2")]),
+                &none,
+            )
+            .unwrap_err();
+            assert_eq!(e.exit_code(), 5);
+            assert!(e.to_string().contains("through its PF 0000:4d:00.0"), "{e}");
+        }
+        let p = plan_attach(&inv, &h, "vm", &vf_count(1), &none).unwrap();
+        assert_eq!(p.vfs, [a("0000:9a:00.1")]);
+        // A PF with a VF held: not free for a whole attach, by address or by count.
+        let mut h = Holdings::default();
+        h.add(a("0000:9a:00.1"), "fraction", true);
+        let e = plan_attach(
+            &inv,
+            &h,
+            "vm",
+            &AttachRequest::Gpus(vec![a("0000:9a:00.0")]),
+            &none,
+        )
+        .unwrap_err();
+        assert_eq!(e.exit_code(), 5);
+        assert!(
+            e.to_string()
+                .contains("through its SR-IOV virtual function 0000:9a:00.1"),
+            "{e}"
+        );
+        let count = AttachRequest::Count {
+            count: 1,
+            model: None,
+        };
+        let p = plan_attach(&inv, &h, "vm", &count, &BTreeSet::from([NumaNode(1)])).unwrap();
+        assert_eq!(
+            p.gpus,
+            [a("0000:4d:00.0")],
+            "the PF with a VF in use is skipped"
+        );
+        let two = AttachRequest::Count {
+            count: 2,
+            model: None,
+        };
+        assert_eq!(
+            plan_attach(&inv, &h, "vm", &two, &none)
+                .unwrap_err()
+                .exit_code(),
+            6
+        );
+    }
+
+    #[test]
+    fn vf_requests_name_only_vfs_and_detach_takes_only_vfs() {
+        let inv = vf_host("vfio-pci");
+        let h = Holdings::default();
+        let none = BTreeSet::new();
+        let e = plan_attach(
+            &inv,
+            &h,
+            "vm",
+            &AttachRequest::Vfs(vec![a("0000:4d:00.0")]),
+            &none,
+        )
+        .unwrap_err();
+        assert!(matches!(e, AllocError::NotVirtualFunction { .. }), "{e}");
+        assert_eq!(e.exit_code(), 3);
+        let present: BTreeSet<PciAddress> =
+            [a("0000:4d:00.0"), a("0000:4d:00.2"), a("0000:9a:00.1")].into();
+        let units = plan_detach(&inv, &present, "vm", "config", &DetachRequest::AllVfs).unwrap();
+        let got: Vec<PciAddress> = units.iter().map(|u| u.gpu).collect();
+        assert_eq!(got, [a("0000:4d:00.2"), a("0000:9a:00.1")]);
+        let e = plan_detach(
+            &inv,
+            &present,
+            "vm",
+            "config",
+            &DetachRequest::Vfs(vec![a("0000:4d:00.1")]),
+        )
+        .unwrap_err();
+        assert_eq!(e.exit_code(), 3);
+        let e = plan_detach(
+            &inv,
+            &present,
+            "vm",
+            "config",
+            &DetachRequest::Vfs(vec![a("0000:4d:00.0")]),
+        )
+        .unwrap_err();
+        assert!(matches!(e, AllocError::NotVirtualFunction { .. }), "{e}");
+        // A whole-GPU --all leaves the VFs alone.
+        let units = plan_detach(&inv, &present, "vm", "config", &DetachRequest::All).unwrap();
+        let got: Vec<PciAddress> = units.iter().map(|u| u.gpu).collect();
+        assert_eq!(got, [a("0000:4d:00.0")]);
     }
 }

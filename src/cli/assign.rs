@@ -1,4 +1,4 @@
-//! `gpupass attach` and `gpupass detach`: whole GPUs in and out of a libvirt domain, under the
+//! `gpupass attach` and `gpupass detach`: whole GPUs and SR-IOV VFs in and out of a libvirt domain, under the
 //! host lock, with a deadline on libvirt so a hung daemon cannot keep the lock.
 
 use std::time::Duration;
@@ -80,7 +80,13 @@ fn print_report(
         let fns: Vec<String> = g.functions.iter().map(|f| f.to_string()).collect();
         out.push_str(&format!(
             "{verb} {} {} {prep} {} ({what}): {}\n",
-            if g.nvswitch { "NVSwitch" } else { "GPU" },
+            if g.nvswitch {
+                "NVSwitch"
+            } else if g.vf {
+                "VF"
+            } else {
+                "GPU"
+            },
             g.gpu,
             r.domain,
             fns.join(" ")
@@ -151,7 +157,9 @@ pub fn run(
     };
     let report = report.context(what.clone())?;
     // The persistent definition gets what its GPUs need; the running one cannot change.
-    let fitted = match (&action, report.config, flags.fit) {
+    // A VF needs no 64-bit window or slot layout of the kind a whole GPU does: not fitted.
+    let fit = flags.fit && !matches!(action, Action::Attach(r) if r.is_vf());
+    let fitted = match (&action, report.config, fit) {
         (Action::Attach(_), true, true) => {
             match crate::cli::fit::apply_config(&hv, g, &inv, domain, &[]) {
                 Ok(f) => Some(f),
@@ -165,6 +173,7 @@ pub fn run(
                 }
             }
         }
+        (Action::Attach(_), true, false) if flags.fit => None,
         (Action::Attach(_), true, false) => {
             tracing::warn!(
                 "domain '{domain}' left as it is (--no-fit): `gpupass fit {domain}` shows what its GPUs need"

@@ -102,6 +102,8 @@ pub fn fit(
     let extra: Vec<PciAddress> = match request {
         None => Vec::new(),
         Some(AttachRequest::Gpus(g)) => g.clone(),
+        // Not asked by `fit` (it takes no --vgpu); VFs are not fitted.
+        Some(AttachRequest::Vfs(_) | AttachRequest::VfCount { .. }) => Vec::new(),
         Some(r @ (AttachRequest::Count { .. } | AttachRequest::HgxFull)) => {
             let holdings = read_holdings(&hv)?;
             let facts = gpupass::xml::domain::parse(&xml)?;

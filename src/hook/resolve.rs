@@ -1,11 +1,12 @@
 //! Decides which GPUs a domain's XML should carry for its request on this host (pure): keeps the
 //! hostdevs that are valid here, drops gpupass-injected ones that are not (another host's
 //! address after a migration, a GPU held by someone else, one that no longer fits the request),
-//! and picks what is missing with the same rules as `attach --count`.
+//! and picks what is missing with the same rules as `attach --count` (SR-IOV VFs for
+//! `profile='vf'`, as `attach --vgpu vf --count`).
 
 use std::collections::BTreeSet;
 
-use crate::alloc::plan::{plan_attach, AttachRequest, Holdings};
+use crate::alloc::plan::{assignable_vf, plan_attach, AttachRequest, Holdings};
 use crate::alloc::AllocError;
 use crate::host::discover::Inventory;
 use crate::host::readiness::verdict;
@@ -57,6 +58,16 @@ pub fn resolve(
         ),
         AttachRequest::Count { .. } => None,
         AttachRequest::HgxFull => Some(inv.fabric_gpus()),
+        AttachRequest::VfCount { count, model } => {
+            return resolve_vfs(inv, holdings, doc, *count, *model, prefer)
+        }
+        // The metadata names VFs by count only (`profile='vf'`): addresses come from
+        // `attach --vgpu vf --gpu VF`.
+        AttachRequest::Vfs(_) => {
+            return Err(AllocError::VfNotResolved {
+                place: "the hook or transform",
+            })
+        }
     };
     // HGX full passthrough: the fabric's NVSwitches go with its GPUs.
     let switches: Vec<PciAddress> = match request {
@@ -107,7 +118,10 @@ pub fn resolve(
         .collect();
     let mut gpus_after: Vec<PciAddress> = kept.clone();
     let new: Vec<PciAddress> = match request {
-        AttachRequest::Gpus(_) | AttachRequest::HgxFull => wanted_gpus
+        AttachRequest::Gpus(_)
+        | AttachRequest::HgxFull
+        | AttachRequest::Vfs(_)
+        | AttachRequest::VfCount { .. } => wanted_gpus
             .unwrap_or_default()
             .into_iter()
             .filter(|g| !kept.contains(g))
@@ -174,6 +188,54 @@ pub fn resolve(
         }
     }
     res.add = add.into_iter().collect();
+    res.functions_after = after.into_iter().collect();
+    Ok(res)
+}
+
+/// [`resolve`] for `profile='vf'`: keeps the VFs the domain has (injected ones only while they
+/// are still free for it and of the model), and picks the missing ones as
+/// `attach --vgpu vf --count` does.
+fn resolve_vfs(
+    inv: &Inventory,
+    holdings: &Holdings,
+    doc: &DomainDoc<'_>,
+    count: usize,
+    model: Option<PciId>,
+    prefer: &BTreeSet<NumaNode>,
+) -> Result<Resolution, AllocError> {
+    let name = doc.name.as_str();
+    let fits = |vf: PciAddress| {
+        inv.physfn(vf).is_some() && model.is_none_or(|m| model_of(inv, vf) == Some(m))
+    };
+    let mut res = Resolution::default();
+    let mut present: BTreeSet<PciAddress> = BTreeSet::new();
+    for (i, h) in doc.hostdevs.iter().enumerate() {
+        let Some(src) = h.source else { continue };
+        if !h.injected() || (fits(src) && assignable_vf(inv, holdings, src, name).is_ok()) {
+            present.insert(src);
+        } else {
+            res.remove.push(i);
+        }
+    }
+    let kept: Vec<PciAddress> = present.iter().copied().filter(|a| fits(*a)).collect();
+    let mut after: BTreeSet<PciAddress> = kept.iter().copied().collect();
+    let missing = count.saturating_sub(kept.len());
+    if missing > 0 {
+        // Kept VFs are this domain's: not free to pick again.
+        let mut with_self = holdings.clone();
+        for k in &kept {
+            with_self.add(*k, name, false);
+        }
+        let request = AttachRequest::VfCount {
+            count: missing,
+            model,
+        };
+        for vf in plan_attach(inv, &with_self, name, &request, prefer)?.vfs {
+            after.insert(vf);
+            res.add.push(vf);
+        }
+    }
+    res.add.sort();
     res.functions_after = after.into_iter().collect();
     Ok(res)
 }

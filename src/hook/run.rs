@@ -344,6 +344,16 @@ pub fn prepare(env: &HookEnv, input: &str) -> Result<Vec<String>, HookError> {
             };
             return Err(blocked(format!("{s} is {who}")));
         }
+        // Whole GPU and its SR-IOV VFs exclude each other (as `attach --vgpu vf` decides): a
+        // VF whose PF a running domain has whole does not start.
+        if let Some(pf) = inv.physfn(*s) {
+            if let Some(h) = running.holders(&[pf]).first() {
+                return Err(blocked(format!(
+                    "{s} is an SR-IOV virtual function of {pf}, which running domain '{}' has whole",
+                    h.domain
+                )));
+            }
+        }
         let Some(gpu) = inv.gpu(*s) else {
             // Not a GPU function: existence and holders are all gpupass judges.
             continue;
@@ -474,6 +484,22 @@ pub fn prepare(env: &HookEnv, input: &str) -> Result<Vec<String>, HookError> {
                     )));
                 }
             }
+            AttachRequest::VfCount { count, model } => {
+                let n = present
+                    .iter()
+                    .filter(|a| inv.physfn(**a).is_some())
+                    .filter(|a| model.is_none_or(|m| inv.device(**a).is_some_and(|d| d.id == m)))
+                    .count();
+                if n < count {
+                    return Err(blocked(format!(
+                        "domain '{}' asks for {count} SR-IOV virtual function(s){}, its XML has {n}",
+                        doc.name,
+                        model.map(|m| format!(" of model {m}")).unwrap_or_default()
+                    )));
+                }
+            }
+            // The metadata never names VFs by address.
+            AttachRequest::Vfs(_) => {}
         }
     }
     Ok(warnings)

@@ -102,6 +102,9 @@ pub struct Inventory {
     /// Quarantined GPUs (from the state dir's health file, not from sysfs: empty until a
     /// caller loads them with [`Inventory::with_quarantine`]).
     pub quarantine: BTreeMap<PciAddress, crate::health::Quarantine>,
+    /// Each SR-IOV virtual function's physical function (its `physfn` link), by VF address:
+    /// the VFs `attach --vgpu vf` gives, and whose PF is then not passed whole.
+    pub vf_parents: BTreeMap<PciAddress, PciAddress>,
 }
 
 /// Which devices a discovery reads.
@@ -321,7 +324,21 @@ pub fn discover_with(sysfs: &Sysfs, scope: &Scope, full: bool) -> Result<Invento
         Scope::All => sysfs.numa_cpus()?,
         Scope::Gpus | Scope::Around(_) => Vec::new(),
     };
-    Ok(Inventory::build(devices, groups, iommu, numa))
+    // Each VF's PF, from its `physfn` link (a VF whose link names no PCI function is no VF
+    // gpupass can give: it is left out).
+    let mut vf_parents = BTreeMap::new();
+    for d in devices.values().filter(|d| d.virtfn) {
+        if let Some(pf) = sysfs
+            .device_link(d.address, "physfn")?
+            .as_deref()
+            .and_then(crate::host::vgpu::address_at_end)
+        {
+            vf_parents.insert(d.address, pf);
+        }
+    }
+    let mut inv = Inventory::build(devices, groups, iommu, numa);
+    inv.vf_parents = vf_parents;
+    Ok(inv)
 }
 
 impl Inventory {
@@ -340,7 +357,22 @@ impl Inventory {
             iommu,
             numa_cpus,
             quarantine: BTreeMap::new(),
+            vf_parents: BTreeMap::new(),
         }
+    }
+
+    /// The physical function of an SR-IOV virtual function; `None` when `addr` is no VF.
+    pub fn physfn(&self, addr: PciAddress) -> Option<PciAddress> {
+        self.vf_parents.get(&addr).copied()
+    }
+
+    /// The SR-IOV virtual functions of a GPU (whose PF is any of its functions).
+    pub fn vfs_of(&self, gpu: &Gpu) -> Vec<PciAddress> {
+        self.vf_parents
+            .iter()
+            .filter(|(_, pf)| gpu.functions.contains(pf) || **pf == gpu.address)
+            .map(|(vf, _)| *vf)
+            .collect()
     }
 
     /// The inventory with the quarantines of the health file in `state_dir` (none when it has

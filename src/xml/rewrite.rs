@@ -452,6 +452,7 @@ fn scan_root(text: &str, status: bool) -> Result<DomainDoc<'_>, XmlError> {
                             alias: attr(e, b"alias")?,
                             gpus: Vec::new(),
                             owner: attr(e, b"owner")?,
+                            profile: attr(e, b"profile")?,
                         });
                         in_request = !empty;
                     }
