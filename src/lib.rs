@@ -32,6 +32,7 @@ pub mod limits;
 pub mod model;
 pub mod observability;
 pub mod refit;
+#[cfg(feature = "pci-names")]
 pub mod report;
 pub mod request;
 pub mod usage;

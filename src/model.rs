@@ -6,6 +6,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+mod class_names;
+
 /// Errors from parsing user-supplied identifiers.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ModelError {
@@ -386,9 +388,9 @@ impl PciClass {
         self.base() == 0x06 && matches!(self.sub(), 0x04 | 0x09)
     }
 
-    /// Human name from the PCI ID database, e.g. "3D controller".
+    /// Human name from the PCI ID database's class list, e.g. "3D controller".
     pub fn name(self) -> Option<&'static str> {
-        pci_ids::Subclass::from_cid_sid(self.base(), self.sub()).map(|s| s.name())
+        class_names::subclass(self.base(), self.sub())
     }
 }
 
@@ -426,18 +428,21 @@ impl fmt::Display for NumaNode {
     }
 }
 
-/// Vendor and device names from the PCI ID database (the `pci-ids` crate).
+/// Vendor name from the PCI ID database compiled in (the `pci-ids` crate).
+#[cfg(feature = "pci-names")]
 pub fn vendor_name(vendor: u16) -> Option<&'static str> {
     use pci_ids::FromId;
     pci_ids::Vendor::from_id(vendor).map(|v| v.name())
 }
 
-/// Device name from the PCI ID database.
+/// Device name from the PCI ID database compiled in.
+#[cfg(feature = "pci-names")]
 pub fn device_name(id: PciId) -> Option<&'static str> {
     pci_ids::Device::from_vid_pid(id.vendor, id.device).map(|d| d.name())
 }
 
-/// Subsystem (board) name from the PCI ID database.
+/// Subsystem (board) name from the PCI ID database compiled in.
+#[cfg(feature = "pci-names")]
 pub fn subsystem_name(id: PciId, subsystem: PciId) -> Option<&'static str> {
     pci_ids::Device::from_vid_pid(id.vendor, id.device).and_then(|d| {
         d.subsystems()
@@ -561,6 +566,34 @@ mod tests {
         );
     }
 
+    #[test]
+    fn class_names_are_compiled_in() {
+        assert_eq!(PciClass(0x030200).name(), Some("3D controller"));
+        assert_eq!(PciClass(0x030000).name(), Some("VGA compatible controller"));
+        assert_eq!(PciClass(0x120000).name(), Some("Processing accelerators"));
+        assert_eq!(PciClass(0x020000).name(), Some("Ethernet controller"));
+        assert_eq!(
+            PciClass(0x13_00_00).name(),
+            None,
+            "a class without subclasses"
+        );
+        assert_eq!(PciClass(0x03_7f_00).name(), None);
+    }
+
+    /// The compiled-in class table is the `pci-ids` crate's, entry by entry.
+    #[cfg(feature = "pci-names")]
+    #[test]
+    fn class_names_match_the_pci_id_database() {
+        for base in 0..=u8::MAX {
+            for sub in 0..=u8::MAX {
+                let want = pci_ids::Subclass::from_cid_sid(base, sub).map(|s| s.name());
+                let c = PciClass(u32::from(base) << 16 | u32::from(sub) << 8);
+                assert_eq!(c.name(), want, "class {base:02x}{sub:02x}");
+            }
+        }
+    }
+
+    #[cfg(feature = "pci-names")]
     #[test]
     fn names_come_from_the_pci_id_database() {
         assert_eq!(vendor_name(0x10de), Some("NVIDIA Corporation"));

@@ -23,7 +23,7 @@ pub struct FunctionReport {
     pub vendor_id: String,
     /// Device ID (`2330`).
     pub device_id: String,
-    /// Device name from the PCI ID database.
+    /// Device name from the PCI ID database compiled in.
     pub device_name: Option<&'static str>,
     /// Class code (`040300`).
     pub class: PciClass,

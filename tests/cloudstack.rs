@@ -162,6 +162,53 @@ fn every_fixture_host_answers_the_agent_s_contract_in_both_binaries() {
 }
 
 #[test]
+fn vendor_and_device_names_come_from_the_host_s_pci_ids_in_both_binaries() {
+    let t = tempfile::tempdir().unwrap();
+    let names = |root: &Path| -> Vec<(String, String)> {
+        let lean = discover(root, t.path());
+        assert_eq!(lean.code, 0, "{}", lean.stderr);
+        let full = discover_with(env!("CARGO_BIN_EXE_gpupass"), root, t.path(), &[]);
+        assert_eq!(full.stdout, lean.stdout, "both binaries agree");
+        let doc: Value = serde_json::from_str(&lean.stdout).unwrap();
+        doc["gpus"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| {
+                let s = |k: &str| g[k].as_str().unwrap().to_owned();
+                (s("vendor"), s("device"))
+            })
+            .collect()
+    };
+    let all = |v: &str, d: &str, n: usize| vec![(v.to_owned(), d.to_owned()); n];
+    // Debian's /usr/share/misc/pci.ids, a RHEL-like /usr/share/hwdata/pci.ids, and none (the
+    // IDs, as lspci prints an unknown device).
+    assert_eq!(
+        names(&host("hgx-8gpu")),
+        all("NVIDIA Corporation", "GH100 [H100 SXM5 80GB]", 8)
+    );
+    assert_eq!(
+        names(&host("seeds-k4200")),
+        all("NVIDIA Corporation", "GK104GL [Quadro K4200]", 2)
+    );
+    assert_eq!(
+        names(&host("no-acs-shared")),
+        all("Vendor 10de", "Device 1eb8", 1)
+    );
+    // The host's own names, not the database compiled into the full binary.
+    let copy = host_copy("hgx-8gpu");
+    std::fs::write(
+        copy.path().join("usr/share/misc/pci.ids"),
+        "10de  The host's vendor name\n\t2330  The host's device name\n",
+    )
+    .unwrap();
+    assert_eq!(
+        names(copy.path()),
+        all("The host's vendor name", "The host's device name", 8)
+    );
+}
+
+#[test]
 fn the_fixture_hosts_give_what_the_agent_should_allocate() {
     let t = tempfile::tempdir().unwrap();
     let by_host = |name: &str| -> (Value, String) {

@@ -1,6 +1,7 @@
 //! The hook binary's dependency graph: `gpupass-hook` is built without default features
 //! (scripts/build-hook) so that it links statically, which needs libvirt's client library out of
-//! its graph; the agent's async stack is kept out too (less to load and start per call).
+//! its graph; the agent's async stack is kept out too (less to load and start per call), and
+//! the PCI ID database (~48,500 pointers a static-pie relocates at every start).
 
 use std::process::Command;
 
@@ -15,6 +16,7 @@ const NOT_IN_HOOK: &[&str] = &[
     "tower-service",
     "http-body-util",
     "prometheus-client",
+    "pci-ids",
 ];
 
 /// The normal (non-dev, non-build) dependencies of this package with `args`, one name a line.

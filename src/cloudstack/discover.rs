@@ -2,7 +2,7 @@
 //! per physical GPU): [`build`] decides it from the inventory and who holds what (pure);
 //! [`gather`] reads the host root and libvirt's own files for it (never libvirt itself).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::Path;
 
@@ -12,10 +12,11 @@ use crate::alloc::plan::Holdings;
 use crate::cloudstack::CloudstackError;
 use crate::config::CloudstackConfig;
 use crate::host::discover::{discover_with, Gpu, Inventory, Scope};
+use crate::host::pci_ids::{self, PciNames};
 use crate::host::readiness::verdict;
 use crate::host::sysfs::Sysfs;
 use crate::libvirt::files;
-use crate::model::{device_name, vendor_name, PciAddress};
+use crate::model::PciAddress;
 
 /// The whole answer: what the agent reads from stdout.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,9 +36,9 @@ pub struct AgentGpu {
     pub vendor_id: String,
     /// Four lowercase hex digits.
     pub device_id: String,
-    /// Vendor name from the PCI ID database.
+    /// Vendor name from the host's `pci.ids` (what `lspci` says), `Vendor 10de` without one.
     pub vendor: String,
-    /// Device name from the PCI ID database.
+    /// Device name from the host's `pci.ids`, `Device 2330` without one.
     pub device: String,
     /// The bound driver, null when unbound.
     pub driver: Option<String>,
@@ -179,11 +180,13 @@ fn left_out_reason(inv: &Inventory, gpu: &Gpu, opts: &CloudstackConfig) -> Optio
     None
 }
 
-/// The answer for this host (pure): every passable GPU but the boot VGA, each once.
+/// The answer for this host (pure): every passable GPU but the boot VGA, each once, named from
+/// `names` (the host's `pci.ids`, the same in both binaries).
 pub fn build(
     inv: &Inventory,
     holdings: &Holdings,
     split: &BTreeMap<PciAddress, Split>,
+    names: &PciNames,
     opts: &CloudstackConfig,
 ) -> Discovery {
     let mut gpus = Vec::new();
@@ -206,9 +209,11 @@ pub fn build(
             pci_address: agent_address(gpu.address),
             vendor_id: format!("{:04x}", d.id.vendor),
             device_id: format!("{:04x}", d.id.device),
-            vendor: vendor_name(d.id.vendor)
+            vendor: names
+                .vendor(d.id.vendor)
                 .map_or_else(|| format!("Vendor {:04x}", d.id.vendor), str::to_owned),
-            device: device_name(d.id)
+            device: names
+                .device(d.id)
                 .map_or_else(|| format!("Device {:04x}", d.id.device), str::to_owned),
             driver: d.driver.clone(),
             pci_class: d
@@ -259,9 +264,10 @@ fn decimal(sysfs: &Sysfs, a: PciAddress, name: &str) -> Result<u32, CloudstackEr
         .unwrap_or(0))
 }
 
-/// Reads the host root, libvirt's files under it and the quarantined GPUs (`state_dir`) and
-/// builds the answer; `run_dir` keeps the cache of libvirt's files. Any read failure, or a host
-/// root listing no PCI device at all, is an error: never a partial answer.
+/// Reads the host root, libvirt's files under it, the quarantined GPUs (`state_dir`) and the
+/// host's `pci.ids` (for the GPUs' IDs only) and builds the answer; `run_dir` keeps the cache of
+/// libvirt's files. Any read failure, or a host root listing no PCI device at all, is an error:
+/// never a partial answer.
 pub fn gather(
     host_root: &Path,
     state_dir: &Path,
@@ -291,7 +297,13 @@ pub fn gather(
             },
         );
     }
-    Ok(build(&inv, &holdings, &split, opts))
+    let wanted: BTreeSet<_> = inv
+        .gpus
+        .iter()
+        .filter_map(|g| inv.device(g.address).map(|d| d.id))
+        .collect();
+    let names = pci_ids::read(host_root, &wanted)?;
+    Ok(build(&inv, &holdings, &split, &names, opts))
 }
 
 #[cfg(test)]
@@ -364,7 +376,11 @@ mod tests {
                 mdevs: 0,
             },
         )]);
-        let d = build(&i, &h, &split, &CloudstackConfig::default());
+        // The host's pci.ids names NVIDIA's card (as on #12960's host) but not AMD's.
+        let ids = "1002  Advanced Micro Devices, Inc. [AMD/ATI]\n10de  NVIDIA Corporation\n\t233b  Device\n";
+        let wanted = ["10de:233b".parse().unwrap(), "1002:74a1".parse().unwrap()].into();
+        let names = PciNames::parse(ids.as_bytes(), &wanted).unwrap();
+        let d = build(&i, &h, &split, &names, &CloudstackConfig::default());
         assert!(d.left_out.is_empty(), "{:?}", d.left_out);
         assert_eq!(d.list.gpus.len(), 2, "one entry per GPU, not per function");
         let g = &d.list.gpus[0];
@@ -373,6 +389,11 @@ mod tests {
             (g.vendor_id.as_str(), g.device_id.as_str()),
             ("10de", "233b")
         );
+        assert_eq!(
+            (g.vendor.as_str(), g.device.as_str()),
+            ("NVIDIA Corporation", "Device")
+        );
+        assert_eq!(g.pci_class, "3D controller");
         assert_eq!(g.pci_root, "0000:ab:02.0");
         assert_eq!(g.iommu_group.as_deref(), Some("1"));
         assert_eq!(g.numa_node, Some(1));
@@ -385,6 +406,11 @@ mod tests {
         assert_eq!(g.full_passthrough.libvirt_address.bus, "0xae");
         assert_eq!(g.full_passthrough.libvirt_address.function, "0x0");
         let mi = &d.list.gpus[1];
+        assert_eq!(
+            (mi.vendor.as_str(), mi.device.as_str()),
+            ("Advanced Micro Devices, Inc. [AMD/ATI]", "Device 74a1"),
+            "a device the host's pci.ids does not list, as lspci prints it"
+        );
         assert_eq!(mi.pci_class, "Processing accelerators");
         assert_eq!(mi.full_passthrough.enabled, 0, "split into VFs");
         assert_eq!((mi.sriov_totalvfs, mi.sriov_numvfs), (8, 2));
@@ -409,6 +435,7 @@ mod tests {
             &i,
             &Holdings::default(),
             &BTreeMap::new(),
+            &PciNames::default(),
             &CloudstackConfig::default(),
         );
         assert!(d.list.gpus.is_empty(), "{:?}", d.list.gpus);
@@ -424,6 +451,7 @@ mod tests {
             &i,
             &Holdings::default(),
             &BTreeMap::new(),
+            &PciNames::default(),
             &CloudstackConfig { pci_domains: true },
         );
         assert_eq!(d.list.gpus.len(), 1);
@@ -441,11 +469,20 @@ mod tests {
             &i,
             &Holdings::default(),
             &BTreeMap::new(),
+            &PciNames::default(),
             &CloudstackConfig::default(),
         );
         let v = serde_json::to_value(&d.list).unwrap();
         let g = &v["gpus"][0];
         assert_eq!(g["full_passthrough"]["enabled"], serde_json::json!(1));
+        assert_eq!(
+            (&g["vendor"], &g["device"]),
+            (
+                &serde_json::json!("Vendor 10de"),
+                &serde_json::json!("Device 2330")
+            ),
+            "a host without pci.ids: the IDs, as lspci prints them"
+        );
         assert!(g["full_passthrough"]["used_by_vm"].is_null());
         assert!(g["video_ram"].is_null() && g.get("video_ram").is_some());
         assert_eq!(g["vgpu_instances"], serde_json::json!([]));

@@ -28,6 +28,9 @@ pub enum CloudstackError {
     /// libvirt's domain files could not be read.
     #[error(transparent)]
     Files(#[from] FilesError),
+    /// The host's `pci.ids` (vendor and device names) exists but could not be read.
+    #[error(transparent)]
+    PciIds(#[from] crate::host::pci_ids::PciIdsError),
     /// The health file (quarantined GPUs) could not be read.
     #[error(transparent)]
     Health(#[from] crate::health::HealthError),
