@@ -7,6 +7,7 @@ use std::ffi::OsStr;
 use std::fs;
 use std::io::{self, Read};
 use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
 use nix::errno::Errno;
@@ -247,17 +248,17 @@ impl Sysfs {
         let Some(target) = self.link_target(&self.device_dir(addr))? else {
             return Ok(None);
         };
-        let names: Vec<&str> = target
-            .components()
-            .filter_map(|c| match c {
-                Component::Normal(n) => n.to_str(),
-                _ => None,
-            })
-            .collect();
-        Ok(names
-            .len()
-            .checked_sub(2)
-            .and_then(|i| names[i].parse().ok()))
+        // The name before the device's own, of the link's plain components (what
+        // `Path::components` calls normal: not empty, `.` or `..`), read from the end as bytes:
+        // `components()` over the whole link showed in the hook's profile.
+        let mut names = target
+            .as_os_str()
+            .as_bytes()
+            .rsplit(|b| *b == b'/')
+            .filter(|c| !c.is_empty() && *c != b"." && *c != b"..")
+            .filter_map(|c| std::str::from_utf8(c).ok());
+        names.next();
+        Ok(names.next().and_then(|n| n.parse().ok()))
     }
 
     /// The IOMMU group numbers (`sys/kernel/iommu_groups/<N>`), without reading members.
@@ -767,6 +768,35 @@ fn list_dir(dir: &Path) -> Result<Vec<String>, SysfsError> {
 mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
+
+    #[test]
+    fn the_parent_is_the_link_s_second_last_plain_name() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("sys/bus/pci/devices");
+        fs::create_dir_all(&dir).unwrap();
+        let s = Sysfs::new(t.path());
+        let link = |addr: &str, target: &str| {
+            symlink(target, dir.join(addr)).unwrap();
+            s.parent(addr.parse().unwrap()).unwrap()
+        };
+        let up: PciAddress = "0000:17:01.0".parse().unwrap();
+        let kernel = "../../../devices/pci0000:17/0000:17:01.0/0000:18:00.0";
+        assert_eq!(link("0000:18:00.0", kernel), Some(up));
+        // `.`, empty names and a trailing slash are not names, as `Path::components` reads them.
+        let odd = "../../../devices/pci0000:17/0000:17:01.0/.//0000:19:00.0/";
+        assert_eq!(link("0000:19:00.0", odd), Some(up));
+        // On a root bus the name before is the root bus: no parent.
+        assert_eq!(
+            link("0000:17:01.0", "../../../devices/pci0000:17/0000:17:01.0"),
+            None
+        );
+        assert_eq!(link("0000:1a:00.0", "0000:1a:00.0"), None, "one name only");
+        assert_eq!(
+            s.parent("0000:1b:00.0".parse().unwrap()).unwrap(),
+            None,
+            "no link"
+        );
+    }
 
     #[test]
     fn cpuinfo_answers_from_the_first_cpu_and_stops_there() {
