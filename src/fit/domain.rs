@@ -6,8 +6,8 @@
 use std::ops::Range;
 
 use quick_xml::events::{BytesStart, Event};
-use quick_xml::name::ResolveResult;
-use quick_xml::NsReader;
+use quick_xml::name::{NamespaceError, PrefixDeclaration};
+use quick_xml::Reader;
 
 use crate::fit::FitError;
 use crate::model::PciAddress;
@@ -285,6 +285,76 @@ enum Text {
     Loader,
 }
 
+/// The namespace bindings in scope, innermost last, each with the depth of the element that
+/// declared it: what quick-xml's `NsReader` keeps, for the one question the fit asks (is an
+/// element in [`QEMU_NS`]). `NsReader` reads every element's attributes once more to find
+/// declarations; here an element whose tag has no `xmlns` in it has none, and is not read again.
+/// Declarations are refused as `NsReader` refuses them, with its errors.
+#[derive(Debug, Default)]
+struct Scopes {
+    /// (prefix, empty for the default namespace; namespace; depth).
+    bindings: Vec<(Vec<u8>, Vec<u8>, usize)>,
+}
+
+impl Scopes {
+    /// Records the declarations of the element `e` at `depth` (as `NamespaceResolver::push`:
+    /// attributes unchecked, stopping at the first that cannot be read).
+    fn push(&mut self, e: &BytesStart<'_>, depth: usize) -> Result<(), NamespaceError> {
+        if memchr::memmem::find(e, b"xmlns").is_none() {
+            return Ok(());
+        }
+        for a in e.attributes().with_checks(false) {
+            let Ok(a) = a else { break };
+            match a.key.as_namespace_binding() {
+                Some(PrefixDeclaration::Default) => {
+                    self.bindings.push((Vec::new(), a.value.to_vec(), depth));
+                }
+                Some(PrefixDeclaration::Named(b"xml")) if *a.value != *XML_NAMESPACE => {
+                    return Err(NamespaceError::InvalidXmlPrefixBind(a.value.to_vec()));
+                }
+                // `xml` bound to its own namespace: allowed, and not a binding of its own.
+                Some(PrefixDeclaration::Named(b"xml")) => {}
+                Some(PrefixDeclaration::Named(b"xmlns")) => {
+                    return Err(NamespaceError::InvalidXmlnsPrefixBind(a.value.to_vec()));
+                }
+                Some(PrefixDeclaration::Named(p)) => {
+                    if *a.value == *XML_NAMESPACE {
+                        return Err(NamespaceError::InvalidPrefixForXml(p.to_vec()));
+                    }
+                    if *a.value == *XMLNS_NAMESPACE {
+                        return Err(NamespaceError::InvalidPrefixForXmlns(p.to_vec()));
+                    }
+                    self.bindings.push((p.to_vec(), a.value.to_vec(), depth));
+                }
+                None => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the element `e` is in [`QEMU_NS`]: the innermost binding of its prefix (the
+    /// default namespace without one) is QEMU's. `xmlns:p=""` and `xmlns=""` unbind.
+    fn is_qemu(&self, e: &BytesStart<'_>) -> bool {
+        let name = e.name();
+        let prefix = name.prefix().map_or(&b""[..], |p| p.into_inner());
+        self.bindings
+            .iter()
+            .rev()
+            .find(|(p, _, _)| p.as_slice() == prefix)
+            .is_some_and(|(_, ns, _)| ns.as_slice() == QEMU_NS.as_bytes())
+    }
+
+    /// Ends the scope of the element at `depth`.
+    fn close(&mut self, depth: usize) {
+        while self.bindings.last().is_some_and(|b| b.2 >= depth) {
+            self.bindings.pop();
+        }
+    }
+}
+
+const XML_NAMESPACE: &[u8] = b"http://www.w3.org/XML/1998/namespace";
+const XMLNS_NAMESPACE: &[u8] = b"http://www.w3.org/2000/xmlns/";
+
 /// Scans a domain XML for the fit. Fails on malformed XML or a root other than `<domain>`.
 pub fn scan(text: &str) -> Result<DomainLayout<'_>, FitError> {
     if text.len() > MAX_XML_BYTES {
@@ -297,8 +367,9 @@ pub fn scan(text: &str) -> Result<DomainLayout<'_>, FitError> {
         Some(rest) => (rest, '\u{feff}'.len_utf8()),
         None => (text, 0),
     };
-    let mut reader = NsReader::from_str(body);
-    let pos = |r: &NsReader<&[u8]>| {
+    let mut reader = Reader::from_str(body);
+    let mut scopes = Scopes::default();
+    let pos = |r: &Reader<&[u8]>| {
         usize::try_from(r.buffer_position()).map_or(usize::MAX, |p| p.saturating_add(base))
     };
     let mut out = DomainLayout {
@@ -348,17 +419,20 @@ pub fn scan(text: &str) -> Result<DomainLayout<'_>, FitError> {
     let mut seen_name = false;
     loop {
         let before = pos(&reader);
-        let (is_qemu, event) = match reader.read_resolved_event() {
-            Ok((ns, event)) => (
-                matches!(ns, ResolveResult::Bound(n) if n.as_ref() == QEMU_NS.as_bytes()),
-                event,
-            ),
+        let event = match reader.read_event() {
+            Ok(event) => event,
             Err(e) => return Err(malformed(format!("at byte {}: {e}", pos(&reader)))),
         };
         let after = pos(&reader);
         match event {
             Event::Start(ref e) | Event::Empty(ref e) => {
                 let empty = matches!(event, Event::Empty(_));
+                // What `NsReader` does as it reads the tag, before anything else looks at it.
+                if let Err(err) = scopes.push(e, stack.len()) {
+                    let err = quick_xml::Error::Namespace(err);
+                    return Err(malformed(format!("at byte {}: {err}", pos(&reader))));
+                }
+                let is_qemu = scopes.is_qemu(e);
                 if stack.len() >= MAX_DEPTH {
                     return Err(malformed(format!(
                         "elements nested deeper than {MAX_DEPTH} levels"
@@ -368,7 +442,8 @@ pub fn scan(text: &str) -> Result<DomainLayout<'_>, FitError> {
                 let local = e.local_name();
                 let (names, depth) = path_of(&stack);
                 let path = &names[..depth];
-                let element = Element {
+                // Built only for the few elements kept (a name copied per element showed).
+                let element = || Element {
                     span: before..after,
                     start_end: after,
                     close: None,
@@ -384,7 +459,7 @@ pub fn scan(text: &str) -> Result<DomainLayout<'_>, FitError> {
                         if empty {
                             return Err(malformed("the root element is empty"));
                         }
-                        out.root = element;
+                        out.root = element();
                         out.virt_type = attr(e, b"type")?.unwrap_or_default();
                         for a in e.attributes().flatten() {
                             let key = a.key.as_ref();
@@ -417,16 +492,16 @@ pub fn scan(text: &str) -> Result<DomainLayout<'_>, FitError> {
                         }
                         "os" => os_firmware = attr(e, b"firmware")?,
                         "cpu" => {
-                            out.cpu = Some(element);
+                            out.cpu = Some(element());
                             out.cpu_mode = attr(e, b"mode")?;
                         }
-                        "devices" => out.devices = Some(element),
-                        "features" => out.features = Some(element),
+                        "devices" => out.devices = Some(element()),
+                        "features" => out.features = Some(element()),
                         _ if is_qemu && local.as_ref() == b"commandline" => {
                             let prefix = qname
                                 .split_once(':')
                                 .map_or(String::new(), |(p, _)| p.to_owned());
-                            out.commandline = Some((element, prefix));
+                            out.commandline = Some((element(), prefix));
                         }
                         _ => {}
                     },
@@ -480,7 +555,7 @@ pub fn scan(text: &str) -> Result<DomainLayout<'_>, FitError> {
                             let model = attr(e, b"model")?;
                             if empty {
                                 out.controllers.push(PciController {
-                                    element,
+                                    element: element(),
                                     index,
                                     model,
                                     pcihole64: None,
@@ -497,8 +572,8 @@ pub fn scan(text: &str) -> Result<DomainLayout<'_>, FitError> {
                         }
                         _ => {}
                     },
-                    ["domain", "features"] if qname == "kvm" => out.kvm = Some(element),
-                    ["domain", "features"] if qname == "hyperv" => out.hyperv = Some(element),
+                    ["domain", "features"] if qname == "kvm" => out.kvm = Some(element()),
+                    ["domain", "features"] if qname == "hyperv" => out.hyperv = Some(element()),
                     ["domain", "features", f]
                         if (*f == "kvm" && qname == "hidden")
                             || (*f == "hyperv" && qname == "vendor_id") =>
@@ -588,7 +663,9 @@ pub fn scan(text: &str) -> Result<DomainLayout<'_>, FitError> {
                     }
                     _ => {}
                 }
-                if !empty {
+                if empty {
+                    scopes.close(stack.len());
+                } else {
                     stack.push((qname, before, after));
                 }
             }
@@ -596,6 +673,7 @@ pub fn scan(text: &str) -> Result<DomainLayout<'_>, FitError> {
                 let Some((qname, start, start_end)) = stack.pop() else {
                     return Err(malformed("an end tag without a start"));
                 };
+                scopes.close(stack.len());
                 let (names, depth) = path_of(&stack);
                 let path = &names[..depth];
                 let element = Element {
@@ -731,6 +809,84 @@ pub fn scan(text: &str) -> Result<DomainLayout<'_>, FitError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every element's "in QEMU's namespace" and every namespace error, read with [`Scopes`]
+    /// and with quick-xml's `NsReader` (which the scan used before): the same.
+    #[test]
+    fn scopes_resolve_and_refuse_like_ns_reader() {
+        use quick_xml::name::ResolveResult;
+        use quick_xml::NsReader;
+        let q = QEMU_NS;
+        let docs = [
+            format!("<domain xmlns:qemu='{q}'><qemu:commandline><qemu:arg/></qemu:commandline></domain>"),
+            format!("<domain><c xmlns='{q}'><arg/><x:arg xmlns:x='{q}'/></c><arg/></domain>"),
+            format!("<domain xmlns:q='{q}'><a xmlns:q='other'><q:arg/></a><q:arg/></domain>"),
+            format!("<domain xmlns='{q}'><a xmlns=''><arg/></a><arg/><b xmlns:p=''><p:arg/></b></domain>"),
+            format!("<domain xmlns:q='{q}' xmlns:q='other'><q:arg/></domain>"),
+            format!("<domain><e xmlns:q='{q}'/><q:arg/></domain>"),
+            "<domain><u:arg/><xml:arg/><xmlns:arg/><e a='xmlns' b='1'/></domain>".into(),
+            "<domain xmlns:xml='http://www.w3.org/XML/1998/namespace'><a/></domain>".into(),
+            "<domain><a xmlns:xml='other'/></domain>".into(),
+            "<domain><a xmlns:xmlns='x'/></domain>".into(),
+            "<domain><a xmlns:p='http://www.w3.org/XML/1998/namespace'/></domain>".into(),
+            "<domain><a xmlns:p='http://www.w3.org/2000/xmlns/'/></domain>".into(),
+            format!("<domain><a xmlns:q='{q}' broken xmlns:r='{q}'><r:arg/><q:arg/></a></domain>"),
+        ];
+        let mut seen = Vec::new();
+        for doc in &docs {
+            let mut ns = NsReader::from_str(doc);
+            let mut want = Vec::new();
+            loop {
+                match ns.read_resolved_event() {
+                    Ok((r, Event::Start(_) | Event::Empty(_))) => want.push(Ok(
+                        matches!(r, ResolveResult::Bound(n) if n.as_ref() == q.as_bytes()),
+                    )),
+                    Ok((_, Event::Eof)) => break,
+                    Ok(_) => {}
+                    Err(e) => {
+                        want.push(Err(e.to_string()));
+                        break;
+                    }
+                }
+            }
+            let mut r = Reader::from_str(doc);
+            let (mut scopes, mut depth, mut have) = (Scopes::default(), 0, Vec::new());
+            loop {
+                match r.read_event() {
+                    Ok(ev @ (Event::Start(_) | Event::Empty(_))) => {
+                        let (Event::Start(e) | Event::Empty(e)) = &ev else {
+                            unreachable!()
+                        };
+                        if let Err(e) = scopes.push(e, depth) {
+                            have.push(Err(quick_xml::Error::Namespace(e).to_string()));
+                            break;
+                        }
+                        have.push(Ok(scopes.is_qemu(e)));
+                        if matches!(ev, Event::Start(_)) {
+                            depth += 1;
+                        } else {
+                            scopes.close(depth);
+                        }
+                    }
+                    Ok(Event::End(_)) => {
+                        depth -= 1;
+                        scopes.close(depth);
+                    }
+                    Ok(Event::Eof) => break,
+                    Ok(_) => {}
+                    Err(e) => {
+                        have.push(Err(e.to_string()));
+                        break;
+                    }
+                }
+            }
+            assert_eq!(have, want, "{doc}");
+            seen.extend(have);
+        }
+        // The cases test something: in QEMU's namespace, outside it, and refused.
+        assert!(seen.contains(&Ok(true)) && seen.contains(&Ok(false)));
+        assert_eq!(seen.iter().filter(|h| h.is_err()).count(), 4, "{seen:?}");
+    }
 
     const Q35_EFI: &str = r#"<domain type='kvm' xmlns:q='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>vm</name>
