@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
-use crate::host::sysfs::{Sysfs, SysfsError};
+use crate::host::sysfs::{DevicesDir, Sysfs, SysfsError};
 use crate::model::{IommuGroupId, NumaNode, PciAddress, PciClass, PciId};
 
 /// One PCI function as sysfs shows it.
@@ -140,13 +140,13 @@ enum Detail {
 }
 
 fn read_device(
-    sysfs: &Sysfs,
+    devices: &DevicesDir<'_>,
     address: PciAddress,
     detail: Detail,
     class: Option<u32>,
 ) -> Result<Option<PciDevice>, SysfsError> {
     let full = detail == Detail::Full;
-    let dev = sysfs.device(address)?;
+    let dev = devices.device(address)?;
     let attrs = match &dev {
         Some(d) => (
             d.hex_attr("vendor")?,
@@ -196,7 +196,7 @@ fn read_device(
         } else {
             None
         },
-        parent: sysfs.parent(address)?,
+        parent: devices.parent(address)?,
         virtfn: dev.is_virtfn()?,
     }))
 }
@@ -240,6 +240,7 @@ pub fn discover_with(sysfs: &Sysfs, scope: &Scope, full: bool) -> Result<Invento
     let mut groups: BTreeMap<IommuGroupId, Vec<PciAddress>> = BTreeMap::new();
     let mut skipped: BTreeSet<PciAddress> = BTreeSet::new();
     let mut walked: BTreeSet<PciAddress> = BTreeSet::new();
+    let devices_dir = sysfs.devices_dir();
     loop {
         while let Some(a) = todo.pop() {
             if devices.contains_key(&a) || skipped.contains(&a) {
@@ -251,7 +252,7 @@ pub fn discover_with(sysfs: &Sysfs, scope: &Scope, full: bool) -> Result<Invento
                 Scope::Around(seeds) if seeds.contains(&a) => Detail::Judged,
                 Scope::Gpus | Scope::Around(_) => Detail::Bridge,
             };
-            let Some(d) = read_device(sysfs, a, detail, class_of(&a))? else {
+            let Some(d) = read_device(&devices_dir, a, detail, class_of(&a))? else {
                 skipped.insert(a);
                 continue;
             };

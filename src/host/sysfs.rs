@@ -121,6 +121,20 @@ impl Sysfs {
         }
     }
 
+    /// `sys/bus/pci/devices`, opened once for reading many devices (a discovery reads ~40): each
+    /// device's directory and link are then found from it rather than by resolving the host
+    /// root's path again. Reads as [`Sysfs::device`] and [`Sysfs::parent`] read, with the same
+    /// answers and errors; when the directory cannot be opened, through them.
+    pub fn devices_dir(&self) -> DevicesDir<'_> {
+        let fd = fcntl::open(
+            &self.path("sys/bus/pci/devices"),
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .ok();
+        DevicesDir { sysfs: self, fd }
+    }
+
     /// Every PCI function the kernel lists, sorted. Names that are not PCI addresses are skipped.
     pub fn pci_devices(&self) -> Result<Vec<PciAddress>, SysfsError> {
         let dir = self.path("sys/bus/pci/devices");
@@ -248,17 +262,7 @@ impl Sysfs {
         let Some(target) = self.link_target(&self.device_dir(addr))? else {
             return Ok(None);
         };
-        // The name before the device's own, of the link's plain components (what
-        // `Path::components` calls normal: not empty, `.` or `..`), read from the end as bytes:
-        // `components()` over the whole link showed in the hook's profile.
-        let mut names = target
-            .as_os_str()
-            .as_bytes()
-            .rsplit(|b| *b == b'/')
-            .filter(|c| !c.is_empty() && *c != b"." && *c != b"..")
-            .filter_map(|c| std::str::from_utf8(c).ok());
-        names.next();
-        Ok(names.next().and_then(|n| n.parse().ok()))
+        Ok(parent_in_link(&target))
     }
 
     /// The IOMMU group numbers (`sys/kernel/iommu_groups/<N>`), without reading members.
@@ -483,6 +487,21 @@ impl Sysfs {
     }
 }
 
+/// The upstream device in a device's link (`…/pci0000:17/0000:17:01.0/0000:18:00.0`): the name
+/// before the device's own, of the link's plain components (what `Path::components` calls
+/// normal: not empty, `.` or `..`), read from the end as bytes (`components()` over the whole
+/// link showed in the hook's profile).
+fn parent_in_link(target: &Path) -> Option<PciAddress> {
+    let mut names = target
+        .as_os_str()
+        .as_bytes()
+        .rsplit(|b| *b == b'/')
+        .filter(|c| !c.is_empty() && *c != b"." && *c != b"..")
+        .filter_map(|c| std::str::from_utf8(c).ok());
+    names.next();
+    names.next().and_then(|n| n.parse().ok())
+}
+
 /// The path to write for `rel` (a plain relative path such as `etc/modprobe.d/x.conf`) under
 /// `root`, refusing one that leaves the root: each directory on the way is resolved (a
 /// symbolic link is followed and must land under the canonical root; with `create_dirs`, a
@@ -550,6 +569,56 @@ pub fn confine(root: &Path, rel: &str, create_dirs: bool) -> Result<PathBuf, Sys
 
 fn last_name(p: &Path) -> Option<String> {
     p.file_name().and_then(|n| n.to_str()).map(str::to_owned)
+}
+
+/// `sys/bus/pci/devices`, open (see [`Sysfs::devices_dir`]).
+#[derive(Debug)]
+pub struct DevicesDir<'a> {
+    sysfs: &'a Sysfs,
+    fd: Option<OwnedFd>,
+}
+
+impl DevicesDir<'_> {
+    /// Like [`Sysfs::device`].
+    pub fn device(&self, addr: PciAddress) -> Result<Option<DeviceDir>, SysfsError> {
+        let Some(dir) = &self.fd else {
+            return self.sysfs.device(addr);
+        };
+        match fcntl::openat(
+            dir,
+            addr.to_string().as_str(),
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => Ok(Some(DeviceDir {
+                path: self.sysfs.device_dir(addr),
+                fd,
+            })),
+            Err(Errno::ENOENT) => Ok(None),
+            Err(e) => Err(SysfsError::Read {
+                path: self.sysfs.device_dir(addr),
+                source: e.into(),
+            }),
+        }
+    }
+
+    /// Like [`Sysfs::parent`].
+    pub fn parent(&self, addr: PciAddress) -> Result<Option<PciAddress>, SysfsError> {
+        let Some(dir) = &self.fd else {
+            return self.sysfs.parent(addr);
+        };
+        let target = match fcntl::readlinkat(dir, addr.to_string().as_str()) {
+            Ok(t) => PathBuf::from(t),
+            Err(Errno::ENOENT | Errno::EINVAL) => return Ok(None),
+            Err(e) => {
+                return Err(SysfsError::Read {
+                    path: self.sysfs.device_dir(addr),
+                    source: e.into(),
+                })
+            }
+        };
+        Ok(parent_in_link(&target))
+    }
 }
 
 /// One PCI function's sysfs directory, open (see [`Sysfs::device`]). Reads what the
@@ -791,6 +860,39 @@ mod tests {
             None
         );
         assert_eq!(link("0000:1a:00.0", "0000:1a:00.0"), None, "one name only");
+        // Read from the directory opened once: the same answers.
+        let devices = s.devices_dir();
+        for a in [
+            "0000:18:00.0",
+            "0000:19:00.0",
+            "0000:17:01.0",
+            "0000:1a:00.0",
+            "0000:1b:00.0",
+        ] {
+            let a: PciAddress = a.parse().unwrap();
+            assert_eq!(devices.parent(a).unwrap(), s.parent(a).unwrap(), "{a}");
+            // Errors too (the link to itself loops): the same, with the same path.
+            assert_eq!(
+                format!("{:?}", devices.device(a).map(|d| d.is_some())),
+                format!("{:?}", s.device(a).map(|d| d.is_some())),
+                "{a}"
+            );
+        }
+        let a: PciAddress = "0000:18:00.0".parse().unwrap();
+        fs::create_dir_all(
+            t.path()
+                .join("sys/devices/pci0000:17/0000:17:01.0/0000:18:00.0"),
+        )
+        .unwrap();
+        assert!(
+            devices.device(a).unwrap().is_some(),
+            "the link resolves: a device"
+        );
+        // Without the directory, through the per-path readers.
+        let bare = tempfile::tempdir().unwrap();
+        let none = Sysfs::new(bare.path());
+        assert_eq!(none.devices_dir().parent(a).unwrap(), None);
+        assert!(none.devices_dir().device(a).unwrap().is_none());
         assert_eq!(
             s.parent("0000:1b:00.0".parse().unwrap()).unwrap(),
             None,
