@@ -250,15 +250,30 @@ fn every_fixture_lists_in_both_formats() {
     }
 }
 
+/// Each device a scoped discovery read is the device a full one reads: the same IDs, class,
+/// parent and SR-IOV role (a bridge above a card is read leanly, from the devices directory).
+fn assert_devices_as_full(name: &str, scoped: &Inventory, full: &Inventory) {
+    for (a, d) in &scoped.devices {
+        let f = &full.devices[a];
+        assert_eq!(
+            (d.id, d.class, d.parent, d.virtfn),
+            (f.id, f.class, f.parent, f.virtfn),
+            "{name} {a}"
+        );
+    }
+}
+
 /// The hook's scoped discoveries (every GPU; or only around given devices) see each GPU exactly
 /// as a full discovery does: same functions, same verdict.
 #[test]
 fn scoped_discovery_judges_every_gpu_like_a_full_one() {
     use gpupass::host::discover::{discover_with, Scope};
-    for name in HOSTS {
+    // The vGPU hosts too: their VFs are read as VFs, never GPUs, in every scope.
+    for name in HOSTS.iter().copied().chain(["vgpu-nvidia", "vgpu-intel"]) {
         let sysfs = Sysfs::new(host(name));
         let full = inv(name);
         let gpus_only = discover_with(&sysfs, &Scope::Gpus, false).unwrap();
+        assert_devices_as_full(name, &gpus_only, &full);
         assert_eq!(gpus_only.iommu.enabled(), full.iommu.enabled(), "{name}");
         assert_eq!(
             gpus_only.gpus, full.gpus,
@@ -280,6 +295,7 @@ fn scoped_discovery_judges_every_gpu_like_a_full_one() {
                 false,
             )
             .unwrap();
+            assert_devices_as_full(name, &around, &full);
             let seen = around
                 .gpu(g.address)
                 .unwrap_or_else(|| panic!("{name}: {} not found around", g.address));

@@ -145,22 +145,52 @@ fn read_device(
     detail: Detail,
     class: Option<u32>,
 ) -> Result<Option<PciDevice>, SysfsError> {
+    let skip = || {
+        tracing::warn!(bdf = %address, "skipping PCI function without vendor/device/class");
+        Ok(None)
+    };
+    let class = match class {
+        Some(c) => Some(c),
+        None => devices.hex_attr(address, "class")?,
+    };
+    let Some(class) = class.map(PciClass) else {
+        return skip();
+    };
+    if detail == Detail::Bridge && class.is_pci_bridge() {
+        // A bridge above a card: its IDs and parent only, each read from the devices directory
+        // (the device's own is not opened for two files). A bridge is never an SR-IOV virtual
+        // function (VFs are type-0 functions), so `physfn` is not looked for.
+        let (Some(vendor), Some(device)) = (
+            devices.hex_attr(address, "vendor")?,
+            devices.hex_attr(address, "device")?,
+        ) else {
+            return skip();
+        };
+        return Ok(Some(PciDevice {
+            address,
+            id: PciId {
+                vendor: vendor as u16,
+                device: device as u16,
+            },
+            subsystem: None,
+            class,
+            driver: None,
+            iommu_group: None,
+            numa_node: None,
+            boot_vga: false,
+            reset_method: None,
+            parent: devices.parent(address)?,
+            virtfn: false,
+        }));
+    }
     let full = detail == Detail::Full;
     let dev = devices.device(address)?;
-    let attrs = match &dev {
-        Some(d) => (
-            d.hex_attr("vendor")?,
-            d.hex_attr("device")?,
-            match class {
-                Some(c) => Some(c),
-                None => d.hex_attr("class")?,
-            },
-        ),
-        None => (None, None, None),
+    let ids = match &dev {
+        Some(d) => (d.hex_attr("vendor")?, d.hex_attr("device")?),
+        None => (None, None),
     };
-    let (Some(dev), (Some(vendor), Some(device), Some(class))) = (dev, attrs) else {
-        tracing::warn!(bdf = %address, "skipping PCI function without vendor/device/class");
-        return Ok(None);
+    let (Some(dev), (Some(vendor), Some(device))) = (dev, ids) else {
+        return skip();
     };
     let subsystem = if full {
         match (
@@ -176,8 +206,6 @@ fn read_device(
     } else {
         None
     };
-    let class = PciClass(class);
-    let lean = detail == Detail::Bridge && class.is_pci_bridge();
     Ok(Some(PciDevice {
         address,
         id: PciId {
@@ -186,9 +214,9 @@ fn read_device(
         },
         subsystem,
         class,
-        driver: if lean { None } else { dev.driver()? },
-        iommu_group: if lean { None } else { dev.iommu_group()? },
-        numa_node: if lean { None } else { dev.numa_node()? },
+        driver: dev.driver()?,
+        iommu_group: dev.iommu_group()?,
+        numa_node: dev.numa_node()?,
         // Only display functions have boot_vga.
         boot_vga: class.is_display() && dev.attr("boot_vga")?.as_deref() == Some("1"),
         reset_method: if full {

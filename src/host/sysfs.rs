@@ -602,6 +602,34 @@ impl DevicesDir<'_> {
         }
     }
 
+    /// A hex attribute of a device (`vendor`, `class`) read as `<address>/<name>` from the open
+    /// directory, without opening the device's own: for a device of which only one or two
+    /// attributes are read (a bridge above a card), two system calls fewer than through
+    /// [`DevicesDir::device`]. Like [`Sysfs::hex_attr`].
+    pub fn hex_attr(&self, addr: PciAddress, name: &str) -> Result<Option<u32>, SysfsError> {
+        let Some(dir) = &self.fd else {
+            return self.sysfs.hex_attr(addr, name);
+        };
+        // `addr` prints as hex digits, ':' and '.': one name inside devices/.
+        let rel = format!("{addr}/{name}");
+        let err = |source| SysfsError::Read {
+            path: self.sysfs.device_dir(addr).join(name),
+            source,
+        };
+        match fcntl::openat(
+            dir,
+            rel.as_str(),
+            OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(f) => read_small(fs::File::from(f))
+                .map(|v| parse_hex(&v))
+                .map_err(err),
+            Err(Errno::ENOENT) => Ok(None),
+            Err(e) => Err(err(e.into())),
+        }
+    }
+
     /// Like [`Sysfs::parent`].
     pub fn parent(&self, addr: PciAddress) -> Result<Option<PciAddress>, SysfsError> {
         let Some(dir) = &self.fd else {
@@ -998,6 +1026,26 @@ mod tests {
             .collect();
         assert_eq!(each, one);
         assert_eq!(each.last(), Some(&None));
+        // One attribute at a time from the devices directory (and, without it, one by one).
+        let devices = sysfs.devices_dir();
+        for name in ["vendor", "device", "class", "no_such_attribute"] {
+            let from_dir: Vec<Option<u32>> = addrs
+                .iter()
+                .map(|a| devices.hex_attr(*a, name).unwrap())
+                .collect();
+            let one: Vec<Option<u32>> = addrs
+                .iter()
+                .map(|a| sysfs.hex_attr(*a, name).unwrap())
+                .collect();
+            assert_eq!(from_dir, one, "{name}");
+            assert_eq!(from_dir.last(), Some(&None), "{name}");
+        }
+        assert!(devices.hex_attr(addrs[0], "vendor").unwrap().is_some());
+        let none = Sysfs::new(root.join("none"));
+        assert_eq!(
+            none.devices_dir().hex_attr(addrs[0], "vendor").unwrap(),
+            None
+        );
         // The eight GPUs and the BMC's VGA.
         assert_eq!(
             each.iter()
