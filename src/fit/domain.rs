@@ -12,7 +12,7 @@ use quick_xml::Reader;
 use crate::fit::FitError;
 use crate::model::PciAddress;
 use crate::xml::domain::pci_address_of;
-use crate::xml::rewrite::MAX_XML_BYTES;
+use crate::xml::rewrite::{line_indent, MAX_XML_BYTES};
 use crate::xml::MAX_DEPTH;
 
 /// libvirt's namespace for QEMU pass-through arguments.
@@ -173,6 +173,13 @@ pub struct DomainLayout<'a> {
     pub hyperv: Option<Element>,
     /// `<features><hyperv><vendor_id>`.
     pub hyperv_vendor_id: Option<StateElement>,
+    /// Indentation of the first child element of `<domain>` that starts a line (where a new
+    /// `<devices>` goes, as the hook's rewriter indents it).
+    pub domain_child_indent: Option<String>,
+    /// Indentation of the first child element of `<devices>` that starts a line.
+    pub devices_child_indent: Option<String>,
+    /// More than one `<devices>` (libvirt refuses it; so does a rewrite that adds devices).
+    pub devices_repeated: bool,
 }
 
 impl DomainLayout<'_> {
@@ -403,6 +410,9 @@ pub fn scan(text: &str) -> Result<DomainLayout<'_>, FitError> {
         kvm_hidden: None,
         hyperv: None,
         hyperv_vendor_id: None,
+        domain_child_indent: None,
+        devices_child_indent: None,
+        devices_repeated: false,
     };
     // Open elements: qualified name and where each started.
     let mut stack: Vec<(String, usize, usize)> = Vec::new();
@@ -449,6 +459,19 @@ pub fn scan(text: &str) -> Result<DomainLayout<'_>, FitError> {
                     close: None,
                     qname: qname.clone(),
                 };
+                // Where a rewrite adds devices, indented as `xml::rewrite` indents them.
+                match path {
+                    ["domain"] => {
+                        if out.domain_child_indent.is_none() {
+                            out.domain_child_indent = line_indent(text, before).map(str::to_owned);
+                        }
+                        out.devices_repeated |= qname == "devices" && out.devices.is_some();
+                    }
+                    ["domain", "devices"] if out.devices_child_indent.is_none() => {
+                        out.devices_child_indent = line_indent(text, before).map(str::to_owned);
+                    }
+                    _ => {}
+                }
                 match path {
                     [] => {
                         if qname != "domain" {

@@ -5,7 +5,8 @@
 use crate::fit::domain::{DomainLayout, Element, MMIO64_ENTRY, QEMU_NS};
 use crate::fit::plan::{Change, FitPlan, PhysBits};
 use crate::fit::FitError;
-use crate::xml::rewrite::{apply, Edit};
+use crate::xml::rewrite::{apply, insertion_into, Devices, Edit};
+use crate::xml::XmlError;
 
 /// The whitespace before `pos` on its line, when only whitespace precedes it there.
 fn line_indent(text: &str, pos: usize) -> Option<&str> {
@@ -61,6 +62,44 @@ fn guest_address(bus: u32, slot: u32, function: u32, multifunction: bool) -> Str
         "<address type='pci' domain='0x0000' bus='0x{bus:02x}' slot='0x{slot:02x}' function='0x{function:x}'{}/>",
         if multifunction { " multifunction='on'" } else { "" }
     )
+}
+
+/// The edit that adds `blocks` to `<devices>` where the hook's rewriter
+/// ([`crate::xml::rewrite::DomainDoc::insertion`]) puts them, from the fit's own scan: scanning
+/// the domain once more for it was an eighth of `transform`'s instructions.
+fn devices_insertion(d: &DomainLayout<'_>, blocks: &[String]) -> Result<Option<Edit>, FitError> {
+    if blocks.is_empty() {
+        return Ok(None);
+    }
+    let malformed = |reason: &str| {
+        FitError::Xml(XmlError::MalformedDomain {
+            reason: reason.to_owned(),
+        })
+    };
+    if d.devices_repeated {
+        return Err(malformed("more than one <devices>"));
+    }
+    let domain_close = d
+        .root
+        .close
+        .ok_or_else(|| malformed("the root element is not closed"))?;
+    let devices = match &d.devices {
+        None => Devices::Missing,
+        Some(e) => match e.close {
+            Some(close) => Devices::Open { close },
+            None => Devices::Empty {
+                span: e.span.clone(),
+            },
+        },
+    };
+    Ok(insertion_into(
+        d.text,
+        &devices,
+        domain_close,
+        d.domain_child_indent.as_deref(),
+        d.devices_child_indent.as_deref(),
+        blocks,
+    ))
 }
 
 /// Applies `plan`'s changes to the text `d` was scanned from. Returns the text unchanged when
@@ -261,9 +300,55 @@ pub fn rewrite(d: &DomainLayout<'_>, plan: &FitPlan) -> Result<String, FitError>
             )),
         }
     }
-    if !device_blocks.is_empty() {
-        let doc = crate::xml::rewrite::scan(text).map_err(FitError::Xml)?;
-        edits.extend(doc.insertion(&device_blocks));
-    }
+    edits.extend(devices_insertion(d, &device_blocks)?);
     Ok(apply(text, &edits))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fit::domain;
+
+    #[test]
+    fn devices_go_where_the_hooks_rewriter_puts_them() {
+        let blocks = vec![
+            "<controller type='pci' model='pcie-root-port'/>".to_owned(),
+            "<controller type='pci' model='pcie-expander-bus'/>".to_owned(),
+        ];
+        let texts = [
+            // Indented, with children.
+            "<domain type='kvm'>\n  <name>a</name>\n  <devices>\n    <disk type='file'/>\n  </devices>\n</domain>\n",
+            // Tabs; the first child of <devices> on the <devices> line, the next on its own.
+            "<domain type='kvm'>\n\t<name>a</name>\n\t<devices><disk/>\n\t\t<disk/>\n\t</devices>\n</domain>",
+            // <devices/>.
+            "<domain type='kvm'>\n  <name>a</name>\n  <devices/>\n</domain>",
+            // No <devices>; <vcpu> first, indented unlike the rest.
+            "<domain type='kvm'>\n   <vcpu>2</vcpu>\n  <name>a</name>\n</domain>\n",
+            // No <devices>, the root's first child on the root's line.
+            "<domain type='kvm'><name>a</name>\n    <memory>1</memory>\n</domain>",
+            // All on one line.
+            "<domain type='kvm'><name>a</name><devices><disk/></devices></domain>",
+            "<domain type='kvm'><name>a</name></domain>",
+            // An empty <devices> block; a comment before the first child.
+            "<domain type='kvm'>\n  <!-- c -->\n  <name>a</name>\n  <devices>\n  </devices>\n</domain>",
+            // A BOM.
+            "\u{feff}<domain type='kvm'>\n  <name>a</name>\n  <devices>\n      <disk/>\n  </devices>\n</domain>",
+        ];
+        for text in texts {
+            let want = crate::xml::rewrite::scan(text).unwrap().insertion(&blocks);
+            let layout = domain::scan(text).unwrap();
+            assert_eq!(
+                devices_insertion(&layout, &blocks).unwrap(),
+                want,
+                "{text:?}"
+            );
+            assert!(want.is_some());
+            assert_eq!(devices_insertion(&layout, &[]).unwrap(), None);
+        }
+        // Two <devices>: refused, as the hook's rewriter refuses them.
+        let two = "<domain type='kvm'><name>a</name><devices/><devices/></domain>";
+        assert!(crate::xml::rewrite::scan(two).is_err());
+        let e = devices_insertion(&domain::scan(two).unwrap(), &blocks).unwrap_err();
+        assert!(e.to_string().contains("more than one <devices>"), "{e}");
+    }
 }

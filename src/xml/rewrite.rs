@@ -42,14 +42,75 @@ impl HostdevSpan {
     }
 }
 
+/// Where a domain's `<devices>` is (see [`insertion_into`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Devices {
+pub enum Devices {
     /// No `<devices>`: a new one goes before `</domain>`.
     Missing,
-    /// `<devices>…</devices>`; `close` is the offset of `</devices>`.
-    Open { close: usize },
+    /// `<devices>…</devices>`.
+    Open {
+        /// The offset of `</devices>`.
+        close: usize,
+    },
     /// `<devices/>`: replaced by an open element.
-    Empty { span: Range<usize> },
+    Empty {
+        /// The element.
+        span: Range<usize>,
+    },
+}
+
+/// The edit that inserts `blocks` into a domain's `<devices>` (creating it when missing) in
+/// `text`, indented like the document's own children: `domain_close` is the offset of
+/// `</domain>`, the indents those of the first child element of `<domain>` and of `<devices>`
+/// that starts a line. [`DomainDoc::insertion`], and the fit's rewrite from its own scan.
+pub fn insertion_into(
+    text: &str,
+    devices: &Devices,
+    domain_close: usize,
+    domain_child_indent: Option<&str>,
+    devices_child_indent: Option<&str>,
+    blocks: &[String],
+) -> Option<Edit> {
+    if blocks.is_empty() {
+        return None;
+    }
+    Some(match devices {
+        Devices::Open { close } => match line_indent(text, *close) {
+            Some(close_indent) => {
+                let child =
+                    devices_child_indent.map_or_else(|| format!("{close_indent}  "), str::to_owned);
+                let at = *close - close_indent.len();
+                Edit {
+                    range: at..at,
+                    text: blocks.iter().map(|b| format!("{child}{b}\n")).collect(),
+                }
+            }
+            None => Edit {
+                range: *close..*close,
+                text: blocks.concat(),
+            },
+        },
+        Devices::Missing => match line_indent(text, domain_close) {
+            Some(close_indent) => {
+                let child =
+                    domain_child_indent.map_or_else(|| format!("{close_indent}  "), str::to_owned);
+                let at = domain_close - close_indent.len();
+                let inner: String = blocks.iter().map(|b| format!("{child}  {b}\n")).collect();
+                Edit {
+                    range: at..at,
+                    text: format!("{child}<devices>\n{inner}{child}</devices>\n"),
+                }
+            }
+            None => Edit {
+                range: domain_close..domain_close,
+                text: format!("<devices>{}</devices>", blocks.concat()),
+            },
+        },
+        Devices::Empty { span } => Edit {
+            range: span.clone(),
+            text: format!("<devices>{}</devices>", blocks.concat()),
+        },
+    })
 }
 
 /// Where a domain is pinned, as written in its XML.
@@ -94,7 +155,7 @@ fn malformed(reason: impl Into<String>) -> XmlError {
 }
 
 /// The whitespace before `pos` on its line, when only whitespace precedes it there.
-fn line_indent(text: &str, pos: usize) -> Option<&str> {
+pub(crate) fn line_indent(text: &str, pos: usize) -> Option<&str> {
     let line_start = text[..pos].rfind('\n')? + 1;
     let prefix = &text[line_start..pos];
     prefix
@@ -354,6 +415,9 @@ fn scan_root(text: &str, status: bool) -> Result<DomainDoc<'_>, XmlError> {
                 match &here[..depth] {
                     [b"domain"] if qname.as_ref() == b"vcpu" => {
                         doc.pinning.vcpu_cpuset = attr(e, b"cpuset")?;
+                        if doc.domain_child_indent.is_none() {
+                            doc.domain_child_indent = line_indent(text, before).map(str::to_owned);
+                        }
                     }
                     [b"domain", b"numatune"] if qname.as_ref() == b"memory" => {
                         doc.pinning.numa_nodeset = attr(e, b"nodeset")?;
@@ -600,51 +664,14 @@ impl DomainDoc<'_> {
     /// The edit that inserts `blocks` into `<devices>` (creating it when missing), indented like
     /// the document's own children.
     pub fn insertion(&self, blocks: &[String]) -> Option<Edit> {
-        if blocks.is_empty() {
-            return None;
-        }
-        let text = self.text;
-        Some(match &self.devices {
-            Devices::Open { close } => match line_indent(text, *close) {
-                Some(close_indent) => {
-                    let child = self
-                        .devices_child_indent
-                        .clone()
-                        .unwrap_or_else(|| format!("{close_indent}  "));
-                    let at = *close - close_indent.len();
-                    Edit {
-                        range: at..at,
-                        text: blocks.iter().map(|b| format!("{child}{b}\n")).collect(),
-                    }
-                }
-                None => Edit {
-                    range: *close..*close,
-                    text: blocks.concat(),
-                },
-            },
-            Devices::Missing => match line_indent(text, self.domain_close) {
-                Some(close_indent) => {
-                    let child = self
-                        .domain_child_indent
-                        .clone()
-                        .unwrap_or_else(|| format!("{close_indent}  "));
-                    let at = self.domain_close - close_indent.len();
-                    let inner: String = blocks.iter().map(|b| format!("{child}  {b}\n")).collect();
-                    Edit {
-                        range: at..at,
-                        text: format!("{child}<devices>\n{inner}{child}</devices>\n"),
-                    }
-                }
-                None => Edit {
-                    range: self.domain_close..self.domain_close,
-                    text: format!("<devices>{}</devices>", blocks.concat()),
-                },
-            },
-            Devices::Empty { span } => Edit {
-                range: span.clone(),
-                text: format!("<devices>{}</devices>", blocks.concat()),
-            },
-        })
+        insertion_into(
+            self.text,
+            &self.devices,
+            self.domain_close,
+            self.domain_child_indent.as_deref(),
+            self.devices_child_indent.as_deref(),
+            blocks,
+        )
     }
 
     /// The edit that removes one hostdev, with its line when it stands alone on one.
