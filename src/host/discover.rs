@@ -41,8 +41,9 @@ pub struct PciDevice {
 /// How the IOMMU looks on this host.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct IommuState {
-    /// Number of IOMMU groups (0 = IOMMU off for VFIO's purposes). With [`Scope::Around`],
-    /// the number of groups of the devices read, when they are in any.
+    /// Number of IOMMU groups (0 = IOMMU off for VFIO's purposes). In a scoped discovery
+    /// ([`Scope::Gpus`], [`Scope::Around`]), the number of groups of the devices read, when
+    /// they are in any (the hook asks only whether there are groups).
     pub groups: usize,
     /// IOMMU units under `sys/class/iommu`.
     pub units: Vec<String>,
@@ -235,8 +236,12 @@ pub fn discover_with(sysfs: &Sysfs, scope: &Scope, full: bool) -> Result<Invento
     let names = sysfs.pci_devices()?;
     // Every function's class, when the scope needs them all (a device's class never changes:
     // read once, not again with the device's other attributes).
+    let devices_dir = sysfs.devices_dir();
     let classes = match scope {
-        Scope::Gpus => sysfs.hex_attr_each(&names, "class")?,
+        Scope::Gpus => names
+            .iter()
+            .map(|a| devices_dir.hex_attr(*a, "class"))
+            .collect::<Result<Vec<_>, _>>()?,
         Scope::All | Scope::Around(_) => Vec::new(),
     };
     let class_of = |a: &PciAddress| {
@@ -268,7 +273,6 @@ pub fn discover_with(sysfs: &Sysfs, scope: &Scope, full: bool) -> Result<Invento
     let mut groups: BTreeMap<IommuGroupId, Vec<PciAddress>> = BTreeMap::new();
     let mut skipped: BTreeSet<PciAddress> = BTreeSet::new();
     let mut walked: BTreeSet<PciAddress> = BTreeSet::new();
-    let devices_dir = sysfs.devices_dir();
     loop {
         while let Some(a) = todo.pop() {
             if devices.contains_key(&a) || skipped.contains(&a) {
@@ -331,9 +335,10 @@ pub fn discover_with(sysfs: &Sysfs, scope: &Scope, full: bool) -> Result<Invento
         }
     }
     let iommu = IommuState {
-        // Devices in groups prove the IOMMU on: `prepare` (Scope::Around) need not list them all.
+        // Devices in groups prove the IOMMU on: a scoped discovery (the hook's `prepare` and
+        // `transform`) need not list them all (hundreds on a large host).
         groups: match scope {
-            Scope::Around(_) if !groups.is_empty() => groups.len(),
+            Scope::Gpus | Scope::Around(_) if !groups.is_empty() => groups.len(),
             _ => sysfs.iommu_group_ids()?.len(),
         },
         units: if full {

@@ -153,7 +153,7 @@ impl Sysfs {
                 path: dir.clone(),
                 source,
             })?;
-            if let Some(addr) = entry.file_name().to_str().and_then(|n| n.parse().ok()) {
+            if let Some(addr) = entry.file_name().to_str().and_then(pci_name) {
                 out.push(addr);
             }
         }
@@ -165,52 +165,6 @@ impl Sysfs {
     /// (older kernels lack `reset_method`, non-VGA devices lack `boot_vga`).
     pub fn attr(&self, addr: PciAddress, name: &str) -> Result<Option<String>, SysfsError> {
         read_optional(&self.device_dir(addr).join(name))
-    }
-
-    /// A hex attribute of each of `addrs` (`None` where the device or the file is absent), read
-    /// through `sys/bus/pci/devices` opened once: the kernel then resolves the host root once
-    /// rather than once per device (`transform` reads `class` of every function on every call).
-    pub fn hex_attr_each(
-        &self,
-        addrs: &[PciAddress],
-        name: &str,
-    ) -> Result<Vec<Option<u32>>, SysfsError> {
-        let dir = self.path("sys/bus/pci/devices");
-        let fd = fcntl::open(
-            &dir,
-            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| SysfsError::Read {
-            path: dir.clone(),
-            source: e.into(),
-        })?;
-        let mut rel = String::new();
-        addrs
-            .iter()
-            .map(|a| {
-                use std::fmt::Write;
-                rel.clear();
-                // `a` prints as hex digits, ':' and '.': one name inside devices/.
-                let _ = write!(rel, "{a}/{name}");
-                let err = |source| SysfsError::Read {
-                    path: dir.join(&rel),
-                    source,
-                };
-                match fcntl::openat(
-                    &fd,
-                    rel.as_str(),
-                    OFlag::O_RDONLY | OFlag::O_CLOEXEC,
-                    Mode::empty(),
-                ) {
-                    Ok(f) => read_small(fs::File::from(f))
-                        .map(|v| parse_hex(&v))
-                        .map_err(err),
-                    Err(Errno::ENOENT) => Ok(None),
-                    Err(e) => Err(err(e.into())),
-                }
-            })
-            .collect()
     }
 
     /// A hex attribute such as `vendor` (`0x10de`) or `class` (`0x030200`).
@@ -282,10 +236,8 @@ impl Sysfs {
             .path("sys/kernel/iommu_groups")
             .join(group.0.to_string())
             .join("devices");
-        let mut members: Vec<PciAddress> = list_dir(&dir)?
-            .iter()
-            .filter_map(|m| m.parse().ok())
-            .collect();
+        let mut members: Vec<PciAddress> =
+            list_dir(&dir)?.iter().filter_map(|m| pci_name(m)).collect();
         members.sort();
         Ok(members)
     }
@@ -294,7 +246,7 @@ impl Sysfs {
     pub fn children(&self, addr: PciAddress) -> Result<Vec<PciAddress>, SysfsError> {
         let mut out: Vec<PciAddress> = list_dir(&self.device_dir(addr))?
             .iter()
-            .filter_map(|n| n.parse().ok())
+            .filter_map(|n| pci_name(n))
             .collect();
         out.sort();
         Ok(out)
@@ -499,7 +451,17 @@ fn parent_in_link(target: &Path) -> Option<PciAddress> {
         .filter(|c| !c.is_empty() && *c != b"." && *c != b"..")
         .filter_map(|c| std::str::from_utf8(c).ok());
     names.next();
-    names.next().and_then(|n| n.parse().ok())
+    names.next().and_then(pci_name)
+}
+
+/// A directory entry's name as a PCI address (`0000:18:00.0`); `None` at once for a name with
+/// no `:` or no `.` (a device directory's `vendor`, `power`…, a link's `pci0000:17`), without
+/// building the parse error the hook's profile showed for each of them.
+fn pci_name(name: &str) -> Option<PciAddress> {
+    if !name.contains(':') || !name.contains('.') {
+        return None;
+    }
+    name.parse().ok()
 }
 
 /// The path to write for `rel` (a plain relative path such as `etc/modprobe.d/x.conf`) under
@@ -1019,13 +981,6 @@ mod tests {
         assert!(addrs.len() > 8);
         let missing: PciAddress = "0000:ff:1f.7".parse().unwrap();
         addrs.push(missing);
-        let each = sysfs.hex_attr_each(&addrs, "class").unwrap();
-        let one: Vec<Option<u32>> = addrs
-            .iter()
-            .map(|a| sysfs.hex_attr(*a, "class").unwrap())
-            .collect();
-        assert_eq!(each, one);
-        assert_eq!(each.last(), Some(&None));
         // One attribute at a time from the devices directory (and, without it, one by one).
         let devices = sysfs.devices_dir();
         for name in ["vendor", "device", "class", "no_such_attribute"] {
@@ -1048,13 +1003,33 @@ mod tests {
         );
         // The eight GPUs and the BMC's VGA.
         assert_eq!(
-            each.iter()
-                .filter(|c| c.is_some_and(|c| c >> 16 == 3))
+            addrs
+                .iter()
+                .filter(|a| devices
+                    .hex_attr(**a, "class")
+                    .unwrap()
+                    .is_some_and(|c| c >> 16 == 3))
                 .count(),
             9
         );
-        assert!(Sysfs::new(root.join("none"))
-            .hex_attr_each(&addrs, "class")
-            .is_err());
+    }
+
+    #[test]
+    fn directory_entries_that_are_no_pci_address_are_skipped() {
+        assert_eq!(
+            pci_name("0000:18:00.0"),
+            Some("0000:18:00.0".parse().unwrap())
+        );
+        assert_eq!(pci_name("18:00.0"), Some("0000:18:00.0".parse().unwrap()));
+        for n in [
+            "vendor",
+            "pci0000:17",
+            "0000:18:00",
+            "power.x",
+            "0000:18:00.8",
+            "",
+        ] {
+            assert_eq!(pci_name(n), None, "{n}");
+        }
     }
 }
