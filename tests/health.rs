@@ -111,8 +111,11 @@ fn case(fixture: &str) -> (&'static str, fn(&Host)) {
         "health-fell-off" => ("reads all-ones from vendor", |h| {
             set(&h.dev(SICK), "vendor", "0x10de\n");
             set(&h.dev(SICK), "device", "0x2204\n");
-            let cfg = fs::read(h.dev(WELL).join("config")).unwrap();
-            fs::write(h.dev(SICK).join("config"), cfg).unwrap();
+            // The same model as the well one: its config space and its modalias.
+            for f in ["config", "modalias"] {
+                let bytes = fs::read(h.dev(WELL).join(f)).unwrap();
+                fs::write(h.dev(SICK).join(f), bytes).unwrap();
+            }
         }),
         "health-no-reset" => ("has no reset method", |h| {
             set(&h.dev(SICK), "reset_method", "flr bus\n")

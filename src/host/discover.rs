@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
-use crate::host::sysfs::{DevicesDir, Sysfs, SysfsError};
+use crate::host::sysfs::{DevicesDir, Identity, Sysfs, SysfsError};
 use crate::model::{IommuGroupId, NumaNode, PciAddress, PciClass, PciId};
 
 /// One PCI function as sysfs shows it.
@@ -144,15 +144,24 @@ fn read_device(
     devices: &DevicesDir<'_>,
     address: PciAddress,
     detail: Detail,
-    class: Option<u32>,
+    (known, known_class): (Option<Identity>, Option<u32>),
 ) -> Result<Option<PciDevice>, SysfsError> {
     let skip = || {
         tracing::warn!(bdf = %address, "skipping PCI function without vendor/device/class");
         Ok(None)
     };
-    let class = match class {
-        Some(c) => Some(c),
-        None => devices.hex_attr(address, "class")?,
+    // A scoped discovery reads a device's IDs and class in one read of its `modalias`; a full
+    // one (reports) reads the three files.
+    // (A class known without an identity: the scope read the `class` file, `modalias` absent.)
+    let ident = match (known, known_class) {
+        (Some(i), _) => Some(i),
+        (None, None) if detail != Detail::Full => devices.identity(address)?,
+        (None, _) => None,
+    };
+    let class = match (ident, known_class) {
+        (Some(i), _) => Some(i.class),
+        (None, Some(c)) => Some(c),
+        (None, None) => devices.hex_attr(address, "class")?,
     };
     let Some(class) = class.map(PciClass) else {
         return skip();
@@ -161,10 +170,13 @@ fn read_device(
         // A bridge above a card: its IDs and parent only, each read from the devices directory
         // (the device's own is not opened for two files). A bridge is never an SR-IOV virtual
         // function (VFs are type-0 functions), so `physfn` is not looked for.
-        let (Some(vendor), Some(device)) = (
-            devices.hex_attr(address, "vendor")?,
-            devices.hex_attr(address, "device")?,
-        ) else {
+        let (Some(vendor), Some(device)) = (match ident {
+            Some(i) => (Some(i.vendor), Some(i.device)),
+            None => (
+                devices.hex_attr(address, "vendor")?,
+                devices.hex_attr(address, "device")?,
+            ),
+        }) else {
             return skip();
         };
         return Ok(Some(PciDevice {
@@ -186,9 +198,10 @@ fn read_device(
     }
     let full = detail == Detail::Full;
     let dev = devices.device(address)?;
-    let ids = match &dev {
-        Some(d) => (d.hex_attr("vendor")?, d.hex_attr("device")?),
-        None => (None, None),
+    let ids = match (&dev, ident) {
+        (Some(_), Some(i)) => (Some(i.vendor), Some(i.device)),
+        (Some(d), None) => (d.hex_attr("vendor")?, d.hex_attr("device")?),
+        (None, _) => (None, None),
     };
     let (Some(dev), (Some(vendor), Some(device))) = (dev, ids) else {
         return skip();
@@ -237,19 +250,28 @@ pub fn discover_with(sysfs: &Sysfs, scope: &Scope, full: bool) -> Result<Invento
     // Every function's class, when the scope needs them all (a device's class never changes:
     // read once, not again with the device's other attributes).
     let devices_dir = sysfs.devices_dir();
-    let classes = match scope {
+    // Every function's IDs and class (from `modalias`, else its `class` file alone), when the
+    // scope needs them all: read once, not again with the device's other attributes.
+    let idents = match scope {
         Scope::Gpus => names
             .iter()
-            .map(|a| devices_dir.hex_attr(*a, "class"))
-            .collect::<Result<Vec<_>, _>>()?,
+            .map(|a| {
+                Ok(match devices_dir.identity(*a)? {
+                    Some(i) => (Some(i), Some(i.class)),
+                    None => (None, devices_dir.hex_attr(*a, "class")?),
+                })
+            })
+            .collect::<Result<Vec<_>, SysfsError>>()?,
         Scope::All | Scope::Around(_) => Vec::new(),
     };
-    let class_of = |a: &PciAddress| {
+    let ident_of = |a: &PciAddress| {
         names
             .binary_search(a)
             .ok()
-            .and_then(|i| classes.get(i).copied().flatten())
+            .and_then(|i| idents.get(i).copied())
     };
+    let class_of = |a: &PciAddress| ident_of(a).and_then(|(_, c)| c);
+
     let mut todo: Vec<PciAddress> = match scope {
         Scope::All => names.clone(),
         Scope::Gpus => names
@@ -284,7 +306,8 @@ pub fn discover_with(sysfs: &Sysfs, scope: &Scope, full: bool) -> Result<Invento
                 Scope::Around(seeds) if seeds.contains(&a) => Detail::Judged,
                 Scope::Gpus | Scope::Around(_) => Detail::Bridge,
             };
-            let Some(d) = read_device(&devices_dir, a, detail, class_of(&a))? else {
+            let known = ident_of(&a).unwrap_or((None, None));
+            let Some(d) = read_device(&devices_dir, a, detail, known)? else {
                 skipped.insert(a);
                 continue;
             };

@@ -592,6 +592,33 @@ impl DevicesDir<'_> {
         }
     }
 
+    /// A device's vendor, device and class from one read of its `modalias`
+    /// (`pci:v000010DEd00002330sv…sd…bc03sc02i00`: the kernel prints the same fields as the
+    /// `vendor`, `device` and `class` files), read as `<address>/modalias` from the open
+    /// directory. `None` when the file is absent or not in that form: then read the three files.
+    pub fn identity(&self, addr: PciAddress) -> Result<Option<Identity>, SysfsError> {
+        let Some(dir) = &self.fd else {
+            return Ok(None);
+        };
+        let rel = format!("{addr}/modalias");
+        let err = |source| SysfsError::Read {
+            path: self.sysfs.device_dir(addr).join("modalias"),
+            source,
+        };
+        match fcntl::openat(
+            dir,
+            rel.as_str(),
+            OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(f) => read_small(fs::File::from(f))
+                .map(|v| parse_modalias(&v))
+                .map_err(err),
+            Err(Errno::ENOENT) => Ok(None),
+            Err(e) => Err(err(e.into())),
+        }
+    }
+
     /// Like [`Sysfs::parent`].
     pub fn parent(&self, addr: PciAddress) -> Result<Option<PciAddress>, SysfsError> {
         let Some(dir) = &self.fd else {
@@ -707,6 +734,42 @@ impl DeviceDir {
 }
 
 /// A hex attribute's value (`0x10de`).
+/// A PCI function's IDs and class, as its `modalias` gives them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Identity {
+    /// `vendor`.
+    pub vendor: u32,
+    /// `device`.
+    pub device: u32,
+    /// `class` (base class, subclass, programming interface).
+    pub class: u32,
+}
+
+/// `pci:v%08Xd%08Xsv%08Xsd%08Xbc%02Xsc%02Xi%02X` (pci-sysfs.c's format); anything else is
+/// `None`.
+fn parse_modalias(v: &str) -> Option<Identity> {
+    let mut rest = v.strip_prefix("pci:")?;
+    let mut field = |tag: &str, digits: usize| -> Option<u32> {
+        let after = rest.strip_prefix(tag)?;
+        let hex = after.get(..digits)?;
+        if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        rest = &after[digits..];
+        u32::from_str_radix(hex, 16).ok()
+    };
+    let vendor = field("v", 8)?;
+    let device = field("d", 8)?;
+    field("sv", 8)?;
+    field("sd", 8)?;
+    let class = (field("bc", 2)? << 16) | (field("sc", 2)? << 8) | field("i", 2)?;
+    (rest.is_empty() && vendor <= 0xffff && device <= 0xffff).then_some(Identity {
+        vendor,
+        device,
+        class,
+    })
+}
+
 fn parse_hex(v: &str) -> Option<u32> {
     u32::from_str_radix(v.strip_prefix("0x").unwrap_or(v), 16).ok()
 }
@@ -1011,6 +1074,60 @@ mod tests {
                     .is_some_and(|c| c >> 16 == 3))
                 .count(),
             9
+        );
+    }
+
+    #[test]
+    fn modalias_gives_the_ids_and_class_or_nothing() {
+        assert_eq!(
+            parse_modalias("pci:v000010DEd00002330sv000010DEsd000016C1bc03sc02i00"),
+            Some(Identity {
+                vendor: 0x10de,
+                device: 0x2330,
+                class: 0x030200
+            })
+        );
+        assert_eq!(
+            parse_modalias("pci:v00008086d00000D57sv00000000sd00000000bc06sc04i01")
+                .map(|i| i.class),
+            Some(0x060401)
+        );
+        for bad in [
+            "",
+            "pci:v000010DEd00002330sv000010DEsd000016C1bc03sc02",
+            "pci:v000010DEd00002330sv000010DEsd000016C1bc03sc02i00x",
+            "pci:v000010DEd0000233sv000010DEsd000016C1bc03sc02i000",
+            "pci:v000G10DEd00002330sv000010DEsd000016C1bc03sc02i00",
+            "pci:v000110DEd00002330sv000010DEsd000016C1bc03sc02i00",
+            "usb:v10DEp2330d0100dc00dsc00dp00ic03isc01ip01in00",
+            "pci:v+00010DEd00002330sv000010DEsd000016C1bc03sc02i00",
+        ] {
+            assert_eq!(parse_modalias(bad), None, "{bad}");
+        }
+        // From the fixture: the same as the three files.
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hosts/hgx-8gpu");
+        let sysfs = Sysfs::new(&root);
+        let devices = sysfs.devices_dir();
+        for a in sysfs.pci_devices().unwrap() {
+            let i = devices
+                .identity(a)
+                .unwrap()
+                .expect("every fixture device has a modalias");
+            let file = |n| sysfs.hex_attr(a, n).unwrap();
+            assert_eq!(
+                (Some(i.vendor), Some(i.device), Some(i.class)),
+                (file("vendor"), file("device"), file("class")),
+                "{a}"
+            );
+        }
+        let gone: PciAddress = "0000:ff:1f.7".parse().unwrap();
+        assert_eq!(devices.identity(gone).unwrap(), None);
+        assert_eq!(
+            Sysfs::new(root.join("none"))
+                .devices_dir()
+                .identity(gone)
+                .unwrap(),
+            None
         );
     }
 
