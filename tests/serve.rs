@@ -28,6 +28,11 @@ impl Agent {
     }
 
     fn start_with(config: &str, reconcile: &str, extra: &[&str]) -> Agent {
+        Agent::start_on("hgx-8gpu", config, reconcile, extra)
+    }
+
+    /// On another fixture host.
+    fn start_on(host: &str, config: &str, reconcile: &str, extra: &[&str]) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("api.sock");
         let conf = dir.path().join("gpupass.toml");
@@ -37,7 +42,7 @@ impl Agent {
             .env_remove("GPUPASS_LOG")
             .args(["-c", &test_uri()])
             .arg("--host-root")
-            .arg(common::host("hgx-8gpu"))
+            .arg(common::host(host))
             .arg("--run-dir")
             .arg(dir.path().join("run"))
             .arg("--state-dir")
@@ -511,6 +516,62 @@ fn concurrent_api_attaches_grant_each_gpu_once() {
         let (_, m) = a.get("/metrics");
         m.as_str()
             .is_some_and(|m| m.contains("gpupass_gpus{state=\"assigned\"} 8"))
+    });
+}
+
+/// `"vgpu": "vf"` through the API on the vGPU Intel fixture (VFs 0000:4d:00.1 and 0000:4d:00.2
+/// on vfio-pci): the planner gives both VFs as plain PCI hostdevs, a third is no_free_gpu
+/// (exit 6) with nothing attached, /metrics counts them per profile, and detach takes them.
+#[test]
+fn api_attaches_and_detaches_virtual_functions() {
+    let Some(_g) = setup() else { return };
+    let agent = Agent::start_on("vgpu-intel", "", "1", &[]);
+    let d = TestDomain::define("serve-vf", "");
+    let other = TestDomain::define("serve-vf2", "");
+    let (code, rep) = agent.post(
+        &format!("/v1/domains/{}/attach", d.name),
+        r#"{"vgpu":"vf","count":2,"config":true}"#,
+    );
+    assert_eq!(code, 200, "{rep}");
+    assert_eq!(rep["gpus"][0]["vf"], true, "{rep}");
+    assert_eq!(d.hostdevs(true), ["0000:4d:00.1", "0000:4d:00.2"]);
+    let (code, e) = agent.post(
+        &format!("/v1/domains/{}/attach", other.name),
+        r#"{"vgpu":"vf","config":true}"#,
+    );
+    assert_eq!(code, 409, "{e}");
+    assert_eq!(e["error"]["code"], "no_free_gpu", "{e}");
+    assert_eq!(e["error"]["exit_code"], 6, "{e}");
+    assert!(other.hostdevs(true).is_empty());
+    let (code, e) = agent.post(
+        &format!("/v1/domains/{}/attach", other.name),
+        r#"{"vgpu":"GRID T4-2Q","count":1,"config":true}"#,
+    );
+    assert_eq!(
+        (code, &e["error"]["code"]),
+        (400, &Value::from("bad_request")),
+        "{e}"
+    );
+    agent.wait_for("the metrics to count 2 used VFs", |a| {
+        let (_, m) = a.get("/metrics");
+        m.as_str().is_some_and(|m| {
+            m.contains("gpupass_vgpus{profile=\"vf\",state=\"used\"} 2")
+                && m.contains(&format!(
+                    "gpupass_domain_vgpus{{domain=\"{}\",owner=\"\",profile=\"vf\"}} 2",
+                    d.name
+                ))
+        })
+    });
+    let (code, rep) = agent.post(
+        &format!("/v1/domains/{}/detach", d.name),
+        r#"{"vgpu":"vf","all":true,"config":true}"#,
+    );
+    assert_eq!(code, 200, "{rep}");
+    assert!(d.hostdevs(true).is_empty());
+    agent.wait_for("the metrics to count 2 free VFs", |a| {
+        let (_, m) = a.get("/metrics");
+        m.as_str()
+            .is_some_and(|m| m.contains("gpupass_vgpus{profile=\"vf\",state=\"free\"} 2"))
     });
 }
 

@@ -421,6 +421,9 @@ pub struct AttachBody {
     /// `--force`: hot-plug even GPUs whose BARs the running domain's window cannot hold.
     #[serde(default)]
     pub force: bool,
+    /// `--vgpu PROFILE`: fractions instead of whole GPUs; `vf` = SR-IOV virtual functions
+    /// (`gpus` then names VFs, `count` counts them; 1 when neither is given).
+    pub vgpu: Option<String>,
 }
 
 /// `POST …/detach` body.
@@ -441,6 +444,20 @@ pub struct DetachBody {
     pub config: bool,
     /// `--timeout` for a live detach, seconds (default 30).
     pub timeout_seconds: Option<u64>,
+    /// `--vgpu vf`: detach SR-IOV virtual functions (`gpus` names VFs, `all` takes every VF).
+    pub vgpu: Option<String>,
+}
+
+/// The profiles `vgpu` takes: `vf` (SR-IOV virtual functions), as `gpupass attach --vgpu`.
+/// `Ok(true)` for a VF request, `Ok(false)` when `vgpu` is absent.
+fn vf_profile(vgpu: Option<&str>) -> Result<bool, ApiError> {
+    match vgpu {
+        None => Ok(false),
+        Some("vf") => Ok(true),
+        Some(p) => Err(ApiError::bad(format!(
+            "vgpu {p:?}: give \"vf\" (SR-IOV virtual functions), the one profile gpupass gives so far"
+        ))),
+    }
 }
 
 fn addresses(raw: &[String]) -> Result<Vec<PciAddress>, ApiError> {
@@ -451,16 +468,27 @@ fn addresses(raw: &[String]) -> Result<Vec<PciAddress>, ApiError> {
 
 /// Validates an attach body (pure).
 pub fn attach_request(b: &AttachBody) -> Result<AttachRequest, ApiError> {
+    let vf = vf_profile(b.vgpu.as_deref())?;
     match (b.gpus.is_empty(), b.count) {
         (false, Some(_)) => Err(ApiError::bad("give \"gpus\" or \"count\", not both".into())),
-        (true, None) => Err(ApiError::bad(
+        (true, None) if !vf => Err(ApiError::bad(
             "give \"gpus\": [\"DDDD:BB:SS.F\", …] or \"count\": N".into(),
         )),
-        (false, None) => {
+        (gpus_empty, None) => {
             if b.model.is_some() {
                 return Err(ApiError::bad("\"model\" goes with \"count\"".into()));
             }
-            Ok(AttachRequest::Gpus(addresses(&b.gpus)?))
+            if !vf {
+                return Ok(AttachRequest::Gpus(addresses(&b.gpus)?));
+            }
+            // `--vgpu vf` alone: one VF, as the CLI.
+            if gpus_empty {
+                return Ok(AttachRequest::VfCount {
+                    count: 1,
+                    model: None,
+                });
+            }
+            Ok(AttachRequest::Vfs(addresses(&b.gpus)?))
         }
         (true, Some(n)) => {
             if !(1..=256).contains(&n) {
@@ -474,9 +502,11 @@ pub fn attach_request(b: &AttachBody) -> Result<AttachRequest, ApiError> {
                         .map_err(|e| ApiError::bad(format!("model: {e}")))
                 })
                 .transpose()?;
-            Ok(AttachRequest::Count {
-                count: n as usize,
-                model,
+            let count = n as usize;
+            Ok(if vf {
+                AttachRequest::VfCount { count, model }
+            } else {
+                AttachRequest::Count { count, model }
             })
         }
     }
@@ -484,12 +514,15 @@ pub fn attach_request(b: &AttachBody) -> Result<AttachRequest, ApiError> {
 
 /// Validates a detach body (pure).
 pub fn detach_request(b: &DetachBody) -> Result<DetachRequest, ApiError> {
+    let vf = vf_profile(b.vgpu.as_deref())?;
     match (b.gpus.is_empty(), b.all) {
         (false, true) => Err(ApiError::bad("give \"gpus\" or \"all\", not both".into())),
         (true, false) => Err(ApiError::bad(
             "give \"gpus\": [\"DDDD:BB:SS.F\", …] or \"all\": true".into(),
         )),
+        (true, true) if vf => Ok(DetachRequest::AllVfs),
         (true, true) => Ok(DetachRequest::All),
+        (false, false) if vf => Ok(DetachRequest::Vfs(addresses(&b.gpus)?)),
         (false, false) => Ok(DetachRequest::Gpus(addresses(&b.gpus)?)),
     }
 }
@@ -613,7 +646,9 @@ fn attach_and_fit(
     }
     let mut report = assign::attach(hv, inv, lock, name, r, opts)
         .map_err(|e| ApiError::from_exit(e.exit_code(), format!("attach to '{name}': {e}")))?;
-    if report.config {
+    // A VF needs no 64-bit window or slot layout of the kind a whole GPU does: not fitted (as
+    // the CLI).
+    if report.config && !r.is_vf() {
         if !f.fit {
             report.warnings.push(format!(
                 "domain '{name}' left as it is (no_fit): `gpupass fit {name}` shows what its GPUs need"
@@ -907,6 +942,69 @@ mod tests {
         }
         assert!(d(r#"{}"#).is_err());
         assert!(d(r#"{"all":true,"gpus":["0000:18:00.0"]}"#).is_err());
+    }
+
+    #[test]
+    fn vgpu_vf_bodies_ask_for_virtual_functions_like_the_flags() {
+        let a = |j: &str| attach_request(&serde_json::from_str::<AttachBody>(j).unwrap());
+        let vf: PciAddress = "0000:4d:00.1".parse().unwrap();
+        assert_eq!(
+            a(r#"{"vgpu":"vf","gpus":["0000:4d:00.1"]}"#).unwrap(),
+            AttachRequest::Vfs(vec![vf])
+        );
+        assert_eq!(
+            a(r#"{"vgpu":"vf","count":2,"model":"8086:56c0"}"#).unwrap(),
+            AttachRequest::VfCount {
+                count: 2,
+                model: Some("8086:56c0".parse().unwrap())
+            }
+        );
+        // `--vgpu vf` alone: one VF.
+        assert_eq!(
+            a(r#"{"vgpu":"vf"}"#).unwrap(),
+            AttachRequest::VfCount {
+                count: 1,
+                model: None
+            }
+        );
+        for (j, want) in [
+            (r#"{"vgpu":"GRID T4-2Q","count":1}"#, "give \"vf\""),
+            (
+                r#"{"vgpu":"vf","gpus":["0000:4d:00.1"],"count":1}"#,
+                "not both",
+            ),
+            (r#"{"vgpu":"vf","count":0}"#, "give 1 to 256"),
+            (r#"{"vgpu":"vf","model":"8086:56c0"}"#, "goes with"),
+            (r#"{"vgpu":"vf","gpus":["4d:00"]}"#, "gpus:"),
+        ] {
+            let e = a(j).unwrap_err();
+            assert_eq!(
+                (e.status, e.code),
+                (StatusCode::BAD_REQUEST, "bad_request"),
+                "{j}"
+            );
+            assert!(e.message.contains(want), "{j}: {}", e.message);
+        }
+        let d = |j: &str| detach_request(&serde_json::from_str::<DetachBody>(j).unwrap());
+        assert_eq!(
+            d(r#"{"vgpu":"vf","all":true}"#).unwrap(),
+            DetachRequest::AllVfs
+        );
+        assert_eq!(
+            d(r#"{"vgpu":"vf","gpus":["0000:4d:00.1"]}"#).unwrap(),
+            DetachRequest::Vfs(vec![vf])
+        );
+        assert!(d(r#"{"vgpu":"mtty-2","all":true}"#).is_err());
+        assert!(d(r#"{"vgpu":"vf"}"#).is_err());
+        // A shortfall of VFs is the planner's exit 6, the API's no_free_gpu (409).
+        let short = crate::alloc::AllocError::NoFreeVf {
+            wanted: 3,
+            free: 1,
+            model: String::new(),
+            detail: String::new(),
+        };
+        let e = ApiError::from_exit(short.exit_code(), short.to_string());
+        assert_eq!((e.status, e.code), (StatusCode::CONFLICT, "no_free_gpu"));
     }
 
     #[test]

@@ -12,7 +12,10 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::agent::state::Snapshot;
+use crate::alloc::plan::{assignable_vf, Holdings};
+use crate::alloc::AllocError;
 use crate::host::readiness::verdict;
+use crate::model::PciAddress;
 use crate::usage::UsageReport;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -24,6 +27,19 @@ struct StateLabels {
 struct DomainLabels {
     domain: String,
     owner: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProfileStateLabels {
+    profile: String,
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DomainProfileLabels {
+    domain: String,
+    owner: String,
+    profile: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -58,6 +74,75 @@ fn gauge(registry: &mut Registry, name: &str, help: &str, value: i64) {
     let g: Gauge = Gauge::default();
     g.set(value);
     registry.register(name, help, g);
+}
+
+/// The vGPU profile an SR-IOV virtual function counts under (`attach --vgpu vf`).
+const VF_PROFILE: &str = "vf";
+
+/// A VF's state for `gpupass_vgpus`: `used` when a domain references it (or its IOMMU group,
+/// or its PF passed whole, gives it to one), `free` when `attach --vgpu vf` could take it,
+/// `not_passable` otherwise (on a host driver, shared IOMMU group, quarantined). The same
+/// judgement as the planner's ([`assignable_vf`]).
+fn vf_state(s: &Snapshot, holdings: &Holdings, vf: PciAddress) -> &'static str {
+    if !holdings.holders(&[vf]).is_empty() {
+        return "used";
+    }
+    // No domain is named "": every holder counts as another domain.
+    match assignable_vf(&s.inventory, holdings, vf, "") {
+        Ok(()) => "free",
+        Err(AllocError::VfInUse { .. }) => "used",
+        Err(_) => "not_passable",
+    }
+}
+
+/// `gpupass_vgpus{profile,state}` and `gpupass_domain_vgpus{domain,owner,profile}`: SR-IOV
+/// virtual functions (profile `vf`), the fractions `attach --vgpu` gives today.
+fn register_vgpus(r: &mut Registry, s: &Snapshot, holdings: &Holdings) {
+    let vgpus = Family::<ProfileStateLabels, Gauge>::default();
+    for st in ["free", "used", "not_passable"] {
+        vgpus
+            .get_or_create(&ProfileStateLabels {
+                profile: VF_PROFILE.into(),
+                state: st.into(),
+            })
+            .set(0);
+    }
+    for vf in s.inventory.vf_parents.keys() {
+        vgpus
+            .get_or_create(&ProfileStateLabels {
+                profile: VF_PROFILE.into(),
+                state: vf_state(s, holdings, *vf).into(),
+            })
+            .inc();
+    }
+    r.register(
+        "vgpus",
+        "vGPUs of the host by profile and state (profile vf: SR-IOV virtual functions; used: referenced by a domain or given to one with its IOMMU group or its PF; free: attach --vgpu vf could take it)",
+        vgpus,
+    );
+    let per_domain = Family::<DomainProfileLabels, Gauge>::default();
+    for d in s.domains.values() {
+        let n = s
+            .inventory
+            .vf_parents
+            .keys()
+            .filter(|vf| d.live.contains(vf) || d.config.contains(vf))
+            .count();
+        if n > 0 {
+            per_domain
+                .get_or_create(&DomainProfileLabels {
+                    domain: d.name.clone(),
+                    owner: d.owner.clone().unwrap_or_default(),
+                    profile: VF_PROFILE.into(),
+                })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+    r.register(
+        "domain_vgpus",
+        "vGPUs each domain references (running or defined), by profile",
+        per_domain,
+    );
 }
 
 /// Renders the metrics text.
@@ -131,6 +216,7 @@ pub fn render(
         "GPUs each domain references (running or defined)",
         per_domain,
     );
+    register_vgpus(&mut r, s, &holdings);
     if let Some(u) = usage {
         let owners = Family::<OwnerLabels, Counter>::default();
         for (o, secs) in &u.owners {
@@ -241,6 +327,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::agent::state::DomainView;
     use crate::host::discover::discover;
     use crate::host::sysfs::Sysfs;
 
@@ -267,5 +354,80 @@ mod tests {
         );
         // The other seven H100s and the console are free (no domain holds them).
         assert!(text.contains("gpupass_gpus{state=\"free\"} 8"), "{text}");
+    }
+
+    fn domain(name: &str, owner: Option<&str>, live: &[&str], config: &[&str]) -> DomainView {
+        let parse = |v: &[&str]| v.iter().map(|a| a.parse().unwrap()).collect();
+        DomainView {
+            name: name.into(),
+            uuid: None,
+            active: !live.is_empty(),
+            persistent: true,
+            owner: owner.map(Into::into),
+            live: parse(live),
+            config: parse(config),
+        }
+    }
+
+    #[test]
+    fn vfs_are_counted_per_profile_and_per_domain() {
+        // vgpu-intel: the Flex 170 at 4d:00.0 with VFs 4d:00.1 and 4d:00.2 on vfio-pci.
+        let root = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/hosts/vgpu-intel"
+        );
+        let inv = discover(&Sysfs::new(root)).unwrap();
+        assert_eq!(inv.vf_parents.len(), 2, "{:?}", inv.vf_parents);
+        let mut s = Snapshot {
+            inventory: Arc::new(inv),
+            ..Snapshot::default()
+        };
+        let text = render(&s, None, &BTreeMap::new(), &BTreeMap::new()).unwrap();
+        assert!(
+            text.contains("gpupass_vgpus{profile=\"vf\",state=\"free\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("gpupass_vgpus{profile=\"vf\",state=\"used\"} 0"),
+            "{text}"
+        );
+        assert!(!text.contains("gpupass_domain_vgpus{"), "{text}");
+
+        s.domains.insert(
+            "vm-vf".into(),
+            domain("vm-vf", Some("alice"), &["0000:4d:00.1"], &["0000:4d:00.1"]),
+        );
+        let text = render(&s, None, &BTreeMap::new(), &BTreeMap::new()).unwrap();
+        assert!(
+            text.contains("gpupass_vgpus{profile=\"vf\",state=\"free\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("gpupass_vgpus{profile=\"vf\",state=\"used\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "gpupass_domain_vgpus{domain=\"vm-vf\",owner=\"alice\",profile=\"vf\"} 1"
+            ),
+            "{text}"
+        );
+        // A VF is no GPU: the domain holds no whole GPU.
+        assert!(!text.contains("gpupass_domain_gpus{"), "{text}");
+
+        // The PF passed whole gives its free VF to that domain too: none is free.
+        s.domains.insert(
+            "vm-whole".into(),
+            domain("vm-whole", None, &[], &["0000:4d:00.0"]),
+        );
+        let text = render(&s, None, &BTreeMap::new(), &BTreeMap::new()).unwrap();
+        assert!(
+            text.contains("gpupass_vgpus{profile=\"vf\",state=\"free\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("gpupass_vgpus{profile=\"vf\",state=\"used\"} 2"),
+            "{text}"
+        );
     }
 }
