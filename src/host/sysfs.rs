@@ -569,10 +569,33 @@ impl DevicesDir<'_> {
     /// attributes are read (a bridge above a card), two system calls fewer than through
     /// [`DevicesDir::device`]. Like [`Sysfs::hex_attr`].
     pub fn hex_attr(&self, addr: PciAddress, name: &str) -> Result<Option<u32>, SysfsError> {
-        let Some(dir) = &self.fd else {
+        if self.fd.is_none() {
             return self.sysfs.hex_attr(addr, name);
+        }
+        Ok(self.read_rel(addr, name)?.as_deref().and_then(parse_hex))
+    }
+
+    /// A device's vendor, device and class from one read of its `modalias`
+    /// (`pci:v000010DEd00002330sv…sd…bc03sc02i00`: the kernel prints the same fields as the
+    /// `vendor`, `device` and `class` files), read as `<address>/modalias` from the open
+    /// directory. `None` when the file is absent or not in that form: then read the three files.
+    pub fn identity(&self, addr: PciAddress) -> Result<Option<Identity>, SysfsError> {
+        if self.fd.is_none() {
+            return Ok(None);
+        }
+        Ok(self
+            .read_rel(addr, "modalias")?
+            .as_deref()
+            .and_then(parse_modalias))
+    }
+
+    /// `<address>/<name>` read through the open directory (one `openat`, one read); `None` when
+    /// absent or when the directory could not be opened. `addr` prints as hex digits, ':' and
+    /// '.': one name inside devices/.
+    fn read_rel(&self, addr: PciAddress, name: &str) -> Result<Option<String>, SysfsError> {
+        let Some(dir) = &self.fd else {
+            return Ok(None);
         };
-        // `addr` prints as hex digits, ':' and '.': one name inside devices/.
         let rel = format!("{addr}/{name}");
         let err = |source| SysfsError::Read {
             path: self.sysfs.device_dir(addr).join(name),
@@ -584,36 +607,7 @@ impl DevicesDir<'_> {
             OFlag::O_RDONLY | OFlag::O_CLOEXEC,
             Mode::empty(),
         ) {
-            Ok(f) => read_small(fs::File::from(f))
-                .map(|v| parse_hex(&v))
-                .map_err(err),
-            Err(Errno::ENOENT) => Ok(None),
-            Err(e) => Err(err(e.into())),
-        }
-    }
-
-    /// A device's vendor, device and class from one read of its `modalias`
-    /// (`pci:v000010DEd00002330sv…sd…bc03sc02i00`: the kernel prints the same fields as the
-    /// `vendor`, `device` and `class` files), read as `<address>/modalias` from the open
-    /// directory. `None` when the file is absent or not in that form: then read the three files.
-    pub fn identity(&self, addr: PciAddress) -> Result<Option<Identity>, SysfsError> {
-        let Some(dir) = &self.fd else {
-            return Ok(None);
-        };
-        let rel = format!("{addr}/modalias");
-        let err = |source| SysfsError::Read {
-            path: self.sysfs.device_dir(addr).join("modalias"),
-            source,
-        };
-        match fcntl::openat(
-            dir,
-            rel.as_str(),
-            OFlag::O_RDONLY | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        ) {
-            Ok(f) => read_small(fs::File::from(f))
-                .map(|v| parse_modalias(&v))
-                .map_err(err),
+            Ok(f) => read_small(fs::File::from(f)).map(Some).map_err(err),
             Err(Errno::ENOENT) => Ok(None),
             Err(e) => Err(err(e.into())),
         }
