@@ -53,6 +53,16 @@ struct Settings {
     drivers_autoprobe: Option<bool>,
 }
 
+impl Settings {
+    /// What the PF shows now.
+    fn of(pf: &PfState) -> Self {
+        Settings {
+            num_vfs: pf.num_vfs,
+            drivers_autoprobe: pf.drivers_autoprobe,
+        }
+    }
+}
+
 /// `--json`.
 #[derive(Debug, Serialize)]
 struct Report {
@@ -243,10 +253,7 @@ fn apply(
                 pf: pf.address,
                 action: "set",
                 dry_run: true,
-                before: Settings {
-                    num_vfs: pf.num_vfs,
-                    drivers_autoprobe: pf.drivers_autoprobe,
-                },
+                before: Settings::of(pf),
                 after,
                 driver,
                 writes: planned,
@@ -272,10 +279,7 @@ fn apply(
                 pf: pf.address,
                 action: "set",
                 dry_run: false,
-                before: Settings {
-                    num_vfs: pf.num_vfs,
-                    drivers_autoprobe: pf.drivers_autoprobe,
-                },
+                before: Settings::of(pf),
                 after,
                 driver,
                 writes: Vec::new(),
@@ -317,10 +321,7 @@ fn apply(
             pf: pf.address,
             action: "set",
             dry_run: false,
-            before: Settings {
-                num_vfs: pf.num_vfs,
-                drivers_autoprobe: pf.drivers_autoprobe,
-            },
+            before: Settings::of(pf),
             after,
             driver,
             writes: wrote,
@@ -382,10 +383,7 @@ fn undo(
             pf: pf.address,
             action: "undo",
             dry_run,
-            before: Settings {
-                num_vfs: pf.num_vfs,
-                drivers_autoprobe: pf.drivers_autoprobe,
-            },
+            before: Settings::of(pf),
             after: Settings {
                 num_vfs: n,
                 drivers_autoprobe: a,
